@@ -1,0 +1,102 @@
+"""The model's typed config. Field names follow Hugging Face ``JambaConfig`` so presets and exports map 1:1."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 65536
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    # hybrid layout: layer i is attention iff i % attn_layer_period == attn_layer_offset (else Mamba)
+    attn_layer_period: int = 8
+    attn_layer_offset: int = 4
+    # layer i has an MoE FFN iff num_experts > 1 and i % expert_layer_period == expert_layer_offset
+    expert_layer_period: int = 2
+    expert_layer_offset: int = 1
+    num_experts: int = 16
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.0
+    # Mamba-1
+    mamba_d_state: int = 16
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_dt_rank: int = 0  # 0 = "auto" = ceil(hidden_size / 16)
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    # attention
+    use_rope: bool = False
+    rope_theta: float = 10000.0
+    # misc
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    max_position_embeddings: int = 262144
+    # kernels: "auto" takes the fused kernel when it is importable and tensors are on CUDA
+    mamba_impl: str = "auto"  # auto | reference | cuda
+    moe_impl: str = "auto"  # auto | native | megablocks
+    activation_checkpointing: bool = False
+    init_from: str | None = None  # HF Jamba directory to initialise weights from
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def mamba_d_inner(self) -> int:
+        return self.mamba_expand * self.hidden_size
+
+    @property
+    def dt_rank(self) -> int:
+        return self.mamba_dt_rank or math.ceil(self.hidden_size / 16)
+
+    def is_attention_layer(self, i: int) -> bool:
+        return i % self.attn_layer_period == self.attn_layer_offset
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 1 and i % self.expert_layer_period == self.expert_layer_offset
+
+    def layer_pattern(self) -> str:
+        """One letter pair per layer: 'a'/'m' for attention/Mamba mixer, 'E'/'d' for MoE/dense FFN."""
+        return " ".join(
+            ("a" if self.is_attention_layer(i) else "m") + ("E" if self.is_moe_layer(i) else "d")
+            for i in range(self.num_hidden_layers)
+        )
+
+    def problems(self) -> list[str]:
+        """Every inconsistency in this config, each with the fix. Empty when the config is usable."""
+        p = []
+        if self.hidden_size % self.num_attention_heads:
+            p.append(f"model.hidden_size={self.hidden_size} is not divisible by model.num_attention_heads="
+                     f"{self.num_attention_heads}: pick heads that divide the width")
+        if self.num_attention_heads % self.num_key_value_heads:
+            p.append(f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                     f"model.num_key_value_heads={self.num_key_value_heads} (GQA groups must be whole)")
+        if not 0 <= self.attn_layer_offset < self.attn_layer_period:
+            p.append(f"model.attn_layer_offset={self.attn_layer_offset} must be in [0, attn_layer_period="
+                     f"{self.attn_layer_period}); use attn_layer_period > num_hidden_layers for pure Mamba")
+        if not 0 <= self.expert_layer_offset < self.expert_layer_period:
+            p.append(f"model.expert_layer_offset={self.expert_layer_offset} must be in [0, "
+                     f"expert_layer_period={self.expert_layer_period})")
+        if self.num_experts > 1 and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            p.append(f"model.num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
+                     f"{self.num_experts}]")
+        if self.use_rope and self.head_dim % 2:
+            p.append(f"model.use_rope needs an even head_dim, got {self.head_dim}")
+        for k in ("mamba_impl",):
+            if getattr(self, k) not in ("auto", "reference", "cuda"):
+                p.append(f"model.{k}={getattr(self, k)!r}: choose auto, reference or cuda")
+        if self.moe_impl not in ("auto", "native", "megablocks"):
+            p.append(f"model.moe_impl={self.moe_impl!r}: choose auto, native or megablocks")
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "mamba_d_state",
+                  "mamba_d_conv", "mamba_expand"):
+            if getattr(self, k) <= 0:
+                p.append(f"model.{k} must be positive, got {getattr(self, k)}")
+        return p

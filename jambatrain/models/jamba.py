@@ -1,0 +1,136 @@
+"""The Jamba language model: embed -> N generic pre-norm blocks -> RMSNorm -> LM head.
+
+Each block is (mixer, FFN); which mixer (attention / Mamba) and which FFN (dense / MoE) a layer gets is
+data, read from the config's periods and offsets (``ModelConfig.layer_pattern``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attention
+from .config import ModelConfig
+from .layers import RMSNorm, SwiGLU
+from .mamba import MambaMixer
+from .moe import MoE
+
+
+class JambaBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.is_attention = cfg.is_attention_layer(layer_idx)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mixer = Attention(cfg) if self.is_attention else MambaMixer(cfg)
+        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, attn_mask=None, reset=None):
+        h = self.input_layernorm(x)
+        x = x + (self.mixer(h, attn_mask) if self.is_attention else self.mixer(h, reset))
+        h = self.pre_ff_layernorm(x)
+        if self.is_moe:
+            f, routing = self.ffn(h)
+            return x + f, routing.aux_loss, routing.z_loss
+        zero = x.new_zeros((), dtype=torch.float32)
+        return x + self.ffn(h), zero, zero
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None  # ce + aux_coef * aux + z_coef * z: what the optimizer minimises
+    ce_loss: torch.Tensor | None
+    aux_loss: torch.Tensor  # mean over MoE layers
+    z_loss: torch.Tensor
+
+
+class JambaLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        problems = cfg.problems()
+        if problems:
+            raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(JambaBlock(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.num_moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Normal(0, initializer_range) for projections and embeddings; output projections scaled by
+        1/sqrt(2 * layers) (GPT-2); Mamba's own init for A, D and dt."""
+        std = self.cfg.initializer_range
+        out_std = std / (2 * self.cfg.num_hidden_layers) ** 0.5
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                is_out = name.endswith(("o_proj", "out_proj", "down_proj"))
+                nn.init.normal_(m.weight, 0.0, out_std if is_out else std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, nn.Conv1d):
+                m.reset_parameters()
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, MoE):
+                nn.init.normal_(m.w_gate, 0.0, std)
+                nn.init.normal_(m.w_up, 0.0, std)
+                nn.init.normal_(m.w_down, 0.0, out_std)
+            if isinstance(m, MambaMixer):
+                m.reset_ssm_parameters()
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                doc_starts: torch.Tensor | None = None, return_logits: bool = True) -> LMOutput:
+        """input_ids, labels: (batch, seq) int64; labels == -100 are ignored.
+        doc_starts: optional bool (batch, seq), True where a packed document begins: attention is masked to
+        the document and the Mamba conv/scan state is reset there (reference path)."""
+        x = self.embed_tokens(input_ids)
+        attn_mask = reset = None
+        if doc_starts is not None:
+            reset = doc_starts.bool()
+            doc = torch.cumsum(reset.long(), dim=1)
+            causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
+            attn_mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+        aux = x.new_zeros((), dtype=torch.float32)
+        z = x.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            if self.cfg.activation_checkpointing and self.training:
+                x, a, zl = checkpoint(layer, x, attn_mask, reset, use_reentrant=False)
+            else:
+                x, a, zl = layer(x, attn_mask, reset)
+            aux, z = aux + a, z + zl
+        if self.num_moe_layers:
+            aux, z = aux / self.num_moe_layers, z / self.num_moe_layers
+        logits = self.lm_head(self.final_layernorm(x))
+        loss = ce = None
+        if labels is not None:
+            ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+            loss = ce + self.cfg.router_aux_loss_coef * aux + self.cfg.router_z_loss_coef * z
+        return LMOutput(logits if return_logits else None, loss, ce, aux, z)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() dedups a tied head
+
+    def num_active_params(self) -> int:
+        """Parameters one token touches: only top-k of the E experts in each MoE layer count."""
+        total = self.num_params()
+        for m in self.modules():
+            if isinstance(m, MoE):
+                per_expert = (m.w_gate.numel() + m.w_up.numel() + m.w_down.numel()) // m.num_experts
+                total -= (m.num_experts - m.top_k) * per_expert
+        return total
+
+    def expert_counts(self) -> list[torch.Tensor]:
+        return [m.last_counts for m in self.modules() if isinstance(m, MoE) and m.last_counts is not None]

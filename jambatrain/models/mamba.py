@@ -1,0 +1,76 @@
+"""Jamba's Mamba-1 mixer: Mamba with RMSNorms on dt, B and C (Jamba paper, section 6.1)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig
+from .layers import RMSNorm
+from .ssm_ops import causal_conv1d, selective_scan
+
+
+class MambaMixer(nn.Module):
+    """Parameter names match HF ``JambaMambaMixer`` (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, n, r = cfg.mamba_d_inner, cfg.mamba_d_state, cfg.dt_rank
+        self.d_inner, self.d_state, self.dt_rank = d, n, r
+        self.impl = cfg.mamba_impl
+        self.in_proj = nn.Linear(cfg.hidden_size, 2 * d, bias=cfg.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(d, d, cfg.mamba_d_conv, groups=d, padding=cfg.mamba_d_conv - 1,
+                                bias=cfg.mamba_conv_bias)
+        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, d, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d, n))
+        self.D = nn.Parameter(torch.empty(d))
+        self.out_proj = nn.Linear(d, cfg.hidden_size, bias=cfg.mamba_proj_bias)
+        self.dt_layernorm = RMSNorm(r, cfg.rms_norm_eps)
+        self.b_layernorm = RMSNorm(n, cfg.rms_norm_eps)
+        self.c_layernorm = RMSNorm(n, cfg.rms_norm_eps)
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1):
+        """Mamba's S4D-real init: A = -(1..n), D = 1, dt log-uniform in [dt_min, dt_max] via the dt_proj bias."""
+        n = self.d_state
+        self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32, device=self.A_log.device))
+                         .expand(self.d_inner, n))
+        self.D.fill_(1.0)
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner, device=self.D.device) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=1e-4)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def forward(self, x: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (batch, seq, hidden) -> (batch, seq, hidden). reset: optional bool (batch, seq) document starts."""
+        xz = self.in_proj(x).transpose(1, 2)
+        u, z = xz.chunk(2, dim=1)
+        if reset is not None:  # no conv leakage across documents: zero the taps that reach back over a start
+            u = _mask_conv_inputs(u, reset, self.conv1d.kernel_size[0], self.conv1d.weight, self.conv1d.bias)
+        else:
+            u = causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", self.impl)
+        dt, B, C = torch.split(self.x_proj(u.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = self.dt_layernorm(dt) @ self.dt_proj.weight.t()
+        B, C = self.b_layernorm(B), self.c_layernorm(C)
+        A = -torch.exp(self.A_log.float())
+        y = selective_scan(u, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
+                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True, impl=self.impl, reset=reset)
+        return self.out_proj(y.transpose(1, 2))
+
+
+def _mask_conv_inputs(u, reset, k, weight, bias):
+    """Causal depthwise conv where tap j of position t is dropped when a document starts in (t-j, t]."""
+    import torch.nn.functional as F
+
+    b, d, L = u.shape
+    doc = torch.cumsum(reset.long(), dim=1)  # document index of each position
+    out = u.new_zeros(b, d, L) if bias is None else bias.view(1, d, 1).expand(b, d, L).to(u.dtype).clone()
+    w = weight.squeeze(1)  # (d, k); tap k-1 is the current token
+    for j in range(k):  # j = how far back
+        shifted = F.pad(u, (j, 0))[..., :L]
+        same = F.pad(doc, (j, 0), value=-1)[:, :L] == doc
+        out = out + shifted * same[:, None, :].to(u.dtype) * w[:, k - 1 - j, None]
+    return F.silu(out)
