@@ -1,0 +1,1 @@
+"""Command-line data preparation: tokenizer training, shard writing, the default corpus."""

@@ -1,0 +1,143 @@
+"""Typed schema of the Hydra config (lingua-style nested dataclasses).
+
+Hydra composes ``conf/train.yaml`` on top of this schema, so a misspelt key or a wrong type fails at
+start-up. ``problems()`` then checks cross-field consistency and names the fix for each problem.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from .models.config import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    dir: str = "~/.cache/jambatrain/stdlib_py"  # directory holding manifest.json + webdataset shards
+    prepare: str = "none"  # none | stdlib: build the embedded default corpus into `dir` if it is missing
+    vocab_size: int = 4096  # tokenizer vocabulary when `prepare` builds the corpus
+    seq_len: int = 256
+    num_workers: int = 0
+    shuffle: bool = True
+    on_error: str = "raise"  # raise | skip: what a corrupt sample does
+    doc_mask: bool = False  # mask attention / reset Mamba state at document boundaries
+    val_split: str = "val"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # None: decay over trainer.max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 2
+    micro_batch_size: int = 8  # sequences per GPU per micro step
+    grad_accum_steps: int = 1
+    expert_parallel_size: int = 1
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    device: str = "auto"  # auto | cpu | cuda
+    timeout_minutes: int = 30
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    log_every: int = 1
+    save_every: int = 500
+    keep_checkpoints: int = 3
+    eval_every: int = 0  # 0: no validation
+    eval_batches: int = 8
+    resume: bool = False  # True: a checkpoint must exist in the run dir (else error); False: resume if one exists
+    auto_resume: bool = True
+    seed: int = 1234
+    progress_bar: bool = True
+    peak_flops: float | None = None  # per-GPU peak for MFU; None: looked up from the GPU name
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    wandb_mode: str = "offline"  # offline | online | disabled
+    project: str = "jambatrain"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register_schema() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """Resolve interpolations and turn the composed DictConfig into the typed dataclass tree."""
+    obj = OmegaConf.to_object(cfg)
+    if isinstance(obj, dict):  # composed without the schema (e.g. in a bare OmegaConf test)
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        obj = OmegaConf.to_object(merged)
+    return obj
+
+
+def problems(cfg: TrainConfig, world_size: int = 1) -> list[str]:
+    """Cross-field checks, each message naming the key and the fix. Run before any expensive work."""
+    p = list(cfg.model.problems())
+    par, tr, opt, data = cfg.parallel, cfg.trainer, cfg.optim, cfg.data
+    if par.zero_stage not in (0, 1, 2, 3):
+        p.append(f"parallel.zero_stage={par.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
+    if par.micro_batch_size < 1 or par.grad_accum_steps < 1:
+        p.append("parallel.micro_batch_size and parallel.grad_accum_steps must be >= 1")
+    if par.expert_parallel_size < 1 or world_size % par.expert_parallel_size:
+        p.append(f"parallel.expert_parallel_size={par.expert_parallel_size} must divide the world size {world_size}")
+    if par.expert_parallel_size > 1 and cfg.model.num_experts % par.expert_parallel_size:
+        p.append(f"model.num_experts={cfg.model.num_experts} is not divisible by parallel.expert_parallel_size="
+                 f"{par.expert_parallel_size}")
+    if par.expert_parallel_size > 1:
+        p.append("parallel.expert_parallel_size>1 needs the MegaBlocks backend, not in this build: set it to 1")
+    for key, allowed in (("precision", ("auto", "bf16", "fp32")), ("backend", ("auto", "nccl", "gloo")),
+                         ("device", ("auto", "cpu", "cuda"))):
+        if getattr(par, key) not in allowed:
+            p.append(f"parallel.{key}={getattr(par, key)!r}: choose one of {', '.join(allowed)}")
+    if tr.max_steps < 1:
+        p.append(f"trainer.max_steps={tr.max_steps} must be >= 1")
+    if tr.save_every < 1 or tr.log_every < 1:
+        p.append("trainer.save_every and trainer.log_every must be >= 1")
+    if opt.lr <= 0 or not 0 <= opt.min_lr_ratio <= 1:
+        p.append(f"optim.lr={opt.lr} must be > 0 and optim.min_lr_ratio={opt.min_lr_ratio} in [0, 1]")
+    if opt.warmup_steps < 0:
+        p.append(f"optim.warmup_steps={opt.warmup_steps} must be >= 0")
+    if data.prepare not in ("none", "stdlib"):
+        p.append(f"data.prepare={data.prepare!r}: choose none or stdlib")
+    if data.on_error not in ("raise", "skip"):
+        p.append(f"data.on_error={data.on_error!r}: choose raise or skip")
+    if data.prepare == "stdlib" and data.vocab_size > cfg.model.vocab_size:
+        p.append(f"data.vocab_size={data.vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}: token ids "
+                 "would fall outside the embedding; lower data.vocab_size or raise model.vocab_size")
+    if data.prepare == "none" and not os.path.isdir(os.path.expanduser(data.dir)):
+        p.append(f"data.dir={data.dir} does not exist: write shards there with `python -m data_prep.write_shards` "
+                 "or set data.prepare=stdlib to build the embedded default corpus")
+    if cfg.logger.wandb_mode not in ("offline", "online", "disabled"):
+        p.append(f"logger.wandb_mode={cfg.logger.wandb_mode!r}: choose offline, online or disabled")
+    return p

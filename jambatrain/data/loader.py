@@ -1,0 +1,319 @@
+"""Deterministic, resumable, data-parallel batches over token shards.
+
+Sample order of epoch ``e`` (numpy generators seeded with ``(seed, e)`` and
+``(seed, e, shard)``): the shards are permuted, the samples inside each shard
+are permuted, and the result is read as one stream of ``N`` samples
+(``shuffle=False``: manifest order). Rank ``r`` takes the contiguous stream
+slice ``[r * n, (r + 1) * n)`` with ``n = batches_per_epoch * micro_batch_size``
+and ``batches_per_epoch = N // (dp_size * micro_batch_size)``; the last
+``dropped_per_epoch`` samples of the stream are not used in that epoch (a
+different set each epoch when shuffling). Batch ``b`` of a rank is the next
+``micro_batch_size`` samples of its slice, so ranks read mostly disjoint shards.
+
+Batches are numbered globally (``epoch * batches_per_epoch + b``); with
+``num_workers = W`` worker ``w`` builds the batches ``start + w + k * W`` and
+torch's DataLoader returns them round-robin, i.e. in order. The batch sequence
+therefore does not depend on ``num_workers`` and resuming only needs the
+batch number: the shard holding it is found from the manifest counts.
+
+A bad sample (corrupt/truncated tar, wrong dtype/shape, token id out of range,
+shard sha256 mismatch) raises ``ShardDataError``; with ``on_error="skip"`` it
+is replaced by the next valid sample of the epoch stream (so that sample
+appears twice) and counted in ``skipped``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections import OrderedDict
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
+
+from jambatrain.data.shards import ShardDataError, read_manifest
+
+STATE_FORMAT = 1
+
+
+def decode_shard(path: str, entry: dict, seq_len: int, vocab_size: int,
+                 verify_checksum: bool = True) -> tuple[np.ndarray, dict[int, str]]:
+    """Read a whole shard with webdataset's tar iterator.
+
+    Returns ``(tokens, bad)``: tokens is ``(num_samples, seq_len + 1)`` int32,
+    ``bad`` maps sample offsets to an error message naming file and key.
+    """
+    n, first = int(entry["num_samples"]), entry.get("first_index")
+    tokens = np.zeros((n, seq_len + 1), dtype=np.int32)
+    bad: dict[int, str] = {}
+
+    def key_of(offset: int) -> str:
+        return f"{first + offset:010d}" if first is not None else f"#{offset}"
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ShardDataError(f"cannot read shard {path} ({exc}): rebuild the shards") from exc
+    if verify_checksum and "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        msg = f"shard {path}: sha256 differs from the manifest (file corrupt or replaced): rebuild the shards"
+        return tokens, {i: f"{msg} [sample {key_of(i)}]" for i in range(n)}
+    got = 0
+
+    def check(sample: dict) -> None:
+        nonlocal got
+        if got >= n:
+            raise ShardDataError(f"shard {path} holds more than the {n} samples its manifest lists: "
+                                 "the manifest is from another build; rebuild the shards")
+        problem = _sample_problem(sample, key_of(got) if first is not None else None, seq_len, vocab_size)
+        if problem:
+            bad[got] = f"shard {path}: sample {sample['__key__']}: {problem}"
+        else:
+            tokens[got] = sample["tokens.npy"]
+        got += 1
+
+    current: dict | None = None  # one sample = the tar members sharing a key
+    try:
+        source = [{"url": path, "stream": io.BytesIO(data)}]
+        for member in wds.tariterators.tar_file_expander(source, eof_value=None):
+            key, suffix = wds.tariterators.base_plus_ext(member["fname"])
+            if current is not None and key != current["__key__"]:
+                check(current)
+                current = None
+            current = current or {"__key__": key}
+            current[suffix] = member["data"]
+    except ShardDataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tarfile raises several types on damage
+        reason = f"tar stream broken ({type(exc).__name__}: {exc.args[0] if exc.args else exc})"
+        if current is not None and "tokens.npy" in current:
+            check(current)  # members are read whole, so this sample is complete
+    else:
+        reason = "shard truncated"
+        if current is not None:
+            check(current)
+    for i in range(got, n):
+        bad[i] = (f"shard {path}: sample {key_of(i)}: {reason}: read {got} of {n} samples; "
+                  "rebuild the shards (python -m data_prep.write_shards)")
+    return tokens, bad
+
+
+def _sample_problem(sample: dict, expected_key: str | None, seq_len: int, vocab_size: int) -> str | None:
+    """Why ``sample`` is unusable (None if fine); decodes ``tokens.npy`` in place."""
+    if expected_key is not None and sample["__key__"] != expected_key:
+        return f"key {sample['__key__']!r}, expected {expected_key!r} (samples out of order or from another build)"
+    if "tokens.npy" not in sample:
+        return f"no tokens.npy entry (has {sorted(k for k in sample if not k.startswith('__'))})"
+    try:
+        arr = np.lib.format.read_array(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any decode failure is a bad sample
+        return f"tokens.npy is not a valid .npy array ({exc})"
+    if arr.dtype != np.int32 or arr.shape != (seq_len + 1,):
+        return f"tokens.npy is {arr.dtype}{list(arr.shape)}, expected int32[{seq_len + 1}]"
+    low, high = int(arr.min()), int(arr.max())
+    if low < 0 or high >= vocab_size:
+        return (f"token id {high if high >= vocab_size else low} outside [0, vocab_size={vocab_size}): "
+                "retokenize or raise model.vocab_size")
+    sample["tokens.npy"] = arr
+    return None
+
+
+class _EpochPlan:
+    """Maps (global batch number, row) to (shard index, sample offset); pure and picklable."""
+
+    def __init__(self, data_dir: str, manifest: dict, split: str, micro_batch_size: int, dp_rank: int,
+                 dp_size: int, seed: int, shuffle: bool, vocab_size: int, on_error: str, verify: bool):
+        self.data_dir, self.split, self.seed, self.shuffle = data_dir, split, seed, shuffle
+        self.batch, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+        self.seq_len, self.vocab_size, self.on_error, self.verify = manifest["seq_len"], vocab_size, on_error, verify
+        self.shards = manifest["splits"][split]["shards"]
+        self.counts = np.array([int(s["num_samples"]) for s in self.shards], dtype=np.int64)
+        self.num_samples = int(self.counts.sum())
+        self.batches_per_epoch = self.num_samples // (dp_size * micro_batch_size)
+        self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._perm_cache: OrderedDict = OrderedDict()
+        self._shard_cache: OrderedDict = OrderedDict()
+
+    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            order = np.arange(len(self.counts))
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(len(self.counts))
+            self._epoch_cache = (epoch, order, np.cumsum(self.counts[order]))
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def _within(self, epoch: int, shard: int) -> np.ndarray:
+        key = (epoch, shard)
+        if key not in self._perm_cache:
+            n = int(self.counts[shard])
+            perm = np.arange(n)
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, epoch, shard]).permutation(n)
+            self._perm_cache[key] = perm
+            while len(self._perm_cache) > 8:
+                self._perm_cache.popitem(last=False)
+        return self._perm_cache[key]
+
+    def locate(self, epoch: int, position: int) -> tuple[int, int]:
+        """(shard index, offset in shard) of stream position ``position`` of ``epoch``."""
+        order, cum = self._epoch_layout(epoch)
+        slot = int(np.searchsorted(cum, position, side="right"))
+        start = int(cum[slot - 1]) if slot else 0
+        shard = int(order[slot])
+        return shard, int(self._within(epoch, shard)[position - start])
+
+    def _load(self, shard: int) -> tuple[np.ndarray, dict[int, str]]:
+        if shard not in self._shard_cache:
+            path = os.path.join(self.data_dir, self.shards[shard]["name"])
+            self._shard_cache[shard] = decode_shard(path, self.shards[shard], self.seq_len,
+                                                    self.vocab_size, self.verify)
+            while len(self._shard_cache) > 2:
+                self._shard_cache.popitem(last=False)
+        else:
+            self._shard_cache.move_to_end(shard)
+        return self._shard_cache[shard]
+
+    def make_batch(self, g: int) -> tuple[int, dict[str, torch.Tensor], int]:
+        """Batch number ``g`` of this rank: ``(g, batch, number of skipped samples)``."""
+        epoch, b = divmod(g, self.batches_per_epoch)
+        base = (self.dp_rank * self.batches_per_epoch + b) * self.batch
+        rows, skipped = [], 0
+        for position in range(base, base + self.batch):
+            for attempt in range(self.num_samples):
+                shard, offset = self.locate(epoch, (position + attempt) % self.num_samples)
+                tokens, bad = self._load(shard)
+                if offset not in bad:
+                    rows.append(tokens[offset])
+                    break
+                if self.on_error == "raise":
+                    raise ShardDataError(bad[offset])
+                skipped += attempt == 0  # count each bad sample once, not every failed replacement
+            else:
+                raise ShardDataError(f"no valid sample left in split {self.split!r} of {self.data_dir}")
+        data = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return g, {"input_ids": data[:, :-1].contiguous(), "labels": data[:, 1:].contiguous()}, skipped
+
+
+class _BatchStream(IterableDataset):
+    """Batches ``start + worker_id + k * num_workers`` (< ``stop``) of one rank."""
+
+    def __init__(self, plan: _EpochPlan, start: int, stop: int | None):
+        super().__init__()
+        self.plan, self.start, self.stop = plan, start, stop
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, torch.Tensor], int]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        g = self.start + worker
+        while self.stop is None or g < self.stop:
+            yield self.plan.make_batch(g)
+            g += workers
+
+
+class TokenShardLoader:
+    """Iterable over ``{"input_ids", "labels"}`` LongTensor(B, seq_len) batches of one DP rank.
+
+    Iterates epoch after epoch forever (or ``max_epochs``, after which a new
+    ``iter()`` starts over). ``state_dict()`` is identical on all ranks.
+    """
+
+    def __init__(self, data_dir: str, split: str, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 num_workers: int = 0, seed: int = 0, shuffle: bool = True, vocab_size: int | None = None,
+                 on_error: str = "raise", seq_len: int | None = None, max_epochs: int | None = None,
+                 verify_checksums: bool = True, prefetch_factor: int = 2, pin_memory: bool = False):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if not 0 <= dp_rank < dp_size or micro_batch_size < 1 or num_workers < 0:
+            raise ValueError(f"bad loader geometry: dp_rank={dp_rank} dp_size={dp_size} "
+                             f"micro_batch_size={micro_batch_size} num_workers={num_workers}")
+        manifest = read_manifest(data_dir)
+        if seq_len is not None and manifest["seq_len"] != seq_len:
+            raise ShardDataError(f"shards in {data_dir} have seq_len={manifest['seq_len']} but seq_len={seq_len} "
+                                 "was requested: rebuild the shards with that seq_len or change data.seq_len")
+        if vocab_size is not None and manifest["vocab_size"] > vocab_size:
+            raise ShardDataError(f"shards in {data_dir} use vocab_size={manifest['vocab_size']} > model "
+                                 f"vocab_size={vocab_size}: retokenize with a smaller vocab or raise "
+                                 "model.vocab_size")
+        if split not in manifest["splits"]:
+            raise ShardDataError(f"{data_dir}/manifest.json has no split {split!r} "
+                                 f"(has {sorted(manifest['splits'])})")
+        self.data_dir, self.split, self.manifest = data_dir, split, manifest
+        self.seq_len, self.vocab_size = manifest["seq_len"], manifest["vocab_size"]
+        self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
+        self.max_epochs = max_epochs
+        self._plan = _EpochPlan(data_dir, manifest, split, micro_batch_size, dp_rank, dp_size, seed, shuffle,
+                                self.vocab_size, on_error, verify_checksums)
+        if self._plan.batches_per_epoch == 0:
+            raise ShardDataError(f"split {split!r} of {data_dir} has {self._plan.num_samples} samples, fewer than "
+                                 f"dp_size*micro_batch_size={dp_size * micro_batch_size}: build more data "
+                                 "or lower the micro batch size")
+        self.num_samples = self._plan.num_samples
+        self.batches_per_epoch = self._plan.batches_per_epoch
+        self.dropped_per_epoch = self.num_samples - dp_size * micro_batch_size * self.batches_per_epoch
+        self.skipped = 0
+        self._position = 0  # batches consumed so far, over all epochs
+
+    @property
+    def epoch(self) -> int:
+        return self._position // self.batches_per_epoch
+
+    @property
+    def batch_in_epoch(self) -> int:
+        return self._position % self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        stop = None if self.max_epochs is None else self.max_epochs * self.batches_per_epoch
+        if stop is not None and self._position >= stop:
+            self._position = 0
+        stream = _BatchStream(self._plan, self._position, stop)
+        if self.num_workers == 0:
+            source = iter(stream)
+        else:
+            source = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                     prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory))
+        for g, batch, skipped in source:
+            if g != self._position:
+                raise RuntimeError(f"loader produced batch {g}, expected {self._position} (worker order broken)")
+            self._position += 1
+            self.skipped += skipped
+            yield batch
+
+    def state_dict(self) -> dict:
+        p = self._plan
+        return {"format": STATE_FORMAT, "split": self.split, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "seed": p.seed, "shuffle": p.shuffle,
+                "dp_size": p.dp_size, "micro_batch_size": p.batch, "num_samples": self.num_samples,
+                "skipped": self.skipped}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Resume right after the last consumed batch of ``sd``.
+
+        Changing dp_size or micro_batch_size is allowed only at an epoch
+        boundary (``batch_in_epoch == 0``); otherwise ``ValueError``.
+        """
+        p = self._plan
+        for key, mine in (("format", STATE_FORMAT), ("split", self.split), ("seed", p.seed),
+                          ("shuffle", p.shuffle), ("num_samples", self.num_samples)):
+            if sd.get(key) != mine:
+                raise ValueError(f"loader state has {key}={sd.get(key)!r} but this loader has {mine!r}: "
+                                 "resume with the same data and data settings")
+        geometry_changed = (sd["dp_size"], sd["micro_batch_size"]) != (p.dp_size, p.batch)
+        if geometry_changed and sd["batch_in_epoch"] != 0:
+            raise ValueError(
+                f"loader state was saved at batch {sd['batch_in_epoch']} of epoch {sd['epoch']} with "
+                f"dp_size={sd['dp_size']}, micro_batch_size={sd['micro_batch_size']}; this loader has "
+                f"dp_size={p.dp_size}, micro_batch_size={p.batch}. Mid-epoch resume needs the same values "
+                "(a checkpoint taken at an epoch boundary may change them)")
+        self._position = sd["epoch"] * self.batches_per_epoch + sd["batch_in_epoch"]
+        self.skipped = int(sd.get("skipped", 0))
+
+
+def make_val_loader(data_dir: str, micro_batch_size: int, dp_rank: int, dp_size: int,
+                    vocab_size: int | None = None, num_workers: int = 0, **kwargs) -> TokenShardLoader:
+    """One unshuffled pass over the val split per ``iter()``."""
+    return TokenShardLoader(data_dir, "val", micro_batch_size, dp_rank, dp_size, num_workers=num_workers,
+                            shuffle=False, vocab_size=vocab_size, max_epochs=1, **kwargs)

@@ -1,0 +1,93 @@
+"""Run metrics: throughput, MFU, MoE load; written to RUN_DIR/metrics.jsonl and W&B on rank 0 only."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import torch
+
+from .config import TrainConfig
+
+
+class Throughput:
+    """Tokens/s and MFU over the steps since the last report."""
+
+    def __init__(self, train_flops_per_token: float, peak_flops_per_device: float | None, world_size: int):
+        self.flops_per_token = train_flops_per_token
+        self.peak = peak_flops_per_device
+        self.world = world_size
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def report(self) -> dict:
+        now = time.perf_counter()
+        dt = max(now - self.t0, 1e-9)
+        tps = self.tokens / dt
+        mfu = None
+        if self.peak:
+            mfu = tps * self.flops_per_token / (self.peak * self.world)
+        self.t0, self.tokens = now, 0
+        return {"tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world, "mfu": mfu}
+
+
+def moe_load_stats(counts: list[torch.Tensor]) -> dict:
+    """max/mean assignments per expert, averaged over MoE layers (1.0 = perfectly balanced)."""
+    if not counts:
+        return {}
+    ratios = [(c.max() / c.float().mean().clamp(min=1e-9)).item() for c in counts]
+    return {"moe_max_over_mean_load": sum(ratios) / len(ratios)}
+
+
+class MetricsLogger:
+    """metrics.jsonl + W&B on rank 0; every other rank gets a logger that does nothing."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str, is_main: bool, config_dict: dict):
+        self.enabled = is_main
+        self.wandb_run = None
+        if not is_main:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.file = open(self.path, "a", buffering=1)
+        if cfg.logger.wandb and cfg.logger.wandb_mode != "disabled":
+            import wandb
+
+            self.wandb_run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.name,
+                                        dir=run_dir, mode=cfg.logger.wandb_mode, config=config_dict,
+                                        tags=list(cfg.logger.tags), resume="allow",
+                                        id=_stable_run_id(run_dir))
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _clean(v) for k, v in values.items()}}
+        self.file.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _clean(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _stable_run_id(run_dir: str) -> str:
+    """The same run dir resumes the same W&B run."""
+    import hashlib
+
+    return hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:16]

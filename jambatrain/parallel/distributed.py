@@ -1,0 +1,90 @@
+"""Process-group set-up for torchrun / srun launches: NCCL on GPU, gloo on CPU, one process per device."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..config import ParallelConfig
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _pick_device(par: ParallelConfig, local_rank: int) -> torch.device:
+    want = par.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("parallel.device=cuda but no CUDA device is visible: set parallel.device=cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(par: ParallelConfig) -> DistInfo:
+    """Read torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a plain `python -m` run is a
+    world of one on 127.0.0.1. DeepSpeed's communication layer is initialised on top of the same group."""
+    rank = int(os.environ.setdefault("RANK", "0"))
+    world = int(os.environ.setdefault("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.setdefault("LOCAL_RANK", "0"))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    device = _pick_device(par, local_rank)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    backend = par.backend if par.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":
+        _skip_deepspeed_cpu_shm_op()
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=par.timeout_minutes),
+                                   dist_init_required=True)
+    return DistInfo(rank, world, local_rank, device, backend)
+
+
+def _skip_deepspeed_cpu_shm_op() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op (~40 s of g++) when its comm
+    layer starts. It only speeds up CPU all-reduce; gloo is correct without it, so on CPU we skip the build."""
+    import importlib
+
+    # not `import deepspeed.comm.torch as m`: deepspeed.comm's `torch` attribute is the real torch module
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    ds_torch_comm.build_shm_op = lambda: None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def reduce_mean(values: list[float], device: torch.device) -> list[float]:
+    """Mean of per-rank scalars over the world (one all-reduce for the whole list)."""
+    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()

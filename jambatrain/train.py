@@ -1,0 +1,250 @@
+"""Entry point: ``python -m jambatrain.train [overrides]`` or ``torchrun --nproc_per_node N -m jambatrain.train``.
+
+The path of a run: compose + validate config -> process group -> data (checked before anything expensive)
+-> model -> DeepSpeed engine -> resume -> train loop -> checkpoints + metrics.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+from dataclasses import asdict
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from . import checkpoint
+from .config import TrainConfig, problems, register_schema, to_train_config
+from .metrics import MetricsLogger, Throughput, moe_load_stats
+from .models import JambaLM, ModelConfig
+from .parallel import barrier, build_engine, init_distributed, reduce_mean
+from .parallel.distributed import DistInfo
+
+register_schema()
+CONF_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf"))
+
+
+def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
+    """Build the embedded corpus on first use (rank 0; the others wait), then check the shards against the
+    model before any model is built."""
+    from .data import read_manifest
+
+    data_dir = os.path.expanduser(cfg.data.dir)
+    if cfg.data.prepare == "stdlib":
+        if dist.is_main:
+            from .data.corpus import prepare_default_corpus
+
+            prepare_default_corpus(data_dir, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len)
+        barrier()
+    manifest = read_manifest(data_dir)
+    if manifest["seq_len"] != cfg.data.seq_len:
+        raise SystemExit(f"data.seq_len={cfg.data.seq_len} but the shards in {data_dir} hold sequences of "
+                         f"{manifest['seq_len']} tokens: set data.seq_len={manifest['seq_len']} or rewrite the shards")
+    if manifest["vocab_size"] > cfg.model.vocab_size:
+        raise SystemExit(f"the tokenizer of {data_dir} has {manifest['vocab_size']} tokens but model.vocab_size="
+                         f"{cfg.model.vocab_size}: raise model.vocab_size or retokenize with a smaller vocabulary")
+    return data_dir
+
+
+def build_model(mcfg: ModelConfig, device: torch.device) -> JambaLM:
+    """Built on the meta device, materialised directly on the target device, then initialised."""
+    with torch.device("meta"):
+        model = JambaLM(mcfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    if mcfg.init_from:
+        from .hf_convert import load_hf_pretrained
+
+        load_hf_pretrained(model, mcfg.init_from)
+    return model
+
+
+def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
+    dist = init_distributed(cfg.parallel)
+    errors = problems(cfg, dist.world_size)
+    if errors:
+        raise SystemExit("jambatrain: invalid configuration:\n  - " + "\n  - ".join(errors))
+    tr, par = cfg.trainer, cfg.parallel
+    tag = checkpoint.latest_tag(run_dir)
+    if tr.resume and tag is None:
+        raise SystemExit(f"trainer.resume=true but {checkpoint.ckpt_root(run_dir)} has no complete checkpoint: "
+                         "point hydra.run.dir at the run to resume, or drop trainer.resume")
+    torch.manual_seed(tr.seed)  # same init on every rank
+    data_dir = prepare_data(cfg, dist)
+
+    from .data import TokenShardLoader
+
+    loader = TokenShardLoader(data_dir, "train", par.micro_batch_size, dist.rank, dist.world_size,
+                              num_workers=cfg.data.num_workers, seed=tr.seed, shuffle=cfg.data.shuffle,
+                              vocab_size=cfg.model.vocab_size, on_error=cfg.data.on_error)
+    model = build_model(cfg.model, dist.device)
+    engine, _ = build_engine(model, cfg, dist)
+    state = checkpoint.TrainState(model_config=asdict(cfg.model))
+    if tag is not None and (tr.resume or tr.auto_resume):
+        state = checkpoint.load(engine, run_dir, tag, dist.rank, asdict(cfg.model))
+        loader.load_state_dict(state.loader)
+        if dist.is_main:
+            print(f"jambatrain: resumed from {run_dir}/checkpoints/{tag} at step {state.step}", flush=True)
+    torch.manual_seed(tr.seed + 1000 * dist.rank + state.step)
+
+    logger = MetricsLogger(cfg, run_dir, dist.is_main, config_dict)
+    meter = Throughput(_train_flops_per_token(cfg), _peak_flops(cfg, dist), dist.world_size)
+    tokens_per_step = par.micro_batch_size * par.grad_accum_steps * cfg.data.seq_len * dist.world_size
+    stop = _StopFlag()
+    pbar = _progress(cfg, dist, state.step)
+    batches = iter(loader)
+    last = {}
+    window: list[list[float]] = []
+    while state.step < tr.max_steps:
+        engine.train()
+        ce_sum = aux_sum = z_sum = 0.0
+        for _ in range(par.grad_accum_steps):
+            batch = next(batches)
+            out = engine(input_ids=batch["input_ids"].to(dist.device, non_blocking=True),
+                         labels=batch["labels"].to(dist.device, non_blocking=True),
+                         doc_starts=_doc_starts(batch, cfg, dist))
+            engine.backward(out.loss)
+            engine.step()
+            ce_sum += out.ce_loss.detach().float().item()
+            aux_sum += out.aux_loss.detach().float().item()
+            z_sum += out.z_loss.detach().float().item()
+        state.step += 1
+        state.tokens += tokens_per_step
+        meter.add(tokens_per_step)
+        n = par.grad_accum_steps
+        window.append([ce_sum / n, aux_sum / n, z_sum / n])
+        if state.step % tr.log_every == 0 or state.step == tr.max_steps:
+            ce, aux, z = reduce_mean([sum(c) / len(window) for c in zip(*window)], dist.device)
+            window.clear()
+            last = {"loss": ce, "aux_loss": aux, "z_loss": z, "lr": engine.get_lr()[0],
+                    "grad_norm": _grad_norm(engine), "tokens": state.tokens, "epoch": loader.epoch,
+                    **meter.report(), **moe_load_stats(model.expert_counts()), **_memory(dist)}
+            if not math.isfinite(ce):
+                checkpoint_note = "the last checkpoint is untouched"
+                raise SystemExit(f"jambatrain: loss became {ce} at step {state.step}; {checkpoint_note}. "
+                                 "Lower optim.lr or check the data.")
+            logger.log(state.step, last)
+            if pbar is not None:
+                pbar.set_postfix(loss=f"{ce:.3f}", lr=f"{last['lr']:.2e}")
+        if pbar is not None:
+            pbar.update(1)
+        if tr.eval_every and state.step % tr.eval_every == 0:
+            logger.log(state.step, {"val_loss": evaluate(engine, cfg, dist, data_dir)})
+        preempted = stop.agreed(dist)
+        if state.step % tr.save_every == 0 or state.step == tr.max_steps or preempted:
+            state.loader = loader.state_dict()
+            checkpoint.save(engine, run_dir, state, dist.rank, tr.keep_checkpoints)
+        if preempted:
+            if dist.is_main:
+                print(f"jambatrain: stop signal received, checkpointed step {state.step}", flush=True)
+            break
+    if pbar is not None:
+        pbar.close()
+    logger.close()
+    barrier()
+    return {"step": state.step, **last}
+
+
+@torch.no_grad()
+def evaluate(engine, cfg: TrainConfig, dist: DistInfo, data_dir: str) -> float:
+    from .data import make_val_loader
+
+    engine.eval()
+    val = make_val_loader(data_dir, cfg.parallel.micro_batch_size, dist.rank, dist.world_size,
+                          vocab_size=cfg.model.vocab_size)
+    losses = []
+    for i, batch in enumerate(val):
+        if i >= cfg.trainer.eval_batches:
+            break
+        out = engine(input_ids=batch["input_ids"].to(dist.device), labels=batch["labels"].to(dist.device),
+                     doc_starts=_doc_starts(batch, cfg, dist))
+        losses.append(out.ce_loss.float().item())
+    engine.train()
+    return reduce_mean([sum(losses) / max(1, len(losses))], dist.device)[0]
+
+
+def _doc_starts(batch: dict, cfg: TrainConfig, dist: DistInfo):
+    if not cfg.data.doc_mask or "doc_starts" not in batch:
+        return None
+    return batch["doc_starts"].to(dist.device, non_blocking=True)
+
+
+def _grad_norm(engine) -> float | None:
+    g = engine.get_global_grad_norm()
+    if g is None:
+        return None
+    return float(g.item() if isinstance(g, torch.Tensor) else g)
+
+
+def _memory(dist: DistInfo) -> dict:
+    if dist.device.type != "cuda":
+        return {}
+    return {"max_memory_allocated_gb": torch.cuda.max_memory_allocated(dist.device) / 2**30}
+
+
+def _train_flops_per_token(cfg: TrainConfig) -> float:
+    from .flops import flops_per_token
+
+    return flops_per_token(cfg.model, cfg.data.seq_len)["training"]
+
+
+def _peak_flops(cfg: TrainConfig, dist: DistInfo) -> float | None:
+    if cfg.trainer.peak_flops:
+        return cfg.trainer.peak_flops
+    if dist.device.type != "cuda":
+        return None
+    from .flops import peak_flops_for_device
+
+    return peak_flops_for_device(torch.cuda.get_device_name(dist.device))
+
+
+def _progress(cfg: TrainConfig, dist: DistInfo, start: int):
+    if not (dist.is_main and cfg.trainer.progress_bar):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.trainer.max_steps, initial=start, desc=cfg.name, dynamic_ncols=True,
+                file=sys.stderr, mininterval=1.0)
+
+
+class _StopFlag:
+    """SIGTERM/SIGUSR1 (SLURM preemption, scancel) -> checkpoint at the next step boundary, then exit.
+    Ranks agree through an all-reduce so they all stop at the same step."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handler(self, *_):
+        self.raised = True
+
+    def agreed(self, dist: DistInfo) -> bool:
+        import torch.distributed as tdist
+
+        flag = torch.tensor([1.0 if self.raised else 0.0], device=dist.device)
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(raw: DictConfig) -> float | None:
+    cfg = to_train_config(raw)
+    run_dir = HydraConfig.get().runtime.output_dir
+    config_dict = OmegaConf.to_container(raw, resolve=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(config_dict), os.path.join(run_dir, "config.yaml"))
+    result = train(cfg, run_dir, config_dict)
+    return result.get("loss")  # the value a Hydra sweeper optimises
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""TokenShardLoader: DP/worker partition, determinism, resume, validation (synthetic shards)."""
+
+import io
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, when pytest does not add it
+
+from jambatrain.data import loader as loader_mod  # noqa: E402
+from jambatrain.data.loader import TokenShardLoader, decode_shard, make_val_loader  # noqa: E402
+from jambatrain.data.shards import ShardDataError, write_synthetic_shards  # noqa: E402
+from jambatrain.data.tokenizer import file_sha256  # noqa: E402
+
+SEQ, VOCAB, PER_SHARD = 16, 1000, 8
+N_TRAIN = 36  # 5 shards: 8, 8, 8, 8, 4
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_shards(str(d), {"train": N_TRAIN, "val": 10}, SEQ, VOCAB, PER_SHARD, seed=1)
+    return str(d)
+
+
+def all_rows(data_dir, split="train"):
+    """Samples read straight from the tars (independent of the loader), in manifest order."""
+    manifest = json.load(open(os.path.join(data_dir, "manifest.json")))
+    rows = []
+    for entry in manifest["splits"][split]["shards"]:
+        tokens, bad = decode_shard(os.path.join(data_dir, entry["name"]), entry, SEQ, VOCAB)
+        assert not bad
+        rows.extend(tuple(r) for r in tokens.tolist())
+    return rows
+
+
+def rows_of(batch):
+    assert batch["input_ids"].dtype == torch.int64 and batch["labels"].dtype == torch.int64
+    assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
+    full = torch.cat([batch["input_ids"], batch["labels"][:, -1:]], dim=1)
+    return [tuple(r) for r in full.tolist()]
+
+
+def take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_manifest_layout(data_dir):
+    manifest = json.load(open(os.path.join(data_dir, "manifest.json")))
+    shards = manifest["splits"]["train"]["shards"]
+    assert [s["num_samples"] for s in shards] == [8, 8, 8, 8, 4]
+    assert [s["name"] for s in shards][:2] == ["train-000000.tar", "train-000001.tar"]
+    assert all(file_sha256(os.path.join(data_dir, s["name"])) == s["sha256"] for s in shards)
+    assert len(set(all_rows(data_dir))) == N_TRAIN
+
+
+@pytest.mark.parametrize("dp_size,workers,batch", [(2, 2, 2), (3, 1, 2), (1, 0, 4), (5, 0, 2)])
+def test_ranks_and_workers_partition_one_epoch(data_dir, dp_size, workers, batch):
+    expected = set(all_rows(data_dir))
+    seen, counts = [], []
+    for rank in range(dp_size):
+        loader = TokenShardLoader(data_dir, "train", batch, rank, dp_size, num_workers=workers, seed=3)
+        batches = take(loader, loader.batches_per_epoch)
+        counts.append(len(batches))
+        assert all(b["input_ids"].shape == (batch, SEQ) for b in batches)
+        seen.extend(r for b in batches for r in rows_of(b))
+        assert loader.epoch == 1 and loader.batch_in_epoch == 0
+    assert len(set(counts)) == 1 and counts[0] == N_TRAIN // (dp_size * batch)
+    assert len(seen) == len(set(seen)), "a sample was seen twice within the epoch"
+    assert set(seen) <= expected
+    assert loader.dropped_per_epoch == N_TRAIN - len(seen) == N_TRAIN % (dp_size * batch)
+
+
+def test_shuffle_is_deterministic_and_changes_per_epoch(data_dir):
+    def epochs(seed):
+        loader = TokenShardLoader(data_dir, "train", 4, 0, 1, seed=seed)
+        rows = [r for b in take(loader, 2 * loader.batches_per_epoch) for r in rows_of(b)]
+        return rows[:N_TRAIN], rows[N_TRAIN:]
+
+    e0, e1 = epochs(0)
+    assert (e0, e1) == epochs(0)
+    assert e0 != e1 and sorted(e0) == sorted(e1) == sorted(all_rows(data_dir))
+    assert epochs(1)[0] != e0
+    plain = TokenShardLoader(data_dir, "train", 4, 0, 1, shuffle=False)
+    assert [r for b in take(plain, 9) for r in rows_of(b)] == all_rows(data_dir)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_batches_do_not_depend_on_num_workers(data_dir):
+    seqs = []
+    for workers in (0, 2, 3):
+        loader = TokenShardLoader(data_dir, "train", 2, 1, 2, num_workers=workers, seed=5)
+        seqs.append([rows_of(b) for b in take(loader, 2 * loader.batches_per_epoch + 3)])
+    assert seqs[0] == seqs[1] == seqs[2]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stop_at", [3, 12])  # mid-epoch 0, and mid-epoch 1 (9 batches per epoch)
+def test_resume_matches_uninterrupted_run(data_dir, workers, stop_at):
+    total = 20
+    reference = [rows_of(b) for b in take(TokenShardLoader(data_dir, "train", 2, 0, 2, workers, seed=7), total)]
+    first = TokenShardLoader(data_dir, "train", 2, 0, 2, num_workers=workers, seed=7)
+    got = []
+    for step, batch in enumerate(first):
+        got.append(rows_of(batch))
+        if step + 1 == stop_at:
+            state = first.state_dict()
+            break
+    assert state["epoch"] * first.batches_per_epoch + state["batch_in_epoch"] == stop_at
+    state = json.loads(json.dumps(state))  # must survive a checkpoint round trip
+    resumed = TokenShardLoader(data_dir, "train", 2, 0, 2, num_workers=workers, seed=7)
+    resumed.load_state_dict(state)
+    got += [rows_of(b) for b in take(resumed, total - stop_at)]
+    assert got == reference
+
+
+def test_resume_reads_only_the_needed_shards(data_dir, monkeypatch):
+    loaded = []
+    real = loader_mod.decode_shard
+    monkeypatch.setattr(loader_mod, "decode_shard", lambda path, *a, **k: loaded.append(path) or real(path, *a, **k))
+    loader = TokenShardLoader(data_dir, "train", 4, 0, 1, shuffle=False)
+    loader.load_state_dict({**loader.state_dict(), "batch_in_epoch": 7})  # samples 28..31: last shard
+    batch = next(iter(loader))
+    assert [os.path.basename(p) for p in loaded] == ["train-000003.tar"]  # holds samples 24..31
+    assert rows_of(batch) == all_rows(data_dir)[28:32]
+
+
+def test_state_dict_geometry_checks(data_dir):
+    loader = TokenShardLoader(data_dir, "train", 2, 0, 2)
+    take(loader, 4)
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match="dp_size=2.*dp_size=3"):
+        TokenShardLoader(data_dir, "train", 2, 0, 3).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        TokenShardLoader(data_dir, "train", 2, 0, 2, seed=9).load_state_dict(state)
+    boundary = {**state, "epoch": 2, "batch_in_epoch": 0}
+    other = TokenShardLoader(data_dir, "train", 2, 2, 3)
+    other.load_state_dict(boundary)  # allowed at an epoch boundary
+    assert other.epoch == 2 and other.batch_in_epoch == 0
+
+
+def test_val_loader_one_pass_per_iter(data_dir):
+    val = make_val_loader(data_dir, 2, 0, 2)
+    assert val.batches_per_epoch == 2 and val.dropped_per_epoch == 2
+    first = [rows_of(b) for b in val]
+    second = [rows_of(b) for b in val]
+    assert len(first) == 2 and first == second
+    assert [r for b in first for r in b] == all_rows(data_dir, "val")[:4]
+    with_workers = make_val_loader(data_dir, 1, 1, 2, num_workers=2)
+    assert [rows_of(b) for b in with_workers] == [[r] for r in all_rows(data_dir, "val")[5:10]]
+
+
+def test_construction_errors(data_dir, tmp_path):
+    with pytest.raises(ShardDataError, match=r"manifest.json missing in .*data_prep.write_shards"):
+        TokenShardLoader(str(tmp_path), "train", 2, 0, 1)
+    with pytest.raises(ShardDataError, match=r"vocab_size=1000.*vocab_size=999"):
+        TokenShardLoader(data_dir, "train", 2, 0, 1, vocab_size=999)
+    with pytest.raises(ShardDataError, match=r"seq_len=16.*seq_len=32"):
+        TokenShardLoader(data_dir, "train", 2, 0, 1, seq_len=32)
+    with pytest.raises(ShardDataError, match="fewer than"):
+        TokenShardLoader(data_dir, "val", 8, 0, 2)
+    TokenShardLoader(data_dir, "train", 2, 0, 1, vocab_size=1024, seq_len=SEQ)
+
+
+# ---------------------------------------------------------------- damaged shards
+
+
+def damage(src, dst, shard_index, edit, fix_manifest=True):
+    """Copy ``src`` to ``dst`` and rewrite shard ``shard_index`` through ``edit(samples) -> samples``."""
+    shutil.copytree(src, dst)
+    manifest = json.load(open(os.path.join(dst, "manifest.json")))
+    entry = manifest["splits"]["train"]["shards"][shard_index]
+    path = os.path.join(dst, entry["name"])
+    tokens, _ = decode_shard(path, entry, SEQ, VOCAB)
+    samples = [{"__key__": f"{entry['first_index'] + i:010d}", "tokens.npy": t} for i, t in enumerate(tokens)]
+    result = edit(samples)
+    data = result if isinstance(result, bytes) else tar_bytes(result)
+    open(path, "wb").write(data)
+    if fix_manifest:
+        entry["sha256"], entry["bytes"] = file_sha256(path), len(data)
+        json.dump(manifest, open(os.path.join(dst, "manifest.json"), "w"))
+    return dst
+
+
+def tar_bytes(samples):
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, mtime=0, compress=False) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return buf.getvalue()
+
+
+def set_sample(index, value):
+    def edit(samples):
+        samples = [dict(s) for s in samples]
+        samples[index]["tokens.npy"] = value
+        return samples
+    return edit
+
+
+def one_epoch(data_dir, **kw):
+    loader = TokenShardLoader(data_dir, "train", kw.pop("batch", 4), 0, 1, shuffle=False, **kw)
+    batches = take(loader, loader.batches_per_epoch)
+    return loader, [r for b in batches for r in rows_of(b)]
+
+
+@pytest.mark.parametrize("value,message", [
+    (np.full(SEQ + 1, 7, dtype=np.int64), r"int64\[17\], expected int32\[17\]"),
+    (np.full(SEQ, 7, dtype=np.int32), r"int32\[16\], expected int32\[17\]"),
+    (np.full(SEQ + 1, VOCAB, dtype=np.int32), r"token id 1000 outside \[0, vocab_size=1000\)"),
+    (b"not an npy file", r"not a valid .npy"),
+])
+def test_bad_sample_raises_naming_shard_and_key(data_dir, tmp_path, value, message):
+    bad = damage(data_dir, str(tmp_path / "bad"), 2, set_sample(3, value))
+    with pytest.raises(ShardDataError, match=rf"train-000002.tar: sample 0000000019: .*{message}"):
+        one_epoch(bad)
+    loader, rows = one_epoch(bad, on_error="skip")
+    assert loader.skipped == 1
+    good = all_rows(data_dir)
+    assert len(rows) == N_TRAIN and good[19] not in rows
+    assert rows[:19] == good[:19] and rows[19] == good[20]  # replaced by the next sample
+
+
+def test_bad_sample_through_workers(data_dir, tmp_path):
+    bad = damage(data_dir, str(tmp_path / "bad"), 1, set_sample(0, np.zeros(SEQ + 1, np.float32)))
+    loader = TokenShardLoader(bad, "train", 2, 0, 1, num_workers=2, shuffle=False)
+    with pytest.raises(ShardDataError, match=r"train-000001.tar: sample 0000000008"):
+        take(loader, loader.batches_per_epoch)
+
+
+def test_truncated_tar(data_dir, tmp_path):
+    def truncate(samples):
+        return tar_bytes(samples)[: 3 * 1024 + 700]  # three whole samples, then a cut inside the 4th
+
+    bad = damage(data_dir, str(tmp_path / "trunc"), 0, truncate)
+    with pytest.raises(ShardDataError, match=r"train-000000.tar: sample 0000000003: .*read 3 of 8"):
+        one_epoch(bad)
+    loader, rows = one_epoch(bad, on_error="skip")
+    assert loader.skipped == 5 and len(rows) == N_TRAIN
+    # without fixing the manifest the size check names the shard at construction
+    bad2 = damage(data_dir, str(tmp_path / "trunc2"), 0, truncate, fix_manifest=False)
+    with pytest.raises(ShardDataError, match=r"train-000000.tar has \d+ bytes"):
+        TokenShardLoader(bad2, "train", 2, 0, 1)
+
+
+def test_checksum_mismatch_and_missing_shard(data_dir, tmp_path):
+    flipped = damage(data_dir, str(tmp_path / "flip"), 4, lambda s: s, fix_manifest=False)
+    path = os.path.join(flipped, "train-000004.tar")
+    data = bytearray(open(path, "rb").read())
+    data[700] ^= 1  # a token byte of sample 0: the tar still parses
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ShardDataError, match=r"train-000004.tar: sha256 differs"):
+        one_epoch(flipped)
+    _, rows = one_epoch(flipped, verify_checksums=False)  # without the check the flip goes unnoticed
+    assert rows != all_rows(data_dir)
+    os.remove(path)
+    with pytest.raises(ShardDataError, match=r"train-000004.tar listed in .* is missing"):
+        TokenShardLoader(flipped, "train", 2, 0, 1)
