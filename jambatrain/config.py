@@ -23,7 +23,8 @@ class DataConfig:
     num_workers: int = 0
     shuffle: bool = True
     on_error: str = "raise"  # raise | skip: what a corrupt sample does
-    doc_mask: bool = False  # mask attention / reset Mamba state at document boundaries
+    doc_mask: bool = True  # mask attention / reset Mamba state at document boundaries (after each EOS)
+    eos_id: int = 2  # must match the manifest's eos_id (checked at start-up)
     val_split: str = "val"
 
 

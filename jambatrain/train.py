@@ -46,6 +46,9 @@ def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
     if manifest["vocab_size"] > cfg.model.vocab_size:
         raise SystemExit(f"the tokenizer of {data_dir} has {manifest['vocab_size']} tokens but model.vocab_size="
                          f"{cfg.model.vocab_size}: raise model.vocab_size or retokenize with a smaller vocabulary")
+    if cfg.data.doc_mask and manifest.get("eos_id") != cfg.data.eos_id:
+        raise SystemExit(f"data.eos_id={cfg.data.eos_id} but the shards in {data_dir} end documents with token "
+                         f"{manifest.get('eos_id')}: set data.eos_id={manifest.get('eos_id')}")
     return data_dir
 
 
@@ -121,6 +124,7 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
             window.clear()
             last = {"loss": ce, "aux_loss": aux, "z_loss": z, "lr": engine.get_lr()[0],
                     "grad_norm": _grad_norm(engine), "tokens": state.tokens, "epoch": loader.epoch,
+                    "skipped_samples": loader.skipped,
                     **meter.report(), **moe_load_stats(model.expert_counts()), **_memory(dist)}
             if not math.isfinite(ce):
                 checkpoint_note = "the last checkpoint is untouched"
@@ -167,9 +171,13 @@ def evaluate(engine, cfg: TrainConfig, dist: DistInfo, data_dir: str) -> float:
 
 
 def _doc_starts(batch: dict, cfg: TrainConfig, dist: DistInfo):
-    if not cfg.data.doc_mask or "doc_starts" not in batch:
+    """True at the token after each EOS: packed documents start there (data.doc_mask)."""
+    if not cfg.data.doc_mask:
         return None
-    return batch["doc_starts"].to(dist.device, non_blocking=True)
+    ids = batch["input_ids"]
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, :-1] == cfg.data.eos_id
+    return starts.to(dist.device, non_blocking=True)
 
 
 def _grad_norm(engine) -> float | None:

@@ -13,6 +13,9 @@
 #   WHICH      subset of "mamba conv megablocks stk" (default: all four)
 #   SPLIT_TU   1 (default): split causal-conv1d's fwd/bwd .cu files into several translation units so the
 #              build parallelises (one file held ~6 min of the old build); 0: build the sources as shipped
+#   COMPRESS   1 (default): compressed fatbins (nvcc --compress-mode=size, else -Xfatbin=-compress-all, whichever
+#              this nvcc accepts, through NVCC_APPEND_FLAGS) and host debug info stripped at link, for wheels
+#              small enough to carry between machines; 0: as upstream builds them
 #   DRY_RUN    1: unpack and patch only, build nothing (checks the patches apply)
 #   PYTHON     python to build with (default: python3); it must hold torch, setuptools, wheel, ninja
 #
@@ -41,6 +44,17 @@ export TORCH_CUDA_ARCH_LIST="$ARCH_DOTTED"
 echo "[build_kernels] torch $($PY -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)')," \
      "nvcc $(nvcc --version | grep -o 'release [0-9.]*' || echo '?'), arch sm_$ARCH, MAX_JOBS=$MAX_JOBS, $NPROC cores"
 echo "[build_kernels] sdists: $SDIST_DIR -> wheels: $OUT_DIR (work dir $WORK)"
+
+if [[ "${COMPRESS:-1}" == 1 && "${DRY_RUN:-0}" != 1 ]]; then
+  echo '__global__ void k(float *p) { p[threadIdx.x] = 1.f; }' > "$WORK/probe.cu"
+  for flag in "--compress-mode=size" "-Xfatbin=-compress-all"; do
+    if nvcc -c -gencode "arch=compute_$ARCH,code=sm_$ARCH" $flag "$WORK/probe.cu" -o "$WORK/probe.o" 2>/dev/null; then
+      export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }$flag"; break
+    fi
+  done
+  export LDFLAGS="${LDFLAGS:+$LDFLAGS }-Wl,--strip-debug"
+  echo "[build_kernels] compression: NVCC_APPEND_FLAGS='${NVCC_APPEND_FLAGS:-}' LDFLAGS='$LDFLAGS'"
+fi
 
 want() { [[ " $WHICH " == *" $1 "* ]]; }
 find_sdist() { ls "$SDIST_DIR"/$1-*.tar.gz 2>/dev/null | head -1; }

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .config import ModelConfig
 from .layers import RMSNorm
-from .ssm_ops import causal_conv1d, selective_scan
+from .ssm_ops import causal_conv1d, mamba_kernel_path, selective_scan
 
 
 class MambaMixer(nn.Module):
@@ -44,8 +44,13 @@ class MambaMixer(nn.Module):
                        + math.log(dt_min)).clamp(min=1e-4)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
+    # CUDA kernel path in the (d, batch*seq) layout below; False: the generic forward (A/B in bench/throughput.py)
+    kernel_layout = True
+
     def forward(self, x: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:
         """x: (batch, seq, hidden) -> (batch, seq, hidden). reset: optional bool (batch, seq) document starts."""
+        if reset is None and self.kernel_layout and mamba_kernel_path(self.impl, x):
+            return self._forward_kernels(x)
         xz = self.in_proj(x).transpose(1, 2)
         u, z = xz.chunk(2, dim=1)
         if reset is not None:  # no conv leakage across documents: zero the taps that reach back over a start
@@ -59,6 +64,32 @@ class MambaMixer(nn.Module):
         y = selective_scan(u, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
                            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, impl=self.impl, reset=reset)
         return self.out_proj(y.transpose(1, 2))
+
+
+    def _forward_kernels(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function on the conv/scan kernels, laid out as mamba-ssm's own Mamba does: every (b, d, l)
+        operand is a view of a (d, b*l) matrix, so the kernels get stride(-1) == 1 inputs and outputs (their
+        outputs follow the input strides) and every projection is one GEMM, with no transposing copies of
+        (b, d, l) activations forward or backward."""
+        b, l, h = x.shape
+        d, n, r = self.d_inner, self.d_state, self.dt_rank
+        xz = self.in_proj.weight @ x.reshape(b * l, h).t()  # (2d, bl)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None].to(xz.dtype)
+        u, z = (t.view(d, b, l).permute(1, 0, 2) for t in xz.chunk(2, dim=0))  # (b, d, l) views
+        u = causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", self.impl)
+        x_dbl = (self.x_proj.weight @ u.permute(1, 0, 2).reshape(d, b * l)).t().contiguous()  # (bl, r + 2n)
+        dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
+        delta = (self.dt_proj.weight @ self.dt_layernorm(dt).t()).view(d, b, l).permute(1, 0, 2)
+        B = self.b_layernorm(B).t().contiguous().view(n, b, l).permute(1, 0, 2)
+        C = self.c_layernorm(C).t().contiguous().view(n, b, l).permute(1, 0, 2)
+        A = -torch.exp(self.A_log.float())
+        y = selective_scan(u, delta, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+                           delta_softplus=True, impl=self.impl)  # (b, d, l) in z's layout
+        out = self.out_proj.weight @ y.permute(1, 0, 2).reshape(d, b * l)  # (h, bl)
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias[:, None].to(out.dtype)
+        return out.t().view(b, l, h)  # a transposed view: the residual add reads it, backward needs no copy
 
 
 def _mask_conv_inputs(u, reset, k, weight, bias):

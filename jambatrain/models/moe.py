@@ -83,8 +83,8 @@ class MoE(nn.Module):
 
 
 def experts_forward(x, routing: Routing, moe: MoE) -> torch.Tensor:
-    """Backend dispatch point: the native loop here; GPU backends register in ``moe_backends``."""
+    """Backend dispatch point: the native loop here; GPU backends (grouped GEMM, MegaBlocks) in ``moe_backends``."""
     from . import moe_backends
 
-    fn = moe_backends.select(moe.impl, x)
+    fn = moe_backends.select(moe.impl, x, moe.w_gate)
     return fn(x, routing, moe.w_gate, moe.w_up, moe.w_down)

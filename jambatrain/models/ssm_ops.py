@@ -9,18 +9,70 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .linear_scan import linear_scan
+
 try:  # optional fused kernels: only importable on a CUDA build with the extensions compiled
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _selective_scan_cuda
 except Exception:  # noqa: BLE001 - ImportError, or a CUDA/triton error raised at import on CPU boxes
     _selective_scan_cuda = None
+if _selective_scan_cuda is None:
+    # mamba_ssm's package __init__ also imports its Mamba-2/3 Triton modules; when one of those fails to import,
+    # the compiled scan extension itself may still load: wrap it here the way mamba_ssm's SelectiveScanFn does.
+    try:
+        import selective_scan_cuda as _ssc
+
+        class _SelectiveScanFn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+                u, delta = u.contiguous(), delta.contiguous()
+                B = (B.unsqueeze(1) if B.dim() == 3 else B).contiguous()
+                C = (C.unsqueeze(1) if C.dim() == 3 else C).contiguous()
+                z = None if z is None else z.contiguous()
+                out, x, *rest = _ssc.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+                ctx.delta_softplus = delta_softplus
+                ctx.has_z = z is not None
+                ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, x, out if z is not None else None)
+                return rest[0] if z is not None else out
+
+            @staticmethod
+            def backward(ctx, dout):
+                u, delta, A, B, C, D, z, delta_bias, x, out = ctx.saved_tensors
+                du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = _ssc.bwd(
+                    u, delta, A, B, C, D, z, delta_bias, dout.contiguous(), x, out, None, ctx.delta_softplus, False)
+                return (du, ddelta, dA, dB.squeeze(1), dC.squeeze(1), dD if D is not None else None,
+                        rest[0] if ctx.has_z else None, ddelta_bias if delta_bias is not None else None, None)
+
+        def _selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+            return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    except Exception:  # noqa: BLE001
+        _selective_scan_cuda = None
 try:
     from causal_conv1d import causal_conv1d_fn as _causal_conv1d_cuda
 except Exception:  # noqa: BLE001
     _causal_conv1d_cuda = None
+try:  # mamba-ssm's fused Triton RMSNorm (forward + backward), used by layers.RMSNorm on CUDA
+    from mamba_ssm.ops.triton.layer_norm import rms_norm_fn as _rms_norm_triton
+except Exception:  # noqa: BLE001
+    _rms_norm_triton = None
 
 
 def kernels_available() -> dict[str, bool]:
-    return {"selective_scan": _selective_scan_cuda is not None, "causal_conv1d": _causal_conv1d_cuda is not None}
+    return {"selective_scan": _selective_scan_cuda is not None, "causal_conv1d": _causal_conv1d_cuda is not None,
+            "rms_norm": _rms_norm_triton is not None}
+
+
+def mamba_kernel_path(impl: str, x: torch.Tensor) -> bool:
+    """True when both the conv and the scan kernels will run for ``x`` (raises for impl=cuda without them)."""
+    return _use_kernel(_causal_conv1d_cuda, impl, x) and _use_kernel(_selective_scan_cuda, impl, x)
+
+
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm over the last dim in one Triton kernel each way (fp32 math, output in x's dtype), or None when
+    the kernel is unavailable or x is not on CUDA. Differs from the eager ``weight * x_hat.to(dtype)`` only in
+    rounding: the weight is applied before the single cast."""
+    if _rms_norm_triton is None or not x.is_cuda or x.dtype == torch.float64:
+        return None
+    return _rms_norm_triton(x, weight, None, eps=eps)
 
 
 def _use_kernel(kernel, impl: str, x: torch.Tensor) -> bool:
@@ -44,13 +96,13 @@ def _expand_bc(M: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, chunk_size: int = 16, reset: torch.Tensor | None = None):
-    """Chunked parallel selective scan: h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, y_t = C_t h_t + D u_t.
+                       return_last_state=False, reset: torch.Tensor | None = None):
+    """Reference selective scan: h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, y_t = C_t h_t + D u_t.
 
     u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l) or (b, g, n, l); D, delta_bias: (d,).
-    Inside chunks of ``chunk_size`` the linear recurrence is a Hillis-Steele scan over (decay, input) pairs
-    (log2(chunk) vectorised steps; every decay is in (0, 1], so it is stable); across chunks a short loop
-    carries the state. ``reset``: optional bool (b, l), True where a new document starts (state zeroed).
+    The recurrence runs in ``linear_scan`` (analytic backward; sequential on CPU, chunked parallel on GPU);
+    the (b, d, l, n) decay and input terms around it are vectorised.
+    ``reset``: optional bool (b, l), True where a new document starts (the state is zeroed there).
     Returns y (b, d, l) in u's dtype, and the last state (b, d, n) if ``return_last_state``.
     """
     dtype_in = u.dtype
@@ -66,26 +118,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     x = (delta * u).unsqueeze(-1) * Bx  # (b, d, l, n)
     if reset is not None:
         decay = decay * (~reset.bool())[:, None, :, None]
-    T = chunk_size
-    pad = (-L) % T
-    if pad:  # padded steps keep the state: decay 1, input 0
-        decay = F.pad(decay, (0, 0, 0, pad), value=1.0)
-        x = F.pad(x, (0, 0, 0, pad))
-    nc = (L + pad) // T
-    a = decay.view(b, d, nc, T, n)
-    x = x.view(b, d, nc, T, n)
-    off = 1
-    while off < T:
-        x = torch.cat([x[:, :, :, :off], x[:, :, :, off:] + a[:, :, :, off:] * x[:, :, :, :-off]], dim=3)
-        a = torch.cat([a[:, :, :, :off], a[:, :, :, off:] * a[:, :, :, :-off]], dim=3)
-        off *= 2
-    h = u.new_zeros(b, d, n)
-    h_in = []
-    for c in range(nc):
-        h_in.append(h)
-        h = a[:, :, c, -1] * h + x[:, :, c, -1]
-    states = x + a * torch.stack(h_in, dim=2).unsqueeze(3)  # (b, d, nc, T, n)
-    states = states.view(b, d, nc * T, n)[:, :, :L]
+    states = linear_scan(decay, x)  # (b, d, l, n)
+    h = states[:, :, -1]
     y = (states * Cx).sum(-1)
     if D is not None:
         y = y + u * D.float()[:, None]
@@ -123,7 +157,12 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    impl: str = "auto", reset: torch.Tensor | None = None):
     if reset is None and _use_kernel(_selective_scan_cuda, impl, u):
-        return _selective_scan_cuda(u, delta, A, B.contiguous(), C.contiguous(), D, z=z, delta_bias=delta_bias,
+        # The kernel wants delta, z and variable B/C in u's dtype, and A, D, delta_bias in fp32 (RMSNorm
+        # outputs can come out fp32 under autocast or with fp32 norm weights).
+        dt = u.dtype
+        return _selective_scan_cuda(u, delta.to(dt), A.float(), B.to(dt).contiguous(), C.to(dt).contiguous(),
+                                    None if D is None else D.float(), z=None if z is None else z.to(dt),
+                                    delta_bias=None if delta_bias is None else delta_bias.float(),
                                     delta_softplus=delta_softplus)
     return selective_scan_ref(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                               reset=reset)
@@ -138,5 +177,11 @@ def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def causal_conv1d(x, weight, bias, activation: str | None = "silu", impl: str = "auto"):
     if _use_kernel(_causal_conv1d_cuda, impl, x):
-        return _causal_conv1d_cuda(x, weight, bias, activation=activation)
+        # x may have stride(-1) == 1 (any batch/channel strides) or be channel-last (stride(1) == 1): the kernel
+        # has a path for each. Its stride(-1) == 1 backward reads past the end of the sequence when the length is
+        # not a multiple of its 16-byte vector (seen in causal-conv1d 1.7.0: wrong dx in the last width-1
+        # positions): such inputs go through the channel-last path instead. Weight and bias share one dtype.
+        if x.stride(1) != 1 and (x.shape[-1] * x.element_size()) % 16:
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        return _causal_conv1d_cuda(x, weight, None if bias is None else bias.to(weight.dtype), activation=activation)
     return causal_conv1d_ref(x, weight, bias, activation)

@@ -1,0 +1,445 @@
+"""Training throughput on one GPU: jambatrain's JambaLM vs transformers' JambaForCausalLM, same config.
+
+    python bench/throughput.py [--model conf/model/1.3b.yaml] [--set num_experts=16 num_experts_per_tok=2]
+                               [--seq 4096] [--batch 4] [--steps 10] [--warmup 3] [--moe-bench] [--profile]
+
+Both models are built on the GPU in bf16 (parameters, activations and AdamW state in bf16; torch
+``AdamW(fused=True)``), fed the same random token batches, and stepped ``--steps`` times after
+``--warmup`` steps. Reported per model: tokens/s (timed with CUDA events over the timed steps),
+model FLOPs utilisation (training FLOPs per token x tokens/s / 989e12, the H100/H200 dense bf16
+peak), and peak allocated memory. A batch that runs out of memory is halved and retried (reported).
+HF Jamba takes mamba-ssm / causal-conv1d kernels when they import and its default experts
+implementation (grouped_mm in transformers 5) -- the bench prints what it found.
+``--moe-bench`` times the MoE expert backends alone (fwd+bwd) at the model's shapes.
+``--profile`` prints a CUDA-kernel time breakdown by op class for a couple of steps of each model.
+Last line: ``ratio jambatrain/hf = X.XX`` (tokens/s).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from jambatrain.models import JambaLM, ModelConfig  # noqa: E402
+from jambatrain.models import moe_backends, ssm_ops  # noqa: E402
+
+PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16 datasheet peak
+
+FALLBACK_1P3B = dict(name="1.3b", vocab_size=65536, hidden_size=2048, intermediate_size=7168, num_hidden_layers=16,
+                     num_attention_heads=16, num_key_value_heads=4, attn_layer_period=8, attn_layer_offset=4,
+                     expert_layer_period=2, expert_layer_offset=1, num_experts=1, num_experts_per_tok=1)
+
+
+def load_cfg(path: str | None, overrides: list[str]) -> ModelConfig:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    if path and os.path.exists(path):
+        import yaml
+
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+        kw = {k: v for k, v in raw.items() if k in names}
+        print(f"config: {path}")
+    else:
+        kw = dict(FALLBACK_1P3B)
+        print(f"config: {path} not found; using the built-in 1.3b fallback")
+    for o in overrides:
+        k, v = o.split("=", 1)
+        kw[k] = yaml_scalar(v)
+        if k in ("num_experts",) and "name" in kw:
+            kw["name"] = f"{kw['name']}+{k}={v}"
+    return ModelConfig(**kw)
+
+
+def yaml_scalar(v: str):
+    import yaml
+
+    return yaml.safe_load(v)
+
+
+# ------------------------------------------------------------------------------------------------ FLOPs
+def flops_per_token_local(cfg: ModelConfig, seq_len: int) -> dict:
+    """Training FLOPs per token (forward x 3). Matmuls: 2 x active matmul weights (lm_head in, embedding out;
+    MoE counts top-k experts + router). Attention scores/values: 4 x hidden x mean causal context (seq/2).
+    Mamba: depthwise conv 2 x d_conv x d_inner, scan ~9 x d_inner x d_state (decay exp, state update, C dot, D
+    skip, gate). Norms/activations are left out (<1%)."""
+    h, f, L = cfg.hidden_size, cfg.intermediate_size, seq_len
+    d, n, r = cfg.mamba_d_inner, cfg.mamba_d_state, cfg.dt_rank
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    mm = 0
+    attn_ctx = 0
+    scan = 0
+    for i in range(cfg.num_hidden_layers):
+        if cfg.is_attention_layer(i):
+            mm += h * h * 2 + 2 * h * kv
+            attn_ctx += 4 * h * (L / 2)
+        else:
+            mm += h * 2 * d + d * (r + 2 * n) + r * d + d * h
+            scan += 2 * cfg.mamba_d_conv * d + 9 * d * n
+        if cfg.is_moe_layer(i):
+            mm += cfg.num_experts_per_tok * 3 * h * f + h * cfg.num_experts
+        else:
+            mm += 3 * h * f
+    mm += h * cfg.vocab_size  # lm_head
+    fwd = 2 * mm + attn_ctx + scan
+    return {"matmul": 3 * 2 * mm, "attention": 3 * attn_ctx, "mamba_scan_conv": 3 * scan, "total": 3 * fwd}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> tuple[float, str]:
+    try:
+        from jambatrain.flops import flops_per_token as shared  # written by the project; prefer it
+
+        d = shared(cfg, seq_len)
+        for key in ("training", "train", "total"):
+            if isinstance(d, dict) and key in d:
+                return float(d[key]), f"jambatrain.flops[{key!r}]"
+    except Exception as e:  # noqa: BLE001
+        print(f"(jambatrain.flops not usable: {type(e).__name__}: {e}; using the bench's own count)")
+    return float(flops_per_token_local(cfg, seq_len)["total"]), "bench local count"
+
+
+# ------------------------------------------------------------------------------------------------ models
+def build_jambatrain(cfg: ModelConfig):
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = JambaLM(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model.to(torch.bfloat16)
+
+
+def build_hf(cfg: ModelConfig):
+    from transformers import JambaForCausalLM
+
+    try:
+        from jambatrain.hf_convert import to_hf_config
+
+        hf_cfg = to_hf_config(cfg, use_cache=False)
+    except ImportError:
+        from transformers import JambaConfig
+
+        hf_cfg = JambaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                             intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                             num_attention_heads=cfg.num_attention_heads,
+                             num_key_value_heads=cfg.num_key_value_heads, attn_layer_period=cfg.attn_layer_period,
+                             attn_layer_offset=cfg.attn_layer_offset, expert_layer_period=cfg.expert_layer_period,
+                             expert_layer_offset=cfg.expert_layer_offset, num_experts=cfg.num_experts,
+                             num_experts_per_tok=cfg.num_experts_per_tok, mamba_d_state=cfg.mamba_d_state,
+                             mamba_d_conv=cfg.mamba_d_conv, mamba_expand=cfg.mamba_expand,
+                             mamba_dt_rank=cfg.dt_rank, tie_word_embeddings=cfg.tie_word_embeddings, use_cache=False)
+    hf_cfg._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = JambaForCausalLM(hf_cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model = model.to(torch.bfloat16)
+    model.config.use_cache = False
+    info = {"attn_implementation": getattr(model.config, "_attn_implementation", "?")}
+    try:
+        info["experts_implementation"] = model.config._experts_implementation_internal
+    except Exception:  # noqa: BLE001
+        info["experts_implementation"] = getattr(model.config, "_experts_implementation", "?")
+    try:
+        import transformers.models.jamba.modeling_jamba as mj
+
+        info["hf_fast_path_flag"] = getattr(mj, "is_fast_path_available", "n/a")
+    except Exception:  # noqa: BLE001
+        pass
+    return model, info
+
+
+def apply_variant(model, variant: str) -> str:
+    """jambatrain variants for A/B rows: '+'-joined tokens. 'opt' = layout+norm (the defaults); 'base' = neither;
+    'layout': Mamba kernels in the (d, b*l) layout (MambaMixer.kernel_layout); 'norm': fused Triton RMSNorm;
+    'grouped' / 'megablocks' / 'native': the MoE backend instead of moe_impl=auto."""
+    from jambatrain.models.layers import RMSNorm
+    from jambatrain.models.mamba import MambaMixer
+    from jambatrain.models.moe import MoE
+
+    toks = set(variant.replace("opt", "layout+norm").split("+")) - {"", "base"}
+    MambaMixer.kernel_layout = "layout" in toks
+    RMSNorm.fused = "norm" in toks
+    moe = toks & {"grouped", "megablocks", "native"}
+    for m in model.modules():
+        if isinstance(m, MoE) and moe:
+            m.impl = next(iter(moe))
+    return variant
+
+
+def loss_fn(kind: str, model, ids):
+    if kind == "jambatrain":
+        return model(ids, labels=ids, return_logits=False).loss
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, warmup: int, profile: bool,
+              variant: str = "opt"):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t_build = time.time()
+    info = {}
+    if kind == "jambatrain":
+        model = build_jambatrain(cfg)
+        apply_variant(model, variant)
+        from jambatrain.models.moe import MoE
+
+        impls = {m.impl for m in model.modules() if isinstance(m, MoE)}
+        info = {"variant": variant, "kernels": ssm_ops.kernels_available(),
+                "moe_backend": [moe_backends.select(i, torch.zeros(1, device="cuda", dtype=torch.bfloat16),
+                                                    None).__name__ for i in impls] or "none (dense)"}
+    else:
+        model, info = build_hf(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[{kind}] built in {time.time() - t_build:.1f} s: {n_params / 1e9:.3f} B params; {info}", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    model.train()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=gen) for _ in range(4)]
+
+    def step(i):
+        loss = loss_fn(kind, model, batches[i % len(batches)])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    losses = []
+    for i in range(warmup):
+        losses.append(step(i).item())
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.time()
+    start.record()
+    for i in range(steps):
+        loss = step(i)
+    end.record()
+    torch.cuda.synchronize()
+    wall = time.time() - t0
+    ms = start.elapsed_time(end)
+    losses.append(loss.item())
+    res = {"kind": kind, "variant": variant if kind == "jambatrain" else "", "batch": batch, "seq": seq, "steps": steps, "step_ms": ms / steps,
+           "tokens_per_s": batch * seq * steps / (ms / 1e3), "wall_s": wall,
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "params": n_params, "info": info,
+           "loss_first_last": (losses[0], losses[-1])}
+    if profile:
+        res["profile"] = profile_steps(kind, step, steps=2)
+    del model, opt, batches
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def run_model_fit(kind, cfg, seq, batch, steps, warmup, profile, variant="opt"):
+    while batch >= 1:
+        try:
+            return run_model(kind, cfg, seq, batch, steps, warmup, profile, variant)
+        except torch.cuda.OutOfMemoryError:
+            print(f"[{kind}] out of memory at batch {batch}; halving", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            batch //= 2
+    raise RuntimeError(f"{kind}: out of memory even at batch 1")
+
+
+# ------------------------------------------------------------------------------------------------ profile
+CLASSES = [  # first match wins; matched against the lower-cased kernel name
+    ("scan", ("selective_scan",)),
+    ("conv", ("causal_conv1d", "conv_depthwise", "conv1d")),
+    ("attention", ("flash", "fmha", "sdpa", "attention")),
+    ("moe_grouped_gemm", ("grouped", "groupproblemshape", "ptrarray", "_padded_copy")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "wgmma", "hgmma")),
+    ("index/sort/scatter", ("index", "scatter", "gather", "sort", "radix", "histc", "cumsum", "bincount", "embedding")),
+    ("loss/softmax", ("softmax", "cross_entropy", "nll", "logsumexp")),
+    ("norm/reduce", ("reduce", "norm", "rsqrt", "welford")),
+    ("elementwise/copy", ("elementwise", "vectorized", "copy", "cat", "fill", "unrolled", "triton")),
+]
+
+
+def classify(name: str) -> str:
+    n = name.lower()
+    for cls, keys in CLASSES:
+        if any(k in n for k in keys):
+            return cls
+    return "other"
+
+
+def profile_steps(kind, step, steps=2):
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.time()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(i)
+        torch.cuda.synchronize()
+    wall_us = (time.time() - t0) * 1e6
+    per_kernel = {}
+    for e in prof.key_averages():
+        if "cuda" not in str(getattr(e, "device_type", "")).lower() or getattr(e, "is_user_annotation", False):
+            continue
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            per_kernel[e.key] = per_kernel.get(e.key, 0) + t
+    total = sum(per_kernel.values()) or 1.0
+    by_class: dict[str, float] = {}
+    for k, t in per_kernel.items():
+        by_class[classify(k)] = by_class.get(classify(k), 0) + t
+    print(f"\n[{kind}] CUDA kernel time by class over {steps} steps (GPU busy {total / wall_us:.0%} of wall):")
+    for c, t in sorted(by_class.items(), key=lambda kv: -kv[1]):
+        print(f"  {c:22s} {t / 1e3 / steps:9.1f} ms/step  {t / total:6.1%}")
+    print(f"[{kind}] top kernels:")
+    for k, t in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:18]:
+        print(f"  {t / 1e3 / steps:8.2f} ms/step {t / total:6.1%}  [{classify(k)}] {k[:110]}")
+    return {"by_class_ms_per_step": {c: t / 1e3 / steps for c, t in by_class.items()},
+            "gpu_busy_frac": total / wall_us,
+            "top": [(k[:160], t / 1e3 / steps) for k, t in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]]}
+
+
+# ------------------------------------------------------------------------------------------------ MoE
+def moe_bench(cfg: ModelConfig, tokens: int, E: int, k: int, iters: int = 10):
+    """Expert computation alone, fwd+bwd, at the model's hidden/ffn sizes with near-uniform routing."""
+    from jambatrain.models.moe import experts_forward_native, route
+
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16, generator=g)
+    logits = torch.randn(tokens, E, device="cuda", generator=g)
+    ws = [(torch.randn(E, f, h, device="cuda", generator=g) * h ** -0.5).to(torch.bfloat16) for _ in range(3)]
+    gy = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16, generator=g)
+    w_down_cm = ws[2].transpose(1, 2).contiguous().transpose(1, 2)  # same values, column-major storage
+    backends = [("native", experts_forward_native, ws[2]),
+                ("grouped", moe_backends.experts_forward_grouped, ws[2]),
+                ("grouped(w_down col-major)", moe_backends.experts_forward_grouped, w_down_cm)]
+    if moe_backends.megablocks_available():
+        backends.append(("megablocks", moe_backends.experts_forward_megablocks, ws[2]))
+    else:
+        print("(megablocks does not import: not benchmarked)")
+    flops = 3 * 2 * tokens * k * 3 * h * f
+    print(f"\nMoE experts fwd+bwd: tokens={tokens} hidden={h} ffn={f} experts={E} top{k}; "
+          f"{flops / 1e12:.2f} TFLOP per call")
+    out = {}
+    y_ref = None
+    for name, fn, wd in backends:
+        params = [w.detach().clone().requires_grad_() for w in (ws[0], ws[1])] + [wd.detach().requires_grad_()]
+
+        def call():
+            xx = x.detach().requires_grad_()
+            routing = route(logits, k)
+            y = fn(xx, routing, *params)
+            y.backward(gy)
+            return y
+
+        try:
+            for _ in range(2):
+                y = call()
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(iters):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                call()
+                e.record()
+                torch.cuda.synchronize()
+                ts.append(s.elapsed_time(e))
+            ms = sorted(ts)[len(ts) // 2]
+            err = float("nan") if y_ref is None else ((y.float() - y_ref).norm() / y_ref.norm()).item()
+            if y_ref is None:
+                y_ref = y.detach().float()
+            out[name] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err_vs_native": err}
+            print(f"  {name:28s} {ms:8.2f} ms  {flops / ms / 1e9:7.1f} TFLOP/s  rel err vs native {err:.2e}")
+        except Exception as e:  # noqa: BLE001
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"  {name:28s} FAILED {type(e).__name__}: {str(e)[:300]}")
+        del params
+        torch.cuda.empty_cache()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="conf/model/1.3b.yaml")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--which", default="jambatrain,hf")
+    ap.add_argument("--moe-bench", action="store_true")
+    ap.add_argument("--moe-experts", type=int, default=16)
+    ap.add_argument("--moe-topk", type=int, default=2)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--jt-variants", default="opt",
+                    help="comma list of jambatrain variants to time (see apply_variant), e.g. base,layout,opt")
+    ap.add_argument("--moe-repeats", type=int, default=2, help="times the MoE table is measured (spread = noise)")
+    ap.add_argument("--json", default=None, help="write all results here")
+    args = ap.parse_args()
+
+    assert torch.cuda.is_available(), "bench/throughput.py needs a CUDA GPU"
+    cfg = load_cfg(args.model, args.set)
+    with torch.device("meta"):  # parameter counts without allocating
+        meta = JambaLM(cfg)
+    fpt, fsrc = flops_per_token(cfg, args.seq)
+    import transformers
+
+    print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | transformers {transformers.__version__}")
+    print(f"model {cfg.name}: {meta.num_params() / 1e9:.3f} B params ({meta.num_active_params() / 1e9:.3f} B active),"
+          f" layers {cfg.layer_pattern()}")
+    print(json.dumps(dataclasses.asdict(cfg)))
+    print(f"training FLOPs/token at seq {args.seq}: {fpt / 1e9:.2f} GFLOP ({fsrc}); "
+          f"breakdown {({k: round(v / 1e9, 2) for k, v in flops_per_token_local(cfg, args.seq).items()})}")
+    print(f"kernels: {ssm_ops.kernels_available()}, megablocks: {moe_backends.megablocks_available()}", flush=True)
+    del meta
+
+    results = {"config": dataclasses.asdict(cfg), "flops_per_token": fpt, "flops_source": fsrc}
+    if args.moe_bench:
+        results["moe"] = [moe_bench(cfg, args.batch * args.seq, args.moe_experts, args.moe_topk)
+                          for _ in range(args.moe_repeats)]
+    runs = []
+    for kind in [k for k in args.which.split(",") if k]:
+        if kind == "jambatrain":
+            runs += [("jambatrain", v) for v in args.jt_variants.split(",") if v != "opt"] + [("jambatrain", "opt")]
+        else:
+            runs.append((kind, ""))
+    kinds = []
+    for kind, variant in runs:
+        r = run_model_fit(kind, cfg, args.seq, args.batch, args.steps, args.warmup,
+                          args.profile and variant in ("opt", ""), variant or "opt")
+        r["mfu"] = fpt * r["tokens_per_s"] / PEAK_BF16
+        key = kind if variant in ("opt", "") else f"jambatrain[{variant}]"
+        kinds.append(key)
+        results[key] = r
+        print(f"[{key}] batch {r['batch']}x{r['seq']}: {r['step_ms']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, "
+              f"MFU {r['mfu']:.1%}, peak mem {r['peak_mem_gib']:.1f} GiB, loss {r['loss_first_last'][0]:.3f}"
+              f"->{r['loss_first_last'][1]:.3f}", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+    if not kinds:
+        return
+    print("\nsummary")
+    print(f"{'model':28s} {'batch':>5s} {'tokens/s':>12s} {'MFU':>7s} {'peak GiB':>9s}")
+    for kind in kinds:
+        r = results[kind]
+        print(f"{kind:28s} {r['batch']:5d} {r['tokens_per_s']:12,.0f} {r['mfu']:7.1%} {r['peak_mem_gib']:9.1f}")
+    if "jambatrain" in results and "hf" in results:
+        print(f"ratio jambatrain/hf = {results['jambatrain']['tokens_per_s'] / results['hf']['tokens_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
