@@ -251,6 +251,9 @@ def main(raw: DictConfig) -> float | None:
         os.makedirs(run_dir, exist_ok=True)
         OmegaConf.save(OmegaConf.create(config_dict), os.path.join(run_dir, "config.yaml"))
     result = train(cfg, run_dir, config_dict)
+    if int(os.environ.get("RANK", "0")) == 0 and "loss" in result:
+        print(f"jambatrain: step {result['step']} loss {result['loss']:.4f}; metrics, checkpoints and W&B run in "
+              f"{run_dir}", flush=True)
     return result.get("loss")  # the value a Hydra sweeper optimises
 
 
