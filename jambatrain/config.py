@@ -57,7 +57,7 @@ class ParallelConfig:
 class TrainerConfig:
     max_steps: int = 1000
     log_every: int = 1
-    save_every: int = 500
+    save_every: int = 500  # 0: no checkpoints at all (benchmarks, smoke runs)
     keep_checkpoints: int = 3
     eval_every: int = 0  # 0: no validation
     eval_batches: int = 8
@@ -121,10 +121,13 @@ def problems(cfg: TrainConfig, world_size: int = 1) -> list[str]:
                          ("device", ("auto", "cpu", "cuda"))):
         if getattr(par, key) not in allowed:
             p.append(f"parallel.{key}={getattr(par, key)!r}: choose one of {', '.join(allowed)}")
+    if par.zero_stage == 3 and cfg.model.init_from:
+        p.append("model.init_from with parallel.zero_stage=3 is not supported: initialise with ZeRO-2 and convert, "
+                 "or start from scratch")
     if tr.max_steps < 1:
         p.append(f"trainer.max_steps={tr.max_steps} must be >= 1")
-    if tr.save_every < 1 or tr.log_every < 1:
-        p.append("trainer.save_every and trainer.log_every must be >= 1")
+    if tr.save_every < 0 or tr.log_every < 1:
+        p.append("trainer.save_every must be >= 0 (0 = never) and trainer.log_every >= 1")
     if opt.lr <= 0 or not 0 <= opt.min_lr_ratio <= 1:
         p.append(f"optim.lr={opt.lr} must be > 0 and optim.min_lr_ratio={opt.min_lr_ratio} in [0, 1]")
     if opt.warmup_steps < 0:

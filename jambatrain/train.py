@@ -20,7 +20,7 @@ from . import checkpoint
 from .config import TrainConfig, problems, register_schema, to_train_config
 from .metrics import MetricsLogger, Throughput, moe_load_stats
 from .models import JambaLM, ModelConfig
-from .parallel import barrier, build_engine, init_distributed, reduce_mean
+from .parallel import barrier, build_deepspeed_config, build_engine, init_distributed, reduce_mean
 from .parallel.distributed import DistInfo
 
 register_schema()
@@ -52,11 +52,27 @@ def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
     return data_dir
 
 
-def build_model(mcfg: ModelConfig, device: torch.device) -> JambaLM:
-    """Built on the meta device, materialised directly on the target device, then initialised."""
+def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict) -> JambaLM:
+    """ZeRO 0-2: built on the meta device, materialised on the target device, initialised. ZeRO-3: built
+    inside ``deepspeed.zero.Init`` so each rank only ever holds its partition (a 52B model never exists
+    whole on one GPU), then initialised one module at a time, gathered, on rank 0 and re-partitioned."""
+    if ds_config["zero_optimization"]["stage"] == 3:
+        import deepspeed
+
+        # no dtype argument: DeepSpeed 0.19's Init ignores it on accelerators without fp16 (CPU) and picks bf16;
+        # left to the config it follows bf16.enabled
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=None, pin_memory=False):
+            model = JambaLM(mcfg)
+        for name, m in model.named_modules():
+            own = list(m.parameters(recurse=False))
+            if own:
+                with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
+                    if dist.is_main:
+                        model.init_module(name, m)
+        return model
     with torch.device("meta"):
         model = JambaLM(mcfg)
-    model.to_empty(device=device)
+    model.to_empty(device=dist.device)
     model.init_weights()
     if mcfg.init_from:
         from .hf_convert import load_hf_pretrained
@@ -83,8 +99,9 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
     loader = TokenShardLoader(data_dir, "train", par.micro_batch_size, dist.rank, dist.world_size,
                               num_workers=cfg.data.num_workers, seed=tr.seed, shuffle=cfg.data.shuffle,
                               vocab_size=cfg.model.vocab_size, on_error=cfg.data.on_error)
-    model = build_model(cfg.model, dist.device)
-    engine, _ = build_engine(model, cfg, dist)
+    ds_config = build_deepspeed_config(cfg, dist.world_size, dist.device)
+    model = build_model(cfg.model, dist, ds_config)
+    engine = build_engine(model, cfg, dist, ds_config)
     state = checkpoint.TrainState(model_config=asdict(cfg.model))
     if tag is not None and (tr.resume or tr.auto_resume):
         state = checkpoint.load(engine, run_dir, tag, dist.rank, asdict(cfg.model))
@@ -138,7 +155,7 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
         if tr.eval_every and state.step % tr.eval_every == 0:
             logger.log(state.step, {"val_loss": evaluate(engine, cfg, dist, data_dir)})
         preempted = stop.agreed(dist)
-        if state.step % tr.save_every == 0 or state.step == tr.max_steps or preempted:
+        if tr.save_every and (state.step % tr.save_every == 0 or state.step == tr.max_steps or preempted):
             state.loader = loader.state_dict()
             checkpoint.save(engine, run_dir, state, dist.rank, tr.keep_checkpoints)
         if preempted:

@@ -177,10 +177,14 @@ def _grads(model, ids):
 @needs_scan
 @needs_conv
 def test_jamba_kernel_path_matches_reference_bf16():
-    """The kernel path in bf16 must be as close to an fp32 reference-path run as the reference path in bf16 is
-    (within 1.5x + 1e-2 per tensor): the fast path adds no error beyond bf16's own."""
+    """The kernel path in bf16 must be about as close to an fp32 reference-path run as the reference path in bf16
+    is (logits within 1.5x + 1e-2, each gradient within 2.5x + 1e-2): the fast path adds no error beyond bf16's."""
     torch.manual_seed(0)
     ref32 = JambaLM(_small_cfg()).to(DEV)
+    with torch.no_grad():  # decisive routing: with the 0.02-std init, top-k ties flip under bf16 rounding and a
+        for m in ref32.modules():  # flipped token moves whole rows of expert gradients (seen: 3-4% rel. error)
+            if hasattr(m, "router"):
+                m.router.weight.mul_(30.0)
     ref_bf = copy.deepcopy(ref32).to(torch.bfloat16)
     fast_bf = copy.deepcopy(ref32).to(torch.bfloat16)
     _set_impls(ref32, "reference", "native")
@@ -199,7 +203,10 @@ def test_jamba_kernel_path_matches_reference_bf16():
         if g32[n].norm() == 0:
             continue
         e_ref, e_fast = rel(gb[n], g32[n]), rel(gf[n], g32[n])
-        if e_fast > 1.5 * e_ref + 1e-2:
+        # 2.5x: the gradients of the inner dt/B/C norm weights are sums with heavy cancellation (dt enters through
+        # softplus' slope ~1e-3 at Mamba's dt init) and reach 4-5% error in bf16 on either path; their fp32
+        # kernel-vs-reference agreement is held to 1e-3 in test_jamba_kernel_path_matches_reference_fp32
+        if e_fast > 2.5 * e_ref + 1e-2:
             bad.append((n, round(e_fast, 4), round(e_ref, 4)))
     assert not bad, bad
 
@@ -265,3 +272,22 @@ def test_few_bf16_train_steps_loss_falls():
         losses.append(out.loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@needs_scan
+@needs_conv
+def test_jamba_kernel_path_matches_reference_fp32():
+    """Whole model, fp32: the CUDA kernel path (scan, conv, kernel layout, fused norms) and the reference path give
+    the same logits and gradients to 1e-3 relative per tensor."""
+    torch.manual_seed(0)
+    ref = JambaLM(_small_cfg()).to(DEV)
+    fast = copy.deepcopy(ref)
+    _set_impls(ref, "reference", "native")
+    _set_impls(fast, "cuda", "native")
+    ids = torch.randint(0, 1024, (2, 512), device=DEV)
+    o_ref, g_ref = _grads(ref, ids)
+    o_fast, g_fast = _grads(fast, ids)
+    assert rel(o_fast.logits, o_ref.logits) < 1e-4
+    bad = [(n, rel(g_fast[n], g_ref[n])) for n in g_ref
+           if g_ref[n].norm() > 0 and rel(g_fast[n], g_ref[n]) > 1e-3]
+    assert not bad, bad

@@ -396,3 +396,22 @@ def test_good_configs_have_no_problems():
     assert tiny_cfg().problems() == []
     assert tiny_cfg(attn_layer_period=100, attn_layer_offset=99).problems() == []  # pure Mamba
     assert tiny_cfg(num_experts=1, num_experts_per_tok=7).problems() == []  # top-k unused without MoE
+
+
+def test_mamba_init_survives_the_generic_linear_init():
+    """dt_proj is an nn.Linear inside the mixer: the generic Linear init must not overwrite Mamba's dt init."""
+    import torch.nn.functional as F
+
+    from jambatrain.models import JambaLM, ModelConfig
+
+    torch.manual_seed(0)
+    m = JambaLM(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, num_experts=1))
+    mixer = m.layers[0].mixer
+    dt = F.softplus(mixer.dt_proj.bias)
+    assert 1e-3 * 0.99 <= dt.min() and dt.max() <= 0.1 and dt.std() > 0
+    bound = mixer.dt_rank ** -0.5
+    assert mixer.dt_proj.weight.abs().max() <= bound and mixer.dt_proj.weight.abs().max() > bound / 2
+    n = mixer.d_state
+    assert torch.equal(mixer.A_log[3], torch.log(torch.arange(1, n + 1, dtype=torch.float32)))
+    assert torch.equal(mixer.D, torch.ones_like(mixer.D))

@@ -85,3 +85,29 @@ def test_bad_inputs_fail_before_training_with_the_fix(train_env, tmp_path):
                   check=False)
     assert p.returncode != 0 and "no complete checkpoint" in p.stderr
     assert not os.path.exists(os.path.join(tmp_path, "r", "metrics.jsonl"))
+
+
+def test_zero3_partitioned_init_and_export(train_env, tmp_path):
+    """ZeRO-3 builds the model inside deepspeed.zero.Init (each rank holds a partition) and initialises it
+    module by module, gathered. After one tiny step the consolidated weights still carry the init:
+    A = -(1..n), D = 1, dt in [1e-3, 0.1], projections ~N(0, 0.02)."""
+    import torch
+    import torch.nn.functional as F
+
+    run = str(tmp_path / "z3")
+    run_train(train_env, run, "parallel=zero3", "trainer.max_steps=1", "optim.lr=1e-6", "logger=none")
+    out = str(tmp_path / "hf")
+    p = subprocess.run([sys.executable, "-m", "jambatrain.export_hf", run, out, "--dtype", "float32",
+                        "--no-tokenizer"], cwd=REPO, env=train_env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    sd = load_file(os.path.join(out, "model.safetensors"))
+    a_log = sd["model.layers.0.mamba.A_log"]
+    n = a_log.shape[1]
+    assert torch.allclose(a_log, torch.log(torch.arange(1, n + 1.0)).expand_as(a_log), atol=1e-3)
+    assert torch.allclose(sd["model.layers.0.mamba.D"], torch.ones(a_log.shape[0]), atol=1e-3)
+    dt = F.softplus(sd["model.layers.0.mamba.dt_proj.bias"])
+    assert 0.9e-3 <= dt.min() and dt.max() <= 0.11
+    std = sd["model.embed_tokens.weight"].std().item()
+    assert 0.018 < std < 0.022, std

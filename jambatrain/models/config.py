@@ -41,7 +41,7 @@ class ModelConfig:
     max_position_embeddings: int = 262144
     # kernels: "auto" takes the fused kernel when it is importable and tensors are on CUDA
     mamba_impl: str = "auto"  # auto | reference | cuda
-    moe_impl: str = "auto"  # auto | native | megablocks
+    moe_impl: str = "auto"  # auto | native | grouped (torch._grouped_mm) | megablocks
     activation_checkpointing: bool = False
     init_from: str | None = None  # HF Jamba directory to initialise weights from
 
@@ -93,8 +93,8 @@ class ModelConfig:
         for k in ("mamba_impl",):
             if getattr(self, k) not in ("auto", "reference", "cuda"):
                 p.append(f"model.{k}={getattr(self, k)!r}: choose auto, reference or cuda")
-        if self.moe_impl not in ("auto", "native", "megablocks"):
-            p.append(f"model.moe_impl={self.moe_impl!r}: choose auto, native or megablocks")
+        if self.moe_impl not in ("auto", "native", "grouped", "megablocks"):
+            p.append(f"model.moe_impl={self.moe_impl!r}: choose auto, native, grouped or megablocks")
         for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "mamba_d_state",
                   "mamba_d_conv", "mamba_expand"):
             if getattr(self, k) <= 0:

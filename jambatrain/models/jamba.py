@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Attention
 from .config import ModelConfig
 from .layers import RMSNorm, SwiGLU
-from .mamba import MambaMixer
+from .mamba import MambaMixer, init_dt_proj
 from .moe import MoE
 
 
@@ -63,33 +63,41 @@ class JambaLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.num_moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-        if not any(p.is_meta for p in self.parameters()):
+        # meta tensors are initialised after materialising; ZeRO-3 partitioned ones by the trainer, gathered
+        if not any(p.is_meta or hasattr(p, "ds_id") for p in self.parameters()):
             self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):
         """Normal(0, initializer_range) for projections and embeddings; output projections scaled by
         1/sqrt(2 * layers) (GPT-2); Mamba's own init for A, D and dt."""
+        for name, m in self.named_modules():
+            self.init_module(name, m)
+
+    @torch.no_grad()
+    def init_module(self, name: str, m: nn.Module) -> None:
+        """Initialise the parameters owned directly by ``m`` (so ZeRO-3 can gather one module at a time)."""
         std = self.cfg.initializer_range
         out_std = std / (2 * self.cfg.num_hidden_layers) ** 0.5
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                is_out = name.endswith(("o_proj", "out_proj", "down_proj"))
-                nn.init.normal_(m.weight, 0.0, out_std if is_out else std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, std)
-            elif isinstance(m, nn.Conv1d):
-                m.reset_parameters()
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-            elif isinstance(m, MoE):
-                nn.init.normal_(m.w_gate, 0.0, std)
-                nn.init.normal_(m.w_up, 0.0, std)
-                nn.init.normal_(m.w_down, 0.0, out_std)
-            if isinstance(m, MambaMixer):
-                m.reset_ssm_parameters()
+        if isinstance(m, nn.Linear) and name.endswith("dt_proj"):
+            init_dt_proj(m)
+        elif isinstance(m, nn.Linear):
+            is_out = name.endswith(("o_proj", "out_proj", "down_proj"))
+            nn.init.normal_(m.weight, 0.0, out_std if is_out else std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+        elif isinstance(m, nn.Conv1d):
+            m.reset_parameters()
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
+        elif isinstance(m, MoE):
+            nn.init.normal_(m.w_gate, 0.0, std)
+            nn.init.normal_(m.w_up, 0.0, std)
+            nn.init.normal_(m.w_down, 0.0, out_std)
+        elif isinstance(m, MambaMixer):
+            m.reset_ssm_parameters()
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 doc_starts: torch.Tensor | None = None, return_logits: bool = True) -> LMOutput:

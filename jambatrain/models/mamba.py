@@ -32,17 +32,12 @@ class MambaMixer(nn.Module):
         self.c_layernorm = RMSNorm(n, cfg.rms_norm_eps)
 
     @torch.no_grad()
-    def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1):
-        """Mamba's S4D-real init: A = -(1..n), D = 1, dt log-uniform in [dt_min, dt_max] via the dt_proj bias."""
+    def reset_ssm_parameters(self):
+        """Mamba's S4D-real init of the parameters this module owns directly: A = -(1..n), D = 1."""
         n = self.d_state
         self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32, device=self.A_log.device))
                          .expand(self.d_inner, n))
         self.D.fill_(1.0)
-        std = self.dt_rank ** -0.5
-        nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = torch.exp(torch.rand(self.d_inner, device=self.D.device) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=1e-4)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
     # CUDA kernel path in the (d, batch*seq) layout below; False: the generic forward (A/B in bench/throughput.py)
     kernel_layout = True
@@ -90,6 +85,17 @@ class MambaMixer(nn.Module):
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias[:, None].to(out.dtype)
         return out.t().view(b, l, h)  # a transposed view: the residual add reads it, backward needs no copy
+
+
+@torch.no_grad()
+def init_dt_proj(dt_proj: nn.Linear, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+    """Mamba's dt init: weight U(-r^-0.5, r^-0.5) for dt rank r; bias = softplus^-1(dt), dt log-uniform in
+    [dt_min, dt_max], so softplus(dt_proj(.) + bias) starts in that range."""
+    std = dt_proj.in_features ** -0.5
+    nn.init.uniform_(dt_proj.weight, -std, std)
+    dt = torch.exp(torch.rand(dt_proj.out_features, device=dt_proj.bias.device) * (math.log(dt_max) - math.log(dt_min))
+                   + math.log(dt_min)).clamp(min=1e-4)
+    dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
 
 def _mask_conv_inputs(u, reset, k, weight, bias):

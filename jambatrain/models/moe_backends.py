@@ -11,8 +11,8 @@ with the stacked (E, ffn, hidden) weights of ``moe.MoE``.
            kernels) with the grouped GEMM done by ``grouped_gemm`` when installed, else by
            ``torch._grouped_mm``. Needs the megablocks wheel (launch/build_kernels.sh).
 
-``select('auto', x)`` takes ``AUTO_CUDA`` (the backend that measured fastest on an H200, docs/benchmarks.md)
-for bf16 CUDA tensors and ``native`` otherwise.
+``select('auto', x)`` takes ``AUTO_CUDA`` (the backend that measured fastest on an H200, docs/benchmarks.md;
+megablocks, else grouped when megablocks does not import) for bf16 CUDA tensors, and ``native`` otherwise.
 """
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ from .moe import experts_forward_native
 
 _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
-# The default for moe_impl=auto on CUDA in bf16, chosen by bench/throughput.py's MoE table (docs/benchmarks.md).
-AUTO_CUDA = "grouped"
+# The default for moe_impl=auto on CUDA in bf16, chosen with bench/throughput.py on an H200 (docs/benchmarks.md):
+# MegaBlocks' data path was ~2% faster per training step than "grouped" (231.8/232.5 vs 237.4/236.7 ms, 1.3b with
+# 16 experts); "grouped" is taken when megablocks does not import.
+AUTO_CUDA = "megablocks"
 
 
 def _sort_by_expert(routing):

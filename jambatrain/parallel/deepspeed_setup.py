@@ -38,14 +38,13 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.devi
     }
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainConfig, dist: DistInfo):
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, dist: DistInfo, ds_config: dict):
     """Wrap the model with DeepSpeed (ZeRO, bf16 with fp32 master weights, clipping, grad accumulation)."""
     import deepspeed
 
-    ds_config = build_deepspeed_config(cfg, dist.world_size, dist.device)
     optimizer = build_optimizer(model, cfg.optim, fused=dist.device.type == "cuda")
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.trainer.max_steps),
     )
-    return engine, ds_config
+    return engine
