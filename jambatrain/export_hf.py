@@ -12,7 +12,7 @@ jambatrain.checkpoint), else the ``model:`` section of the run's Hydra config (f
 checkpoint to a ``.hydra/config.yaml``), or the ``model:`` section of --config FILE when given.
 DeepSpeed's ``zero_to_fp32`` consolidates the fp32 master weights of any ZeRO stage and data-parallel size on
 CPU; a stage-0 checkpoint (no ZeRO optimizer shards) is read from its model-states file. Then
-``jambatrain.hf_convert.save_hf_pretrained`` writes config.json, generation_config.json, model*.safetensors
+``jambatrain.hf_io.save_hf_pretrained`` writes config.json, generation_config.json, model*.safetensors
 (--dtype, default bfloat16) and, when a tokenizer is given or found in the run's data config (data.dir holds
 tokenizer.model; ${oc.env:...} interpolations resolve from the current environment), the tokenizer files.
 Load the result with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` / ``AutoTokenizer.from_pretrained``.
@@ -167,7 +167,7 @@ def check_state_dict(sd: dict, cfg: ModelConfig) -> None:
 
 def export(src: str, out_dir: str, tokenizer: str | None = None, tag: str | None = None, config: str | None = None,
            dtype: str = "bfloat16", max_shard_size: str = "5GB", find_tok: bool = True) -> list[str]:
-    from .hf_convert import save_hf_pretrained
+    from .hf_io import save_hf_pretrained
 
     root, tag = resolve_checkpoint(src, tag)
     run_config = config or find_run_config(root)

@@ -75,7 +75,7 @@ def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict) -> JambaLM:
     model.to_empty(device=dist.device)
     model.init_weights()
     if mcfg.init_from:
-        from .hf_convert import load_hf_pretrained
+        from .hf_io import load_hf_pretrained
 
         load_hf_pretrained(model, mcfg.init_from)
     return model

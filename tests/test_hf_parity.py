@@ -13,14 +13,13 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
 from jambatrain.hf_convert import (  # noqa: E402
-    config_mismatches, from_hf_config, from_hf_state_dict, load_hf_pretrained, save_hf_pretrained, to_hf_config,
-    to_hf_state_dict,
+    config_mismatches, from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict,
 )
+from jambatrain.hf_io import load_hf_pretrained, save_hf_pretrained  # noqa: E402
 from jambatrain.models import JambaLM, ModelConfig  # noqa: E402
 from jambatrain.models.moe import route  # noqa: E402
 

@@ -112,7 +112,6 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if delta_softplus:
         delta = F.softplus(delta)
     b, d, L = u.shape
-    n = A.shape[1]
     Bx, Cx = _expand_bc(B.float(), d), _expand_bc(C.float(), d)
     decay = torch.exp(delta.unsqueeze(-1) * A.float()[None, :, None, :])  # (b, d, l, n)
     x = (delta * u).unsqueeze(-1) * Bx  # (b, d, l, n)

@@ -1,0 +1,226 @@
+"""Hugging Face Jamba directories: write one (config.json, safetensors shards, tokenizer) from a jambatrain
+model or state dict, and load one into a ``JambaLM``. The name mapping lives in ``hf_convert``."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from .hf_convert import (_iter_from_hf, config_mismatches, from_hf_config, from_hf_state_dict, to_hf_config,
+                         to_hf_state_dict)
+from .models.config import ModelConfig
+
+
+def _parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?I?B)?\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"bad size {size!r}: use e.g. 5GB, 500MB or a byte count")
+    num, unit = float(m.group(1)), (m.group(2) or "B")
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(num * mult)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def save_hf_pretrained(model_or_state_dict, cfg: ModelConfig, out_dir: str, tokenizer_path: str | None = None,
+                       max_shard_size="5GB", dtype: str | torch.dtype | None = None) -> list[str]:
+    """Write an HF Jamba checkpoint that ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads.
+
+    config.json + generation_config.json + model.safetensors (or model-0000i-of-0000n.safetensors and
+    model.safetensors.index.json when larger than ``max_shard_size``), experts in the per-expert layout of
+    ai21labs/Jamba-v0.1. ``dtype``: cast floating weights (default: keep). ``tokenizer_path``: a SentencePiece
+    .model file copied to tokenizer.model, with the files ``AutoTokenizer`` needs. Returns the files written.
+    """
+    from safetensors.torch import save_file
+
+    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) else model_or_state_dict
+    if isinstance(dtype, str):
+        dtype = _DTYPES[dtype]
+    hf_sd = to_hf_state_dict(sd, cfg, expert_format="per_expert")
+    if cfg.tie_word_embeddings:
+        hf_sd.pop("lm_head.weight", None)
+    os.makedirs(out_dir, exist_ok=True)
+    for f in os.listdir(out_dir):  # stale shards of an earlier export would shadow the index
+        if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", f):
+            os.remove(os.path.join(out_dir, f))
+
+    def tensor_dtype(t):
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+    limit = _parse_size(max_shard_size)
+    shards: list[list[str]] = [[]]
+    size = total = 0
+    for k, t in hf_sd.items():
+        n = t.numel() * tensor_dtype(t).itemsize
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += n
+        total += n
+    written = []
+    weight_map = {}
+    for s, keys in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+        # clone: per-expert slices are views of one storage, which safetensors refuses to write
+        part = {k: hf_sd[k].detach().to("cpu", tensor_dtype(hf_sd[k]), copy=True).contiguous() for k in keys}
+        save_file(part, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        os.chmod(os.path.join(out_dir, fname), 0o666 & ~_umask())  # safetensors creates files 0600
+        del part
+        written.append(fname)
+        weight_map.update(dict.fromkeys(keys, fname))
+    if len(shards) > 1:
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        written.append("model.safetensors.index.json")
+
+    token_ids = {}
+    if tokenizer_path is not None:
+        token_ids = _special_token_ids(tokenizer_path)
+    save_dtype = dtype or next((t.dtype for t in hf_sd.values() if t.is_floating_point()), torch.float32)
+    hf_cfg = to_hf_config(cfg, dtype=str(save_dtype).replace("torch.", ""), **token_ids)
+    hf_cfg.save_pretrained(out_dir)
+    written.append("config.json")
+    try:
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_model_config(hf_cfg).save_pretrained(out_dir)
+        written.append("generation_config.json")
+    except Exception:  # noqa: BLE001 - optional nicety
+        pass
+    if tokenizer_path is not None:
+        written += save_hf_tokenizer(tokenizer_path, out_dir)
+    return written
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _special_token_ids(tokenizer_path: str) -> dict:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+    return {k: (v if v >= 0 else None) for k, v in ids.items()}
+
+
+def save_hf_tokenizer(tokenizer_path: str, out_dir: str) -> list[str]:
+    """Copy a SentencePiece model to ``out_dir/tokenizer.model`` and write tokenizer_config.json +
+    special_tokens_map.json so that ``AutoTokenizer.from_pretrained(out_dir)`` loads it (as a
+    ``LlamaTokenizer``, what ai21labs/Jamba-v0.1 ships). No BOS/EOS is added by default: jambatrain
+    trains on raw ids with an EOS after each document."""
+    import sentencepiece as spm
+
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+
+    def piece(i):
+        return sp.id_to_piece(i) if 0 <= i < sp.get_piece_size() else None
+
+    special = {"bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id()),
+               "pad_token": piece(sp.pad_id())}
+    special = {k: v for k, v in special.items() if v is not None}
+    tok_cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+               "add_prefix_space": False, "legacy": False, "clean_up_tokenization_spaces": False,
+               "model_max_length": 1 << 30, **special}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(tok_cfg, f, indent=2)
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f, indent=2)
+    return ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def _read_hf_config(path: str) -> dict:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: model.init_from must be a Hugging Face Jamba directory "
+                                "(config.json + model*.safetensors)")
+    with open(cfg_path) as f:
+        return json.load(f)
+
+
+def _weight_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, f) for f in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path} "
+                            "(only safetensors checkpoints are read)")
+
+
+def load_hf_state_dict(path: str, cfg: ModelConfig) -> dict:
+    """All weights of an HF Jamba directory as a jambatrain state dict (fp as stored, on CPU)."""
+    from safetensors.torch import load_file
+
+    hf_sd = {}
+    for f in _weight_files(path):
+        hf_sd.update(load_file(f))
+    return from_hf_state_dict(hf_sd, cfg)
+
+
+@torch.no_grad()
+def load_hf_pretrained(model, path: str, strict: bool = True) -> None:
+    """Initialise ``model`` (a ``JambaLM``) from an HF Jamba directory: config.json + model.safetensors or a
+    sharded model-*.safetensors + model.safetensors.index.json (fused or per-expert expert layout).
+
+    Raises ValueError naming every architecture field where config.json disagrees with ``model.cfg``.
+    Weights are read one shard at a time and copied (cast to each parameter's dtype and device) into the
+    existing parameters, so peak extra memory is one shard. Call it before wrapping the model in
+    DeepSpeed/ZeRO-3 (the parameters must be whole)."""
+    from safetensors import safe_open
+
+    cfg = model.cfg
+    hf_cfg = _read_hf_config(path)
+    theirs = from_hf_config(hf_cfg)
+    bad = config_mismatches(cfg, theirs)
+    if bad:
+        raise ValueError(f"model.init_from={path}: its config.json does not match the model config:\n  "
+                         + "\n  ".join(bad) + "\nset these model.* fields to the checkpoint's values")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(dict(model.named_buffers()))
+    filled: dict[str, set] = {}
+    unexpected = []
+    for f in _weight_files(path):
+        with safe_open(f, framework="pt") as st:
+            for k in st.keys():
+                t = st.get_tensor(k)
+                for name, e, v in _iter_from_hf(k, t, cfg):
+                    p = params.get(name)
+                    if p is None:
+                        unexpected.append(k)
+                        continue
+                    dst = p if e is None else p[e]
+                    if dst.shape != v.shape:
+                        raise ValueError(f"{k} -> {name}{'' if e is None else f'[{e}]'}: checkpoint shape "
+                                         f"{tuple(v.shape)} != model shape {tuple(dst.shape)}")
+                    dst.copy_(v)
+                    filled.setdefault(name, set()).add(e)
+    missing = []
+    for name, p in params.items():
+        got = filled.get(name, set())
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # the same tensor as the embedding
+        if None in got:
+            continue
+        if got and len(got) == p.shape[0]:
+            continue
+        missing.append(name if not got else f"{name} (experts {sorted(set(range(p.shape[0])) - got)})")
+    if strict and (missing or unexpected):
+        raise ValueError(f"model.init_from={path}: weights do not match the model: missing {missing}, "
+                         f"unexpected {unexpected}")
