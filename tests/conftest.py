@@ -2,6 +2,7 @@ import os
 import socket
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,3 +29,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random values in every parameter, norm weights (model, dt/B/C) and router included, so parity and
+    causality tests exercise every weight non-trivially."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if name.endswith("A_log"):
+                p.copy_(r * 0.5)
+            elif "layernorm" in name or name.endswith("norm.weight"):
+                p.copy_(1 + 0.4 * r)
+            elif name.endswith("router.weight"):
+                p.copy_(r * 2 / p.shape[-1] ** 0.5)  # sharp routing: top-k choices far from ties
+            elif p.dim() >= 2 and "embed" not in name:
+                p.copy_(r * 0.8 / p.shape[-1] ** 0.5)  # ~unit-variance activations
+            else:
+                p.copy_(r * 0.5)
+    return model

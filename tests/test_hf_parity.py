@@ -16,6 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import randomize  # noqa: E402
 from jambatrain.hf_convert import (  # noqa: E402
     config_mismatches, from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict,
 )
@@ -75,25 +76,6 @@ CASES = [
                             num_attention_heads=6, num_key_value_heads=3, mamba_dt_rank=2, expert_layer_period=2,
                             expert_layer_offset=1)),
 ]
-
-
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random values in every parameter, norm weights (model, dt/B/C) and router included."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if name.endswith("A_log"):
-                p.copy_(r * 0.5)
-            elif "layernorm" in name or name.endswith("norm.weight"):
-                p.copy_(1 + 0.4 * r)
-            elif name.endswith("router.weight"):
-                p.copy_(r * 2 / p.shape[-1] ** 0.5)  # sharp routing: top-k choices far from ties
-            elif p.dim() >= 2 and "embed" not in name:
-                p.copy_(r * 0.8 / p.shape[-1] ** 0.5)  # ~unit-variance activations
-            else:
-                p.copy_(r * 0.5)
-    return model
 
 
 def hf_model(cfg: ModelConfig):

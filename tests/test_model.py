@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import randomize  # noqa: E402
 from jambatrain.models import JambaLM, ModelConfig
 from jambatrain.models.mamba import _mask_conv_inputs
 from jambatrain.models.moe import MoE, route
@@ -24,21 +25,6 @@ def tiny_cfg(**kw) -> ModelConfig:
                 mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_impl="reference", moe_impl="native")
     base.update(kw)
     return ModelConfig(**base)
-
-
-def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> torch.nn.Module:
-    """Non-trivial values everywhere (norm weights too), A_log kept in a sane range."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if name.endswith("A_log"):
-                p.copy_(r * 0.5)
-            elif "layernorm" in name:
-                p.copy_(1 + 0.3 * r)
-            else:
-                p.copy_(r * scale)
-    return model
 
 
 def build(seed=0, **kw) -> JambaLM:

@@ -95,6 +95,26 @@ def _expand_bc(M: torch.Tensor, d: int) -> torch.Tensor:
     return M.repeat_interleave(d // g, dim=1).transpose(2, 3)
 
 
+def _scan_inputs(u, delta, B, C, delta_bias, delta_softplus):
+    """fp32 u, the effective step size delta (bias, softplus applied) and B, C as (b, d|1, l, n)."""
+    u, delta = u.float(), delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].float()
+    if delta_softplus:
+        delta = F.softplus(delta)
+    d = u.shape[1]
+    return u, delta, _expand_bc(B.float(), d), _expand_bc(C.float(), d)
+
+
+def _scan_output(y, u, D, z, dtype):
+    """y + D u, gated by silu(z), in the input dtype."""
+    if D is not None:
+        y = y + u * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype)
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, reset: torch.Tensor | None = None):
     """Reference selective scan: h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, y_t = C_t h_t + D u_t.
@@ -106,50 +126,29 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     Returns y (b, d, l) in u's dtype, and the last state (b, d, n) if ``return_last_state``.
     """
     dtype_in = u.dtype
-    u, delta = u.float(), delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias[..., None].float()
-    if delta_softplus:
-        delta = F.softplus(delta)
-    b, d, L = u.shape
-    Bx, Cx = _expand_bc(B.float(), d), _expand_bc(C.float(), d)
+    u, delta, Bx, Cx = _scan_inputs(u, delta, B, C, delta_bias, delta_softplus)
     decay = torch.exp(delta.unsqueeze(-1) * A.float()[None, :, None, :])  # (b, d, l, n)
     x = (delta * u).unsqueeze(-1) * Bx  # (b, d, l, n)
     if reset is not None:
         decay = decay * (~reset.bool())[:, None, :, None]
     states = linear_scan(decay, x)  # (b, d, l, n)
-    h = states[:, :, -1]
-    y = (states * Cx).sum(-1)
-    if D is not None:
-        y = y + u * D.float()[:, None]
-    if z is not None:
-        y = y * F.silu(z.float())
-    y = y.to(dtype_in)
-    return (y, h) if return_last_state else y
+    y = _scan_output((states * Cx).sum(-1), u, D, z, dtype_in)
+    return (y, states[:, :, -1]) if return_last_state else y
 
 
 def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                               return_last_state=False):
-    """The recurrence one token at a time: the ground truth the chunked scan and kernel are tested against."""
+    """The recurrence one token at a time, through autograd: the ground truth the reference scan and the kernel
+    are tested against."""
     dtype_in = u.dtype
-    u, delta = u.float(), delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias[..., None].float()
-    if delta_softplus:
-        delta = F.softplus(delta)
+    u, delta, Bx, Cx = _scan_inputs(u, delta, B, C, delta_bias, delta_softplus)
     b, d, L = u.shape
-    Bx, Cx = _expand_bc(B.float(), d), _expand_bc(C.float(), d)
     h = u.new_zeros(b, d, A.shape[1])
     ys = []
     for t in range(L):
         h = torch.exp(delta[:, :, t, None] * A.float()) * h + (delta[:, :, t] * u[:, :, t])[..., None] * Bx[:, :, t]
         ys.append((h * Cx[:, :, t]).sum(-1))
-    y = torch.stack(ys, dim=2)
-    if D is not None:
-        y = y + u * D.float()[:, None]
-    if z is not None:
-        y = y * F.silu(z.float())
-    y = y.to(dtype_in)
+    y = _scan_output(torch.stack(ys, dim=2), u, D, z, dtype_in)
     return (y, h) if return_last_state else y
 
 
