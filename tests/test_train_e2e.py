@@ -111,3 +111,46 @@ def test_zero3_partitioned_init_and_export(train_env, tmp_path):
     assert 0.9e-3 <= dt.min() and dt.max() <= 0.11
     std = sd["model.embed_tokens.weight"].std().item()
     assert 0.018 < std < 0.022, std
+
+
+def test_validation_and_hydra_multirun(train_env, tmp_path):
+    """`-m` sweeps two learning rates, one job dir each; trainer.eval_every logs val_loss from the val split."""
+    sweep = str(tmp_path / "sweep")
+    cmd = [sys.executable, "-m", "jambatrain.train", "-m", "experiment=tiny_cpu", "optim.lr=1e-3,2e-3",
+           "trainer.max_steps=2", "trainer.eval_every=2", "trainer.eval_batches=2", "trainer.save_every=0",
+           "logger=none", "trainer.progress_bar=false", f"hydra.sweep.dir={sweep}"]
+    p = subprocess.run(cmd, cwd=REPO, env=train_env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for job, lr in (("0", 1e-3), ("1", 2e-3)):
+        rows = metrics(os.path.join(sweep, job))
+        val = [r for r in rows if "val_loss" in r]
+        assert len(val) == 1 and val[0]["step"] == 2 and 0 < val[0]["val_loss"] < 20
+        import yaml
+
+        with open(os.path.join(sweep, job, "config.yaml")) as f:
+            assert yaml.safe_load(f)["optim"]["lr"] == lr
+    assert not os.path.exists(os.path.join(sweep, "0", "checkpoints"))  # save_every=0: none written
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_exits(train_env, tmp_path):
+    """Preemption (SLURM's --signal / scancel): the run checkpoints the step it is on, exits 0, and a restart
+    resumes from exactly there."""
+    import signal
+    import time
+
+    run = str(tmp_path / "pre")
+    cmd = [sys.executable, "-m", "jambatrain.train", "experiment=tiny_cpu", f"hydra.run.dir={run}",
+           "trainer.max_steps=100000", "trainer.save_every=100000", "trainer.log_every=1", "logger=none",
+           "trainer.progress_bar=false"]
+    p = subprocess.Popen(cmd, cwd=REPO, env=train_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path = os.path.join(run, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.exists(path) and len(open(path).readlines()) >= 3):
+        time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert "stop signal received" in out + err
+    tag = open(os.path.join(run, "checkpoints", "latest")).read().strip()
+    last = metrics(run)[-1]["step"]
+    assert tag == f"step_{last:08d}" and last >= 3
