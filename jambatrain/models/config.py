@@ -42,7 +42,9 @@ class ModelConfig:
     # kernels: "auto" takes the fused kernel when it is importable and tensors are on CUDA
     mamba_impl: str = "auto"  # auto | reference | cuda
     moe_impl: str = "auto"  # auto | native | grouped (torch._grouped_mm) | megablocks
-    activation_checkpointing: bool = False
+    # recompute in backward instead of storing: none | full (whole layers) | ffn (FFN/MoE sub-layers: the
+    # large expert intermediates) | mixer (Mamba/attention sub-layers)
+    activation_checkpointing: str = "none"
     init_from: str | None = None  # HF Jamba directory to initialise weights from
 
     @property
@@ -93,6 +95,8 @@ class ModelConfig:
         for k in ("mamba_impl",):
             if getattr(self, k) not in ("auto", "reference", "cuda"):
                 p.append(f"model.{k}={getattr(self, k)!r}: choose auto, reference or cuda")
+        if self.activation_checkpointing not in ("none", "full", "ffn", "mixer"):
+            p.append(f"model.activation_checkpointing={self.activation_checkpointing!r}: choose none, full, ffn or mixer")
         if self.moe_impl not in ("auto", "native", "grouped", "megablocks"):
             p.append(f"model.moe_impl={self.moe_impl!r}: choose auto, native, grouped or megablocks")
         for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "mamba_d_state",

@@ -29,15 +29,25 @@ class JambaBlock(nn.Module):
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, attn_mask=None, reset=None):
+    def _mix(self, x, attn_mask, reset):
         h = self.input_layernorm(x)
-        x = x + (self.mixer(h, attn_mask) if self.is_attention else self.mixer(h, reset))
+        return self.mixer(h, attn_mask) if self.is_attention else self.mixer(h, reset)
+
+    def _ff(self, x):
         h = self.pre_ff_layernorm(x)
         if self.is_moe:
             f, routing = self.ffn(h)
-            return x + f, routing.aux_loss, routing.z_loss
+            return f, routing.aux_loss, routing.z_loss
         zero = x.new_zeros((), dtype=torch.float32)
-        return x + self.ffn(h), zero, zero
+        return self.ffn(h), zero, zero
+
+    def forward(self, x, attn_mask=None, reset=None, recompute: str = "none"):
+        """recompute: "mixer" / "ffn" recomputes that sub-layer in backward instead of storing its activations."""
+        mix = checkpoint(self._mix, x, attn_mask, reset, use_reentrant=False) if recompute == "mixer" \
+            else self._mix(x, attn_mask, reset)
+        x = x + mix
+        f, aux, z = checkpoint(self._ff, x, use_reentrant=False) if recompute == "ffn" else self._ff(x)
+        return x + f, aux, z
 
 
 @dataclass
@@ -113,11 +123,12 @@ class JambaLM(nn.Module):
             attn_mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
         aux = x.new_zeros((), dtype=torch.float32)
         z = x.new_zeros((), dtype=torch.float32)
+        policy = self.cfg.activation_checkpointing if self.training and torch.is_grad_enabled() else "none"
         for layer in self.layers:
-            if self.cfg.activation_checkpointing and self.training:
+            if policy == "full":
                 x, a, zl = checkpoint(layer, x, attn_mask, reset, use_reentrant=False)
             else:
-                x, a, zl = layer(x, attn_mask, reset)
+                x, a, zl = layer(x, attn_mask, reset, recompute=policy)
             aux, z = aux + a, z + zl
         if self.num_moe_layers:
             aux, z = aux / self.num_moe_layers, z / self.num_moe_layers
