@@ -21,7 +21,7 @@ from .config import TrainConfig, problems, register_schema, to_train_config
 from .metrics import MetricsLogger, Throughput, moe_load_stats
 from .models import JambaLM, ModelConfig
 from .parallel import barrier, build_deepspeed_config, build_engine, init_distributed, reduce_mean
-from .parallel.distributed import DistInfo
+from .parallel.distributed import DistInfo, any_rank
 
 register_schema()
 CONF_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf"))
@@ -98,7 +98,8 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
 
     loader = TokenShardLoader(data_dir, "train", par.micro_batch_size, dist.rank, dist.world_size,
                               num_workers=cfg.data.num_workers, seed=tr.seed, shuffle=cfg.data.shuffle,
-                              vocab_size=cfg.model.vocab_size, on_error=cfg.data.on_error)
+                              vocab_size=cfg.model.vocab_size, on_error=cfg.data.on_error,
+                              pin_memory=dist.device.type == "cuda")  # async host-to-device copies
     ds_config = build_deepspeed_config(cfg, dist.world_size, dist.device)
     model = build_model(cfg.model, dist, ds_config)
     engine = build_engine(model, cfg, dist, ds_config)
@@ -108,7 +109,8 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
         loader.load_state_dict(state.loader)
         if dist.is_main:
             print(f"jambatrain: resumed from {run_dir}/checkpoints/{tag} at step {state.step}", flush=True)
-    torch.manual_seed(tr.seed + 1000 * dist.rank + state.step)
+    else:  # a fresh run: per-rank streams for anything stochastic in training; a resumed one keeps its restored RNG
+        torch.manual_seed(tr.seed + 1000 * dist.rank)
 
     logger = MetricsLogger(cfg, run_dir, dist.is_main, config_dict)
     meter = Throughput(_train_flops_per_token(cfg), _peak_flops(cfg, dist), dist.world_size)
@@ -117,10 +119,11 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
     pbar = _progress(cfg, dist, state.step)
     batches = iter(loader)
     last = {}
-    window: list[list[float]] = []
+    # losses stay on the device between log steps: no host sync per micro step, so the CPU can queue ahead
+    window = torch.zeros(3, dtype=torch.float32, device=dist.device)
+    window_steps = 0
     while state.step < tr.max_steps:
         engine.train()
-        ce_sum = aux_sum = z_sum = 0.0
         for _ in range(par.grad_accum_steps):
             batch = next(batches)
             out = engine(input_ids=batch["input_ids"].to(dist.device, non_blocking=True),
@@ -128,17 +131,15 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
                          doc_starts=_doc_starts(batch, cfg, dist))
             engine.backward(out.loss)
             engine.step()
-            ce_sum += out.ce_loss.detach().float().item()
-            aux_sum += out.aux_loss.detach().float().item()
-            z_sum += out.z_loss.detach().float().item()
+            window += torch.stack([out.ce_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()]).float()
         state.step += 1
         state.tokens += tokens_per_step
         meter.add(tokens_per_step)
-        n = par.grad_accum_steps
-        window.append([ce_sum / n, aux_sum / n, z_sum / n])
+        window_steps += par.grad_accum_steps
         if state.step % tr.log_every == 0 or state.step == tr.max_steps:
-            ce, aux, z = reduce_mean([sum(c) / len(window) for c in zip(*window)], dist.device)
-            window.clear()
+            ce, aux, z = reduce_mean(window / window_steps)
+            window.zero_()
+            window_steps = 0
             last = {"loss": ce, "aux_loss": aux, "z_loss": z, "lr": engine.get_lr()[0],
                     "grad_norm": _grad_norm(engine), "tokens": state.tokens, "epoch": loader.epoch,
                     "skipped_samples": loader.skipped,
@@ -154,7 +155,7 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
             pbar.update(1)
         if tr.eval_every and state.step % tr.eval_every == 0:
             logger.log(state.step, {"val_loss": evaluate(engine, cfg, dist, data_dir)})
-        preempted = stop.agreed(dist)
+        preempted = stop.agreed()
         if tr.save_every and (state.step % tr.save_every == 0 or state.step == tr.max_steps or preempted):
             state.loader = loader.state_dict()
             checkpoint.save(engine, run_dir, state, dist.rank, tr.keep_checkpoints)
@@ -184,7 +185,7 @@ def evaluate(engine, cfg: TrainConfig, dist: DistInfo, data_dir: str) -> float:
                      doc_starts=_doc_starts(batch, cfg, dist))
         losses.append(out.ce_loss.float().item())
     engine.train()
-    return reduce_mean([sum(losses) / max(1, len(losses))], dist.device)[0]
+    return reduce_mean(torch.tensor([sum(losses) / max(1, len(losses))], device=dist.device))[0]
 
 
 def _doc_starts(batch: dict, cfg: TrainConfig, dist: DistInfo):
@@ -250,13 +251,8 @@ class _StopFlag:
     def _handler(self, *_):
         self.raised = True
 
-    def agreed(self, dist: DistInfo) -> bool:
-        import torch.distributed as tdist
-
-        flag = torch.tensor([1.0 if self.raised else 0.0], device=dist.device)
-        if tdist.is_initialized() and tdist.get_world_size() > 1:
-            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        return bool(flag.item())
+    def agreed(self) -> bool:
+        return any_rank(self.raised)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

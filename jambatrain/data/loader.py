@@ -280,6 +280,8 @@ class TokenShardLoader:
                 raise RuntimeError(f"loader produced batch {g}, expected {self._position} (worker order broken)")
             self._position += 1
             self.skipped += skipped
+            if self.pin_memory and self.num_workers == 0:  # DataLoader pins for the worker path
+                batch = {k: v.pin_memory() for k, v in batch.items()}
             yield batch
 
     def state_dict(self) -> dict:

@@ -81,10 +81,26 @@ def barrier() -> None:
         dist.barrier()
 
 
-def reduce_mean(values: list[float], device: torch.device) -> list[float]:
-    """Mean of per-rank scalars over the world (one all-reduce for the whole list)."""
-    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+def reduce_mean(values: torch.Tensor) -> list[float]:
+    """Mean over the world of a small per-rank tensor (one all-reduce, one host sync)."""
+    t = values.detach().float().clone()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t.tolist()
+
+
+_control_group = None
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any. Runs over a gloo group on CPU tensors, so it never waits
+    for the GPU stream (cheap enough to call every step)."""
+    global _control_group
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    if _control_group is None:
+        _control_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group)
+    return bool(t.item())
