@@ -137,7 +137,8 @@ def consolidated_state_dict(root: str, tag: str) -> dict:
         if not files:
             raise FileNotFoundError(f"{ckpt}: no *model_states.pt")
         if len(files) > 1:
-            raise NotImplementedError(f"{ckpt}: {len(files)} model-parallel ranks; only mp size 1 is supported")
+            raise ValueError(f"{ckpt}: {len(files)} model-parallel ranks; jambatrain writes one (no tensor "
+                             "parallelism), so this checkpoint is not one of ours")
         sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
         sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     from .hf_convert import _strip_prefix

@@ -309,10 +309,8 @@ def test_selective_scan_ref_reset_equals_separate_documents():
 @pytest.mark.parametrize("L", [1, 31, 32, 45, 100])
 def test_chunked_linear_scan_matches_sequential(L):
     """The chunked parallel scan (the reference's GPU path when mamba-ssm is absent), checked on CPU."""
-    ls = pytest.importorskip("jambatrain.models.linear_scan")
-    chunked, seq = getattr(ls, "_scan_chunked", None), getattr(ls, "_scan_sequential", None)
-    if chunked is None or seq is None:
-        pytest.skip("linear_scan has no _scan_chunked/_scan_sequential")
+    from jambatrain.models.linear_scan import _scan_chunked as chunked, _scan_sequential as seq
+
     g = torch.Generator().manual_seed(L)
     a = torch.rand(2, 3, L, 4, generator=g)
     x = torch.randn(2, 3, L, 4, generator=g)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import fields
 
 import pytest
 import torch
@@ -91,38 +90,15 @@ def test_small_configs_match_closed_form(kw):
     assert (m.num_params(), m.num_active_params()) == closed_form(cfg)
 
 
-def _load_preset(name: str, seen=()) -> dict:
-    """A conf/model/*.yaml as a dict, its Hydra ``defaults`` list (other model presets) merged under it."""
-    from omegaconf import OmegaConf
-
-    path = os.path.join(CONF, f"{name}.yaml")
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    out: dict = {}
-    defaults = raw.pop("defaults", []) or []
-    self_first = False
-    for d in defaults:
-        if d == "_self_":
-            self_first = not out  # _self_ before the others: they override this file
-            continue
-        if not isinstance(d, str) or name in seen:
-            pytest.skip(f"{path}: defaults entry {d!r} is not a plain preset name")
-        out.update(_load_preset(d, seen + (name,)))
-    if self_first:
-        return {**raw, **out}
-    out.update(raw)
-    return out
-
-
 def _preset_config(name: str) -> ModelConfig:
-    path = os.path.join(CONF, f"{name}.yaml")
-    if not os.path.isfile(path):
-        pytest.skip(f"{path} does not exist (yet)")
-    pytest.importorskip("omegaconf")
-    d = _load_preset(name)
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = set(d) - known - {"_target_"}
-    assert not unknown, f"conf/model/{name}.yaml has keys ModelConfig does not know: {sorted(unknown)}"
-    return ModelConfig(**{k: v for k, v in d.items() if k in known})
+    """The model section of the Hydra config composed with ``model=<name>`` (defaults lists resolved by Hydra)."""
+    from hydra import compose, initialize_config_dir
+
+    from jambatrain.config import register_schema, to_train_config
+
+    register_schema()
+    with initialize_config_dir(config_dir=os.path.dirname(CONF), version_base="1.3"):
+        return to_train_config(compose(config_name="train", overrides=[f"model={name}"])).model
 
 
 @pytest.mark.parametrize("name", ["tiny", "1.3b", "7b", "jamba_v0_1", "52b"])
