@@ -128,7 +128,7 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
             batch = next(batches)
             out = engine(input_ids=batch["input_ids"].to(dist.device, non_blocking=True),
                          labels=batch["labels"].to(dist.device, non_blocking=True),
-                         doc_starts=_doc_starts(batch, cfg, dist))
+                         doc_starts=_doc_starts(batch, cfg, dist), return_logits=False)
             engine.backward(out.loss)
             engine.step()
             window += torch.stack([out.ce_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()]).float()
@@ -145,9 +145,8 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
                     "skipped_samples": loader.skipped,
                     **meter.report(), **moe_load_stats(model.expert_counts()), **_memory(dist)}
             if not math.isfinite(ce):
-                checkpoint_note = "the last checkpoint is untouched"
-                raise SystemExit(f"jambatrain: loss became {ce} at step {state.step}; {checkpoint_note}. "
-                                 "Lower optim.lr or check the data.")
+                raise SystemExit(f"jambatrain: loss became {ce} at step {state.step}; the last checkpoint is "
+                                 "untouched. Lower optim.lr or check the data.")
             logger.log(state.step, last)
             if pbar is not None:
                 pbar.set_postfix(loss=f"{ce:.3f}", lr=f"{last['lr']:.2e}")
@@ -161,7 +160,8 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
             checkpoint.save(engine, run_dir, state, dist.rank, tr.keep_checkpoints)
         if preempted:
             if dist.is_main:
-                print(f"jambatrain: stop signal received, checkpointed step {state.step}", flush=True)
+                saved = f"checkpointed step {state.step}" if tr.save_every else "no checkpoint (save_every=0)"
+                print(f"jambatrain: stop signal received, {saved}", flush=True)
             break
     if pbar is not None:
         pbar.close()
