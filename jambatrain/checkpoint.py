@@ -100,4 +100,4 @@ def load(engine, run_dir: str, tag: str, rank: int, model_config: dict) -> Train
     return state
 
 
-_RUNTIME_ONLY_KEYS = ("mamba_impl", "moe_impl", "activation_checkpointing", "init_from", "name")
+_RUNTIME_ONLY_KEYS = ("mamba_impl", "moe_impl", "activation_checkpointing", "loss_chunk_tokens", "init_from", "name")

@@ -423,3 +423,27 @@ def test_activation_checkpointing_gives_identical_loss_and_grads(policy):
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
     for (n, p), q in zip(base.named_parameters(), ckpt.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+
+
+def test_chunked_cross_entropy_equals_the_whole_batch_loss():
+    """loss_chunk_tokens only changes memory: same loss and gradients, ignore_index honoured, tied head too."""
+    from jambatrain.models import JambaLM, ModelConfig
+
+    for tied in (False, True):
+        kw = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts=4, tie_word_embeddings=tied)
+        torch.manual_seed(0)
+        whole = JambaLM(ModelConfig(**kw)).train()
+        chunked = JambaLM(ModelConfig(**kw, loss_chunk_tokens=7)).train()
+        chunked.load_state_dict(whole.state_dict())
+        ids = torch.randint(0, 97, (3, 20))
+        labels = ids.clone()
+        labels[0, :5] = -100
+        a = whole(ids, labels=labels, return_logits=False)
+        b = chunked(ids, labels=labels, return_logits=False)
+        assert b.logits is None
+        assert b.ce_loss.item() == pytest.approx(a.ce_loss.item(), abs=1e-6)
+        a.loss.backward()
+        b.loss.backward()
+        for (n, p), q in zip(whole.named_parameters(), chunked.parameters()):
+            assert torch.allclose(p.grad, q.grad, atol=1e-6), (tied, n)

@@ -45,6 +45,8 @@ class ModelConfig:
     # recompute in backward instead of storing: none | full (whole layers) | ffn (FFN/MoE sub-layers: the
     # large expert intermediates) | mixer (Mamba/attention sub-layers)
     activation_checkpointing: str = "none"
+    # >0: training loss computed this many tokens at a time with the logits recomputed in backward (memory)
+    loss_chunk_tokens: int = 0
     init_from: str | None = None  # HF Jamba directory to initialise weights from
 
     @property
@@ -97,6 +99,8 @@ class ModelConfig:
                 p.append(f"model.{k}={getattr(self, k)!r}: choose auto, reference or cuda")
         if self.activation_checkpointing not in ("none", "full", "ffn", "mixer"):
             p.append(f"model.activation_checkpointing={self.activation_checkpointing!r}: choose none, full, ffn or mixer")
+        if self.loss_chunk_tokens < 0:
+            p.append(f"model.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0 = whole-batch loss)")
         if self.moe_impl not in ("auto", "native", "grouped", "megablocks"):
             p.append(f"model.moe_impl={self.moe_impl!r}: choose auto, native, grouped or megablocks")
         for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "mamba_d_state",

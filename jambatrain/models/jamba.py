@@ -50,6 +50,20 @@ class JambaBlock(nn.Module):
         return x + f, aux, z
 
 
+def _ce_sum(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(h).float(), labels, ignore_index=-100, reduction="sum")
+
+
+def chunked_cross_entropy(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean cross-entropy of lm_head(h) computed ``chunk`` tokens at a time; each chunk's logits are recomputed
+    in backward, so the (tokens x vocab) fp32 logits, their softmax and gradient never exist whole (at 65k vocab
+    and 16k tokens per micro batch those are ~4 GiB each). Costs one more LM-head matmul forward."""
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        total = total + checkpoint(_ce_sum, lm_head, h[i:i + chunk], labels[i:i + chunk], use_reentrant=False)
+    return total / (labels != -100).sum().clamp(min=1)
+
+
 @dataclass
 class LMOutput:
     logits: torch.Tensor | None
@@ -132,10 +146,16 @@ class JambaLM(nn.Module):
             aux, z = aux + a, z + zl
         if self.num_moe_layers:
             aux, z = aux / self.num_moe_layers, z / self.num_moe_layers
-        logits = self.lm_head(self.final_layernorm(x))
-        loss = ce = None
-        if labels is not None:
-            ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        h = self.final_layernorm(x)
+        chunk = self.cfg.loss_chunk_tokens
+        logits = ce = loss = None
+        if labels is not None and chunk and not return_logits:
+            ce = chunked_cross_entropy(self.lm_head, h.view(-1, h.shape[-1]), labels.view(-1), chunk)
+        else:
+            logits = self.lm_head(h)
+            if labels is not None:
+                ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        if ce is not None:
             loss = ce + self.cfg.router_aux_loss_coef * aux + self.cfg.router_z_loss_coef * z
         return LMOutput(logits if return_logits else None, loss, ce, aux, z)
 
