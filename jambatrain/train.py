@@ -28,13 +28,14 @@ CONF_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file_
 
 
 def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
-    """Build the embedded corpus on first use (rank 0; the others wait), then check the shards against the
-    model before any model is built."""
+    """Build the embedded corpus on first use (local rank 0 of every node, so nodes without a shared cache get
+    their own copy; a file lock serialises builders on a shared one; the other ranks wait), then check the
+    shards against the model before any model is built."""
     from .data import read_manifest
 
     data_dir = os.path.expanduser(cfg.data.dir)
     if cfg.data.prepare == "stdlib":
-        if dist.is_main:
+        if dist.local_rank == 0:
             from .data.corpus import prepare_default_corpus
 
             prepare_default_corpus(data_dir, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len)
