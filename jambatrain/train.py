@@ -115,6 +115,12 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
 
     logger = MetricsLogger(cfg, run_dir, dist.is_main, config_dict)
     meter = Throughput(_train_flops_per_token(cfg), _peak_flops(cfg, dist), dist.world_size)
+    if dist.is_main:
+        print(f"jambatrain: {cfg.model.name}: {model.num_params() / 1e6:,.1f}M parameters "
+              f"({model.num_active_params() / 1e6:,.1f}M active), layers [{cfg.model.layer_pattern()}], "
+              f"{meter.flops_per_token / 1e9:.3f} GFLOP/token (training); {dist.world_size} x {dist.device.type}, "
+              f"ZeRO-{par.zero_stage}, {ds_config['train_batch_size']} x {cfg.data.seq_len} tokens/step; "
+              f"{loader.batches_per_epoch} steps/epoch from {data_dir}; run dir {run_dir}", flush=True)
     tokens_per_step = par.micro_batch_size * par.grad_accum_steps * cfg.data.seq_len * dist.world_size
     stop = _StopFlag()
     pbar = _progress(cfg, dist, state.step)

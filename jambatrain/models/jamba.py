@@ -50,6 +50,11 @@ class JambaBlock(nn.Module):
         return x + f, aux, z
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it away (then ``ds_numel`` holds the count)."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 def _ce_sum(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(lm_head(h).float(), labels, ignore_index=-100, reduction="sum")
 
@@ -160,14 +165,14 @@ class JambaLM(nn.Module):
         return LMOutput(logits if return_logits else None, loss, ce, aux, z)
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # parameters() dedups a tied head
+        return sum(_numel(p) for p in self.parameters())  # parameters() dedups a tied head
 
     def num_active_params(self) -> int:
         """Parameters one token touches: only top-k of the E experts in each MoE layer count."""
         total = self.num_params()
         for m in self.modules():
             if isinstance(m, MoE):
-                per_expert = (m.w_gate.numel() + m.w_up.numel() + m.w_down.numel()) // m.num_experts
+                per_expert = (_numel(m.w_gate) + _numel(m.w_up) + _numel(m.w_down)) // m.num_experts
                 total -= (m.num_experts - m.top_k) * per_expert
         return total
 
