@@ -184,3 +184,33 @@ def test_corrupt_shard_mid_run_names_it_and_keeps_the_checkpoint(train_env, tmp_
     assert "train-000000.tar" in p.stderr and "rebuild the shards" in p.stderr
     after = {f: os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(ckpt) for f in fs}
     assert after == before and open(os.path.join(ckpt, "latest")).read().strip() == "step_00000002"
+
+
+def test_slurm_sbatch_script_with_a_stand_in_srun(train_env, tmp_path):
+    """launch/slurm.sbatch under stand-ins for srun and scontrol (one node, 2 CPU processes): the c10d
+    rendezvous, the shared run dir runs/<job name>-<job id> and the overrides all reach the trainer.
+    A requeue of the same job id resumes in the same run dir."""
+    import stat
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
+    (bin_dir / "srun").write_text('#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"\n')
+    for f in ("scontrol", "srun"):
+        (bin_dir / f).chmod(stat.S_IRWXU)
+    env = dict(train_env, PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{train_env['PATH']}",
+               SLURM_JOB_ID="4242", SLURM_JOB_NAME="jt", SLURM_NNODES="1", SLURM_JOB_NODELIST="localhost",
+               SLURM_SUBMIT_DIR=str(tmp_path), GPUS_PER_NODE="2", MASTER_PORT=str(free_port()))
+    script = os.path.join(REPO, "launch", "slurm.sbatch")
+    args = ["experiment=tiny_cpu", "trainer.max_steps=2", "trainer.log_every=1", "logger=none",
+            "trainer.progress_bar=false"]
+    p = subprocess.run(["bash", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    run = tmp_path / "runs" / "jt-4242"
+    assert [r["step"] for r in metrics(str(run))] == [1, 2]
+    env["MASTER_PORT"] = str(free_port())
+    p = subprocess.run(["bash", script, *args[:1], "trainer.max_steps=3", *args[2:]], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout + p.stderr
+    assert [r["step"] for r in metrics(str(run))] == [1, 2, 3]
