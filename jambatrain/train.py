@@ -120,7 +120,7 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
               f"({model.num_active_params() / 1e6:,.1f}M active), layers [{cfg.model.layer_pattern()}], "
               f"{meter.flops_per_token / 1e9:.3f} GFLOP/token (training); {dist.world_size} x {dist.device.type}, "
               f"ZeRO-{par.zero_stage}, {ds_config['train_batch_size']} x {cfg.data.seq_len} tokens/step; "
-              f"{loader.batches_per_epoch} steps/epoch from {data_dir}; run dir {run_dir}", flush=True)
+              f"{loader.batches_per_epoch // par.grad_accum_steps} steps/epoch from {data_dir}; run dir {run_dir}", flush=True)
     tokens_per_step = par.micro_batch_size * par.grad_accum_steps * cfg.data.seq_len * dist.world_size
     stop = _StopFlag()
     pbar = _progress(cfg, dist, state.step)
@@ -131,6 +131,7 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
     window_steps = 0
     while state.step < tr.max_steps:
         engine.train()
+        step_lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
         for _ in range(par.grad_accum_steps):
             batch = next(batches)
             out = engine(input_ids=batch["input_ids"].to(dist.device, non_blocking=True),
@@ -147,7 +148,7 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
             ce, aux, z = reduce_mean(window / window_steps)
             window.zero_()
             window_steps = 0
-            last = {"loss": ce, "aux_loss": aux, "z_loss": z, "lr": engine.get_lr()[0],
+            last = {"loss": ce, "aux_loss": aux, "z_loss": z, "lr": step_lr,
                     "grad_norm": _grad_norm(engine), "tokens": state.tokens, "epoch": loader.epoch,
                     "skipped_samples": loader.skipped,
                     **meter.report(), **moe_load_stats(model.expert_counts()), **_memory(dist)}
