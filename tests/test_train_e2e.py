@@ -227,3 +227,23 @@ def test_grad_accumulation_counts_tokens_and_steps_the_schedule_once_per_update(
     opt = OptimConfig(lr=2e-3, warmup_steps=10)
     assert [r["lr"] for r in rows] == pytest.approx([lr_at(s, opt, 3) for s in range(3)])
     assert [r["tokens"] for r in rows] == [2 * 4 * 256 * s for s in (1, 2, 3)]
+
+
+def test_pretraining_starts_from_an_exported_hf_directory(train_env, tmp_path):
+    """train -> export_hf -> `model.init_from=HF_DIR`: the new run starts from the trained weights (its first
+    loss is the trained model's, far below a fresh init's), through the trainer and DeepSpeed."""
+    common = ["trainer.log_every=1", "logger=none", "optim.warmup_steps=1", "optim.lr=3e-3"]
+    src = str(tmp_path / "src")
+    run_train(train_env, src, "trainer.max_steps=8", *common, nproc=1)
+    hf_dir = str(tmp_path / "hf")
+    p = subprocess.run([sys.executable, "-m", "jambatrain.export_hf", src, hf_dir, "--dtype", "float32"],
+                       cwd=REPO, env=train_env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    fresh, warm = str(tmp_path / "fresh"), str(tmp_path / "warm")
+    run_train(train_env, fresh, "trainer.max_steps=1", "trainer.save_every=0", *common, nproc=1)
+    run_train(train_env, warm, "trainer.max_steps=1", "trainer.save_every=0", f"model.init_from={hf_dir}",
+              *common, nproc=1)
+    first_fresh, first_warm = metrics(fresh)[0]["loss"], metrics(warm)[0]["loss"]
+    trained = metrics(src)[-1]["loss"]
+    assert first_warm < first_fresh - 0.5, (first_warm, first_fresh, trained)
+    assert first_warm < trained + 0.3, (first_warm, trained)  # no worse than the trained model on its own data
