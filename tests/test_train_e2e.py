@@ -217,12 +217,14 @@ def test_slurm_sbatch_script_with_a_stand_in_srun(train_env, tmp_path):
 
 
 def test_grad_accumulation_counts_tokens_and_steps_the_schedule_once_per_update(train_env, tmp_path):
+    """Also runs the loader with 2 worker processes inside the trainer."""
     from jambatrain.config import OptimConfig
     from jambatrain.optim import lr_at
 
     run = str(tmp_path / "ga")
     run_train(train_env, run, "trainer.max_steps=3", "trainer.log_every=1", "parallel.grad_accum_steps=2",
-              "trainer.save_every=0", "logger=none", "optim.lr=2e-3", "optim.warmup_steps=10", nproc=1)
+              "trainer.save_every=0", "logger=none", "optim.lr=2e-3", "optim.warmup_steps=10",
+              "data.num_workers=2", nproc=1)
     rows = metrics(run)
     opt = OptimConfig(lr=2e-3, warmup_steps=10)
     assert [r["lr"] for r in rows] == pytest.approx([lr_at(s, opt, 3) for s in range(3)])
