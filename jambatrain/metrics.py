@@ -24,6 +24,10 @@ class Throughput:
     def add(self, tokens: int) -> None:
         self.tokens += tokens
 
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent outside training steps (evaluation, checkpointing) out of the rate."""
+        self.t0 += seconds
+
     def report(self) -> dict:
         now = time.perf_counter()
         dt = max(now - self.t0, 1e-9)

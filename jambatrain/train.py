@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import sys
+import time
 from dataclasses import asdict
 
 import hydra
@@ -160,12 +161,14 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
                 pbar.set_postfix(loss=f"{ce:.3f}", lr=f"{last['lr']:.2e}")
         if pbar is not None:
             pbar.update(1)
+        t_aside = time.perf_counter()
         if tr.eval_every and state.step % tr.eval_every == 0:
             logger.log(state.step, {"val_loss": evaluate(engine, cfg, dist, data_dir)})
         preempted = stop.agreed()
         if tr.save_every and (state.step % tr.save_every == 0 or state.step == tr.max_steps or preempted):
             state.loader = loader.state_dict()
             checkpoint.save(engine, run_dir, state, dist.rank, tr.keep_checkpoints)
+        meter.exclude(time.perf_counter() - t_aside)
         if preempted:
             if dist.is_main:
                 saved = f"checkpointed step {state.step}" if tr.save_every else "no checkpoint (save_every=0)"

@@ -102,3 +102,4 @@ def test_no_weight_decay_on_norms_biases_and_ssm_params():
     assert {"A_log", "D", "bias", "weight"} <= nd  # norm weights are 1-D
     assert all(p.dim() >= 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+
