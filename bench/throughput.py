@@ -28,28 +28,21 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from jambatrain.flops import flops_per_token  # noqa: E402
+from jambatrain.hf_convert import to_hf_config  # noqa: E402
 from jambatrain.models import JambaLM, ModelConfig  # noqa: E402
 from jambatrain.models import moe_backends, ssm_ops  # noqa: E402
 
 PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16 datasheet peak
 
-FALLBACK_1P3B = dict(name="1.3b", vocab_size=65536, hidden_size=2048, intermediate_size=7168, num_hidden_layers=16,
-                     num_attention_heads=16, num_key_value_heads=4, attn_layer_period=8, attn_layer_offset=4,
-                     expert_layer_period=2, expert_layer_offset=1, num_experts=1, num_experts_per_tok=1)
-
-
 def load_cfg(path: str | None, overrides: list[str]) -> ModelConfig:
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    if path and os.path.exists(path):
-        import yaml
+    import yaml
 
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-        kw = {k: v for k, v in raw.items() if k in names}
-        print(f"config: {path}")
-    else:
-        kw = dict(FALLBACK_1P3B)
-        print(f"config: {path} not found; using the built-in 1.3b fallback")
+    with open(path) as f:  # conf/model/*.yaml: a missing file is an error, not a silent stand-in
+        raw = yaml.safe_load(f)
+    kw = {k: v for k, v in raw.items() if k in names}
+    print(f"config: {path}")
     for o in overrides:
         k, v = o.split("=", 1)
         kw[k] = yaml_scalar(v)
@@ -64,85 +57,34 @@ def yaml_scalar(v: str):
     return yaml.safe_load(v)
 
 
-# ------------------------------------------------------------------------------------------------ FLOPs
-def flops_per_token_local(cfg: ModelConfig, seq_len: int) -> dict:
-    """Training FLOPs per token (forward x 3). Matmuls: 2 x active matmul weights (lm_head in, embedding out;
-    MoE counts top-k experts + router). Attention scores/values: 4 x hidden x mean causal context (seq/2).
-    Mamba: depthwise conv 2 x d_conv x d_inner, scan ~9 x d_inner x d_state (decay exp, state update, C dot, D
-    skip, gate). Norms/activations are left out (<1%)."""
-    h, f, L = cfg.hidden_size, cfg.intermediate_size, seq_len
-    d, n, r = cfg.mamba_d_inner, cfg.mamba_d_state, cfg.dt_rank
-    kv = cfg.num_key_value_heads * cfg.head_dim
-    mm = 0
-    attn_ctx = 0
-    scan = 0
-    for i in range(cfg.num_hidden_layers):
-        if cfg.is_attention_layer(i):
-            mm += h * h * 2 + 2 * h * kv
-            attn_ctx += 4 * h * (L / 2)
-        else:
-            mm += h * 2 * d + d * (r + 2 * n) + r * d + d * h
-            scan += 2 * cfg.mamba_d_conv * d + 9 * d * n
-        if cfg.is_moe_layer(i):
-            mm += cfg.num_experts_per_tok * 3 * h * f + h * cfg.num_experts
-        else:
-            mm += 3 * h * f
-    mm += h * cfg.vocab_size  # lm_head
-    fwd = 2 * mm + attn_ctx + scan
-    return {"matmul": 3 * 2 * mm, "attention": 3 * attn_ctx, "mamba_scan_conv": 3 * scan, "total": 3 * fwd}
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> tuple[float, str]:
-    try:
-        from jambatrain.flops import flops_per_token as shared  # written by the project; prefer it
-
-        d = shared(cfg, seq_len)
-        for key in ("training", "train", "total"):
-            if isinstance(d, dict) and key in d:
-                return float(d[key]), f"jambatrain.flops[{key!r}]"
-    except Exception as e:  # noqa: BLE001
-        print(f"(jambatrain.flops not usable: {type(e).__name__}: {e}; using the bench's own count)")
-    return float(flops_per_token_local(cfg, seq_len)["total"]), "bench local count"
-
-
 # ------------------------------------------------------------------------------------------------ models
-def build_jambatrain(cfg: ModelConfig):
+def _flop_parts(flops: dict) -> dict:
+    """Forward GFLOP/token by part, from jambatrain.flops' dict (its totals and layer counts left out)."""
+    return {k: round(v / 1e9, 3) for k, v in flops.items()
+            if k not in ("forward", "training", "seq_len") and not k.endswith("_layers")}
+
+
+def _build_bf16_on_gpu(ctor):
+    """Construct directly on the GPU in bf16 (no fp32 copy on the host)."""
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            model = JambaLM(cfg)
+            model = ctor()
     finally:
         torch.set_default_dtype(torch.float32)
     return model.to(torch.bfloat16)
 
 
+def build_jambatrain(cfg: ModelConfig):
+    return _build_bf16_on_gpu(lambda: JambaLM(cfg))
+
+
 def build_hf(cfg: ModelConfig):
     from transformers import JambaForCausalLM
 
-    try:
-        from jambatrain.hf_convert import to_hf_config
-
-        hf_cfg = to_hf_config(cfg, use_cache=False)
-    except ImportError:
-        from transformers import JambaConfig
-
-        hf_cfg = JambaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                             intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-                             num_attention_heads=cfg.num_attention_heads,
-                             num_key_value_heads=cfg.num_key_value_heads, attn_layer_period=cfg.attn_layer_period,
-                             attn_layer_offset=cfg.attn_layer_offset, expert_layer_period=cfg.expert_layer_period,
-                             expert_layer_offset=cfg.expert_layer_offset, num_experts=cfg.num_experts,
-                             num_experts_per_tok=cfg.num_experts_per_tok, mamba_d_state=cfg.mamba_d_state,
-                             mamba_d_conv=cfg.mamba_d_conv, mamba_expand=cfg.mamba_expand,
-                             mamba_dt_rank=cfg.dt_rank, tie_word_embeddings=cfg.tie_word_embeddings, use_cache=False)
+    hf_cfg = to_hf_config(cfg, use_cache=False)
     hf_cfg._attn_implementation = "sdpa"
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = JambaForCausalLM(hf_cfg)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model = model.to(torch.bfloat16)
+    model = _build_bf16_on_gpu(lambda: JambaForCausalLM(hf_cfg))
     model.config.use_cache = False
     info = {"attn_implementation": getattr(model.config, "_attn_implementation", "?")}
     try:
@@ -393,7 +335,8 @@ def main():
     cfg = load_cfg(args.model, args.set)
     with torch.device("meta"):  # parameter counts without allocating
         meta = JambaLM(cfg)
-    fpt, fsrc = flops_per_token(cfg, args.seq)
+    flops = flops_per_token(cfg, args.seq)
+    fpt, fsrc = float(flops["training"]), "jambatrain.flops"
     import transformers
 
     print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | transformers {transformers.__version__}")
@@ -401,7 +344,7 @@ def main():
           f" layers {cfg.layer_pattern()}")
     print(json.dumps(dataclasses.asdict(cfg)))
     print(f"training FLOPs/token at seq {args.seq}: {fpt / 1e9:.2f} GFLOP ({fsrc}); "
-          f"breakdown {({k: round(v / 1e9, 2) for k, v in flops_per_token_local(cfg, args.seq).items()})}")
+          f"forward breakdown {_flop_parts(flops)}")
     print(f"kernels: {ssm_ops.kernels_available()}, megablocks: {moe_backends.megablocks_available()}", flush=True)
     del meta
 

@@ -6,6 +6,7 @@
 import argparse
 
 from jambatrain.data.corpus import prepare_default_corpus
+from jambatrain.data.shards import manifest_summary
 
 
 def main(argv=None) -> None:
@@ -21,8 +22,7 @@ def main(argv=None) -> None:
     manifest = prepare_default_corpus(args.out, vocab_size=args.vocab_size, seq_len=args.seq_len,
                                       max_files=args.max_files, val_fraction=args.val_fraction,
                                       samples_per_shard=args.samples_per_shard, num_workers=args.num_workers)
-    for split, info in manifest["splits"].items():
-        print(f"{split}: {info['num_samples']} samples, {len(info['shards'])} shards, {info['num_tokens']} tokens")
+    print(manifest_summary(manifest))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Re-running the same command resumes an interrupted build (finished shards are ke
 
 import argparse
 
-from jambatrain.data.shards import write_shards
+from jambatrain.data.shards import manifest_summary, write_shards
 
 
 def main(argv=None) -> None:
@@ -27,8 +27,7 @@ def main(argv=None) -> None:
                             samples_per_shard=args.samples_per_shard, target_shard_mb=args.target_shard_mb,
                             num_workers=args.num_workers, val_fraction=args.val_fraction,
                             vocab_size=args.vocab_size, overwrite=args.overwrite)
-    for split, info in manifest["splits"].items():
-        print(f"{split}: {info['num_samples']} samples, {len(info['shards'])} shards, {info['num_tokens']} tokens")
+    print(manifest_summary(manifest))
 
 
 if __name__ == "__main__":

@@ -304,6 +304,12 @@ def write_synthetic_shards(out_dir: str, num_samples: dict[str, int], seq_len: i
     return manifest
 
 
+def manifest_summary(manifest: dict) -> str:
+    """One line per split: samples, shards, tokens (what the data_prep CLIs print when done)."""
+    return "\n".join(f"{split}: {info['num_samples']} samples, {len(info['shards'])} shards, "
+                     f"{info['num_tokens']} tokens" for split, info in manifest["splits"].items())
+
+
 def read_manifest(data_dir: str, check_files: bool = True) -> dict:
     """Load and validate ``data_dir/manifest.json``; raise ``ShardDataError`` naming the problem."""
     path = os.path.join(data_dir, MANIFEST)
