@@ -229,13 +229,11 @@ def _train_flops_per_token(cfg: TrainConfig) -> float:
 
 
 def _peak_flops(cfg: TrainConfig, dist: DistInfo) -> float | None:
-    if cfg.trainer.peak_flops:
-        return cfg.trainer.peak_flops
-    if dist.device.type != "cuda":
-        return None
+    """trainer.peak_flops if set, else the GPU's dense bf16 peak by name; None on CPU (MFU then is null)."""
     from .flops import peak_flops_for_device
 
-    return peak_flops_for_device(torch.cuda.get_device_name(dist.device))
+    name = torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu"
+    return peak_flops_for_device(name, override=cfg.trainer.peak_flops)
 
 
 def _progress(cfg: TrainConfig, dist: DistInfo, start: int):
