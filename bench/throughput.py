@@ -101,20 +101,27 @@ def build_hf(cfg: ModelConfig):
 
 
 def apply_variant(model, variant: str) -> str:
-    """jambatrain variants for A/B rows: '+'-joined tokens. 'opt' = layout+norm (the defaults); 'base' = neither;
-    'layout': Mamba kernels in the (d, b*l) layout (MambaMixer.kernel_layout); 'norm': fused Triton RMSNorm;
+    """jambatrain variants for A/B rows: '+'-joined tokens. 'opt' = layout+norm+compile (the defaults); 'base' =
+    none of them; 'layout': Mamba kernels in the (d, b*l) layout (MambaMixer.kernel_layout); 'norm': fused Triton
+    RMSNorm; 'compile': torch.compile'd SwiGLU product and cross-entropy (model.compile_elementwise);
     'grouped' / 'megablocks' / 'native': the MoE backend instead of moe_impl=auto."""
-    from jambatrain.models.layers import RMSNorm
+    from jambatrain.models.fused_ops import activation
+    from jambatrain.models.layers import RMSNorm, SwiGLU
     from jambatrain.models.mamba import MambaMixer
     from jambatrain.models.moe import MoE
 
-    toks = set(variant.replace("opt", "layout+norm").split("+")) - {"", "base"}
+    toks = set(variant.replace("opt", "layout+norm+compile").split("+")) - {"", "base"}
     MambaMixer.kernel_layout = "layout" in toks
     RMSNorm.fused = "norm" in toks
+    model.cfg.compile_elementwise = "compile" in toks
     moe = toks & {"grouped", "megablocks", "native"}
     for m in model.modules():
-        if isinstance(m, MoE) and moe:
-            m.impl = next(iter(moe))
+        if isinstance(m, SwiGLU):
+            m.compile_elementwise = model.cfg.compile_elementwise
+        if isinstance(m, MoE):
+            m.act = activation(model.cfg.compile_elementwise)
+            if moe:
+                m.impl = next(iter(moe))
     return variant
 
 

@@ -204,9 +204,12 @@ def test_jamba_kernel_path_matches_reference_bf16():
             continue
         e_ref, e_fast = rel(gb[n], g32[n]), rel(gf[n], g32[n])
         # 2.5x: the gradients of the inner dt/B/C norm weights are sums with heavy cancellation (dt enters through
-        # softplus' slope ~1e-3 at Mamba's dt init) and reach 4-5% error in bf16 on either path; their fp32
-        # kernel-vs-reference agreement is held to 1e-3 in test_jamba_kernel_path_matches_reference_fp32
-        if e_fast > 2.5 * e_ref + 1e-2:
+        # softplus' slope ~1e-3 at Mamba's dt init) and reach 4-5% error in bf16 on either path, so for them the
+        # floor is 5e-2: which path lands nearer the fp32 run is luck (seen: 1.5% vs 4.8% once the loss kernel's
+        # rounding changed). Their fp32 kernel-vs-reference agreement is held to 1e-3 in
+        # test_jamba_kernel_path_matches_reference_fp32.
+        floor = 5e-2 if n.endswith(("dt_layernorm.weight", "b_layernorm.weight", "c_layernorm.weight")) else 1e-2
+        if e_fast > 2.5 * e_ref + floor:
             bad.append((n, round(e_fast, 4), round(e_ref, 4)))
     assert not bad, bad
 
@@ -256,6 +259,38 @@ def test_fused_rms_norm_vs_eager():
         RMSNorm.fused = True
         for a, b in zip(res[1], res[0]):
             assert rel(a, b) < 1e-2
+
+
+def test_compiled_elementwise_vs_eager():
+    """torch.compile'd SwiGLU product and fp32 cross-entropy (models/fused_ops.py) vs their eager references,
+    bf16 inputs, forward and backward; ignore_index honoured. Compiled kernels may round the bf16 outputs
+    differently in the last bit: 1e-2 (silu*mul), 1e-5 (fp32 loss), 1e-2 (bf16 logit gradients)."""
+    from jambatrain.models import fused_ops
+
+    g0, u0 = (torch.randn(4096, 1792, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    res = []
+    for compiled in (False, True):
+        g, u = g0.clone().requires_grad_(), u0.clone().requires_grad_()
+        h = fused_ops.silu_mul(g, u, compiled)
+        (h.float() * torch.linspace(-1, 1, h.shape[1], device=DEV)).sum().backward()
+        res.append((h.float(), g.grad.float(), u.grad.float()))
+    for a, b in zip(res[1], res[0]):
+        assert rel(a, b) < 1e-2
+    assert fused_ops.silu_mul_ref in fused_ops._compiled  # the compiled twin really ran
+
+    logits0 = (3 * torch.randn(3000, 8192, device=DEV)).to(torch.bfloat16)
+    labels = torch.randint(0, 8192, (3000,), device=DEV)
+    labels[::7] = -100
+    res = []
+    for compiled in (False, True):
+        logits = logits0.clone().requires_grad_()
+        loss = fused_ops.cross_entropy_sum(logits, labels, compiled)
+        loss.backward()
+        res.append((loss.detach(), logits.grad.float()))
+    assert rel(res[1][0], res[0][0]) < 1e-5
+    assert rel(res[1][1], res[0][1]) < 1e-2
+    assert (res[1][1][::7] == 0).all()
+    assert fused_ops.cross_entropy_sum_ref in fused_ops._compiled
 
 
 def test_few_bf16_train_steps_loss_falls():

@@ -47,6 +47,8 @@ class ModelConfig:
     activation_checkpointing: str = "none"
     # >0: training loss computed this many tokens at a time with the logits recomputed in backward (memory)
     loss_chunk_tokens: int = 0
+    # CUDA only: torch.compile the SwiGLU product and the fp32 cross-entropy (models/fused_ops.py)
+    compile_elementwise: bool = True
     init_from: str | None = None  # HF Jamba directory to initialise weights from
 
     @property

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention
 from .config import ModelConfig
+from .fused_ops import cross_entropy_sum
 from .layers import RMSNorm, SwiGLU
 from .mamba import MambaMixer, init_dt_proj
 from .moe import MoE
@@ -27,7 +27,8 @@ class JambaBlock(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mixer = Attention(cfg) if self.is_attention else MambaMixer(cfg)
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size,
+                                                         cfg.compile_elementwise)
 
     def _mix(self, x, attn_mask, reset):
         h = self.input_layernorm(x)
@@ -55,17 +56,19 @@ def _numel(p: torch.Tensor) -> int:
     return getattr(p, "ds_numel", p.numel())
 
 
-def _ce_sum(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(lm_head(h).float(), labels, ignore_index=-100, reduction="sum")
+def _ce_sum(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tensor, compiled: bool) -> torch.Tensor:
+    return cross_entropy_sum(lm_head(h), labels, compiled)
 
 
-def chunked_cross_entropy(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+def chunked_cross_entropy(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tensor, chunk: int,
+                          compiled: bool = False) -> torch.Tensor:
     """Mean cross-entropy of lm_head(h) computed ``chunk`` tokens at a time; each chunk's logits are recomputed
     in backward, so the (tokens x vocab) fp32 logits, their softmax and gradient never exist whole (at 65k vocab
     and 16k tokens per micro batch those are ~4 GiB each). Costs one more LM-head matmul forward."""
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk):
-        total = total + checkpoint(_ce_sum, lm_head, h[i:i + chunk], labels[i:i + chunk], use_reentrant=False)
+        total = total + checkpoint(_ce_sum, lm_head, h[i:i + chunk], labels[i:i + chunk], compiled,
+                                   use_reentrant=False)
     return total / (labels != -100).sum().clamp(min=1)
 
 
@@ -155,11 +158,14 @@ class JambaLM(nn.Module):
         chunk = self.cfg.loss_chunk_tokens
         logits = ce = loss = None
         if labels is not None and chunk and not return_logits:
-            ce = chunked_cross_entropy(self.lm_head, h.view(-1, h.shape[-1]), labels.view(-1), chunk)
+            ce = chunked_cross_entropy(self.lm_head, h.view(-1, h.shape[-1]), labels.view(-1), chunk,
+                                       self.cfg.compile_elementwise)
         else:
             logits = self.lm_head(h)
             if labels is not None:
-                ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+                flat = labels.view(-1)
+                ce = cross_entropy_sum(logits.view(-1, logits.shape[-1]), flat, self.cfg.compile_elementwise) \
+                    / (flat != -100).sum().clamp(min=1)
         if ce is not None:
             loss = ce + self.cfg.router_aux_loss_coef * aux + self.cfg.router_z_loss_coef * z
         return LMOutput(logits if return_logits else None, loss, ce, aux, z)

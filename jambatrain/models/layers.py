@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .fused_ops import silu_mul
 from .ssm_ops import fused_rms_norm
 
 
@@ -34,14 +34,15 @@ class RMSNorm(nn.Module):
 class SwiGLU(nn.Module):
     """Dense FFN: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, compile_elementwise: bool = True):
         super().__init__()
+        self.compile_elementwise = compile_elementwise
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x), self.compile_elementwise))
 
 
 def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype=torch.float32):

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
 from .config import ModelConfig
+from .fused_ops import activation, silu_mul_ref
 
 
 @dataclass
@@ -41,7 +40,7 @@ def route(logits: torch.Tensor, top_k: int) -> Routing:
     return Routing(weights, experts, aux, z, counts)
 
 
-def experts_forward_native(x: torch.Tensor, routing: Routing, w_gate, w_up, w_down) -> torch.Tensor:
+def experts_forward_native(x: torch.Tensor, routing: Routing, w_gate, w_up, w_down, act=silu_mul_ref) -> torch.Tensor:
     """Dropless: sort the T*k assignments by expert, run each expert on exactly its tokens, scatter back."""
     T, k = routing.experts.shape
     flat_experts = routing.experts.flatten()
@@ -54,7 +53,7 @@ def experts_forward_native(x: torch.Tensor, routing: Routing, w_gate, w_up, w_do
     for e, c in enumerate(counts):
         if c:
             xe = xs[start:start + c]
-            h = F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())
+            h = act(xe @ w_gate[e].t(), xe @ w_up[e].t())
             outs.append(h @ w_down[e])
         start += c
     y_sorted = torch.cat(outs, dim=0) * routing.weights.flatten()[order, None].to(x.dtype)
@@ -67,6 +66,7 @@ class MoE(nn.Module):
         E, h, f = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         self.num_experts, self.top_k = E, cfg.num_experts_per_tok
         self.impl = cfg.moe_impl
+        self.act = activation(cfg.compile_elementwise)
         self.router = nn.Linear(h, E, bias=False)
         self.w_gate = nn.Parameter(torch.empty(E, f, h))
         self.w_up = nn.Parameter(torch.empty(E, f, h))
@@ -87,4 +87,4 @@ def experts_forward(x, routing: Routing, moe: MoE) -> torch.Tensor:
     from . import moe_backends
 
     fn = moe_backends.select(moe.impl, x, moe.w_gate)
-    return fn(x, routing, moe.w_gate, moe.w_up, moe.w_down)
+    return fn(x, routing, moe.w_gate, moe.w_up, moe.w_down, moe.act)

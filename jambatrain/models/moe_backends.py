@@ -19,8 +19,7 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
-
+from .fused_ops import silu_mul_ref
 from .moe import experts_forward_native
 
 _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -39,13 +38,13 @@ def _sort_by_expert(routing):
     return order, order // k, offs
 
 
-def experts_forward_grouped(x: torch.Tensor, routing, w_gate, w_up, w_down) -> torch.Tensor:
+def experts_forward_grouped(x: torch.Tensor, routing, w_gate, w_up, w_down, act=silu_mul_ref) -> torch.Tensor:
     """Dropless grouped-GEMM experts: gather rows by expert, 3 grouped GEMMs, weighted scatter-add back."""
     order, token_of, offs = _sort_by_expert(routing)
     xs = x.index_select(0, token_of)  # (T*k, hidden), grouped by expert; backward is an index_add_, not a sort
     g = _grouped_mm(xs, w_gate.transpose(1, 2), offs=offs)  # (T*k, ffn)
     u = _grouped_mm(xs, w_up.transpose(1, 2), offs=offs)
-    h = F.silu(g) * u
+    h = act(g, u)
     y = _grouped_mm(h, w_down, offs=offs)  # (T*k, hidden)
     y = y * routing.weights.flatten().index_select(0, order)[:, None].to(y.dtype)
     return torch.zeros_like(x).index_add_(0, token_of, y)
@@ -96,7 +95,7 @@ def megablocks_available() -> bool:
     return _megablocks() is not None
 
 
-def experts_forward_megablocks(x: torch.Tensor, routing, w_gate, w_up, w_down) -> torch.Tensor:
+def experts_forward_megablocks(x: torch.Tensor, routing, w_gate, w_up, w_down, act=silu_mul_ref) -> torch.Tensor:
     """MegaBlocks ``ParallelDroplessMLP.grouped_forward_once`` with our weight layout."""
     mb = _megablocks()
     if mb is None:
@@ -114,7 +113,7 @@ def experts_forward_megablocks(x: torch.Tensor, routing, w_gate, w_up, w_down) -
     xs = ops.gather(x, indices, bin_ids, bins, k)
     g = gmm(xs, w_gate, tokens_per_expert, trans_b=True)
     u = gmm(xs, w_up, tokens_per_expert, trans_b=True)
-    h = gmm(F.silu(g) * u, w_down, tokens_per_expert)
+    h = gmm(act(g, u), w_down, tokens_per_expert)
     return ops.scatter(h, indices, bin_ids, routing.weights.flatten().to(x.dtype), bins, k)
 
 
