@@ -21,7 +21,9 @@ from . import checkpoint
 from .config import TrainConfig, problems, register_schema, to_train_config
 from .metrics import MetricsLogger, Throughput, moe_load_stats
 from .models import JambaLM, ModelConfig
+from .models.fast_paths import describe as describe_fast_paths
 from .parallel import barrier, build_deepspeed_config, build_engine, init_distributed, reduce_mean
+from .parallel.deepspeed_setup import resolve_precision
 from .parallel.distributed import DistInfo, any_rank
 
 register_schema()
@@ -85,7 +87,8 @@ def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict) -> JambaLM:
 
 def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
     dist = init_distributed(cfg.parallel)
-    errors = problems(cfg, dist.world_size)
+    paths = describe_fast_paths(cfg.model, dist.device.type, resolve_precision(cfg, dist.device), cfg.data.doc_mask)
+    errors = problems(cfg, dist.world_size) + paths.errors
     if errors:
         raise SystemExit("jambatrain: invalid configuration:\n  - " + "\n  - ".join(errors))
     tr, par = cfg.trainer, cfg.parallel
@@ -122,6 +125,9 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
               f"{meter.flops_per_token / 1e9:.3f} GFLOP/token (training); {dist.world_size} x {dist.device.type}, "
               f"ZeRO-{par.zero_stage}, {ds_config['train_batch_size']} x {cfg.data.seq_len} tokens/step; "
               f"{loader.batches_per_epoch // par.grad_accum_steps} steps/epoch from {data_dir}; run dir {run_dir}", flush=True)
+        print(f"jambatrain: fast paths: {paths.summary()}", flush=True)
+        for w in paths.warnings:
+            print(f"jambatrain: WARNING: {w}", flush=True)
     tokens_per_step = par.micro_batch_size * par.grad_accum_steps * cfg.data.seq_len * dist.world_size
     stop = _StopFlag()
     pbar = _progress(cfg, dist, state.step)

@@ -85,6 +85,12 @@ def test_bad_inputs_fail_before_training_with_the_fix(train_env, tmp_path):
                   check=False)
     assert p.returncode != 0 and "no complete checkpoint" in p.stderr
     assert not os.path.exists(os.path.join(tmp_path, "r", "metrics.jsonl"))
+    # a kernel asked for by name that this machine cannot run (no CUDA here): refused at start-up, with the fix
+    p = run_train(train_env, str(tmp_path / "k"), "model.mamba_impl=cuda", "trainer.max_steps=1", nproc=1,
+                  check=False)
+    assert p.returncode != 0 and "model.mamba_impl=cuda needs a CUDA device" in p.stderr
+    assert "model.mamba_impl=auto" in p.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "k", "metrics.jsonl"))
 
 
 def test_zero3_partitioned_init_and_export(train_env, tmp_path):

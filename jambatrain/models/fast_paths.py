@@ -1,0 +1,77 @@
+"""Which implementation each hot op will take for a run, said before training starts.
+
+A slow path taken silently is the classic way to lose 10x on a GPU (the kernels failed to import, a document
+mask forced the reference scan). ``describe`` reads the same availability checks the ops use at run time and
+returns a one-line summary plus a warning, with its fix, for every slow path a CUDA run would take.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import moe_backends, ssm_ops
+from .config import ModelConfig
+
+
+@dataclass
+class FastPaths:
+    paths: dict[str, str]
+    warnings: list[str] = field(default_factory=list)  # slow paths a CUDA run would take, each with its fix
+    errors: list[str] = field(default_factory=list)  # an implementation asked for by name that cannot run
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.paths.items())
+
+
+def _grouped_gemm_usable() -> bool:
+    """torch's grouped GEMM exists, and the visible GPU (if one is) is sm80+ (as moe_backends.grouped_supported)."""
+    if moe_backends._grouped_mm is None:
+        return False
+    return not torch.cuda.is_available() or moe_backends._capability(torch.cuda.current_device()) >= (8, 0)
+
+
+def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool) -> FastPaths:
+    """device_type: "cuda" / "cpu"; precision: "bf16" / "fp32"; doc_mask: the data config's packed-document mask."""
+    cuda = device_type == "cuda"
+    k = ssm_ops.kernels_available()
+    fp = FastPaths({})
+    layers = range(cfg.num_hidden_layers)
+
+    if any(not cfg.is_attention_layer(i) for i in layers):
+        kernels = k["selective_scan"] and k["causal_conv1d"]
+        if cfg.mamba_impl == "cuda" and not (cuda and kernels):
+            fp.errors.append("model.mamba_impl=cuda needs a CUDA device and the mamba-ssm / causal-conv1d kernels "
+                             "(launch/build_kernels.sh); use model.mamba_impl=auto")
+        if cuda and kernels and cfg.mamba_impl != "reference" and not doc_mask:
+            fp.paths["mamba"] = "mamba-ssm scan + causal-conv1d"
+        else:
+            fp.paths["mamba"] = "reference scan"
+            if cuda and cfg.mamba_impl == "auto" and not kernels:
+                fp.warnings.append("mamba-ssm / causal-conv1d do not import: Mamba layers run the pure-PyTorch "
+                                   "reference scan, many times slower; build them with launch/build_kernels.sh")
+            elif cuda and cfg.mamba_impl != "reference" and doc_mask:
+                fp.warnings.append("data.doc_mask=true: the fused scan has no per-document state reset, so Mamba "
+                                   "layers run the reference scan (and attention leaves flash); set "
+                                   "data.doc_mask=false for throughput")
+    if any(cfg.is_attention_layer(i) for i in layers):
+        fp.paths["attention"] = "flash SDPA" if cuda and precision == "bf16" and not doc_mask else "SDPA"
+    fp.paths["rmsnorm"] = "triton" if cuda and k["rms_norm"] else "eager"
+    if cfg.num_experts > 1:
+        fast_ok = cuda and precision == "bf16"
+        if fast_ok and cfg.moe_impl in ("auto", "megablocks") and moe_backends.megablocks_available():
+            fp.paths["moe"] = "megablocks"
+        elif fast_ok and cfg.moe_impl in ("auto", "grouped") and _grouped_gemm_usable():
+            fp.paths["moe"] = "grouped GEMM"
+        else:
+            fp.paths["moe"] = "native loop"
+            if cfg.moe_impl in ("megablocks", "grouped"):
+                need = "megablocks (launch/build_kernels.sh)" if cfg.moe_impl == "megablocks" else "torch grouped GEMM"
+                fp.errors.append(f"model.moe_impl={cfg.moe_impl} needs CUDA, parallel.precision=bf16 and {need}; "
+                                 "use model.moe_impl=auto")
+            elif cuda and cfg.moe_impl == "auto":
+                fp.warnings.append("MoE experts run the per-expert loop: the grouped-GEMM backends need "
+                                   "parallel.precision=bf16 and megablocks (launch/build_kernels.sh) or torch's "
+                                   "grouped GEMM")
+    fp.paths["compile"] = "on" if cuda and cfg.compile_elementwise else "off"
+    return fp

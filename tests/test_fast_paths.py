@@ -1,0 +1,82 @@
+"""The start-up report of which implementation each hot op takes (models/fast_paths.py).
+
+The decisions are read from the same availability flags the ops use, so they are exercised here on CPU by
+setting those flags: a CUDA run without the kernels must be warned, an impossible explicit choice refused.
+"""
+from __future__ import annotations
+
+import pytest
+
+from jambatrain.models import ModelConfig, moe_backends, ssm_ops
+from jambatrain.models.fast_paths import describe
+
+MOE = dict(num_experts=4, num_experts_per_tok=2)
+
+
+def _cfg(**kw) -> ModelConfig:
+    base = dict(name="t", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, attn_layer_period=4, attn_layer_offset=2,
+                num_experts=1, num_experts_per_tok=1)
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """Pretend the CUDA kernels import (True) or not (False), as on a GPU box with or without them built."""
+    def set_(available: bool, megablocks: bool = False):
+        monkeypatch.setattr(ssm_ops, "kernels_available",
+                            lambda: {"selective_scan": available, "causal_conv1d": available, "rms_norm": available})
+        monkeypatch.setattr(moe_backends, "megablocks_available", lambda: megablocks)
+    return set_
+
+
+def test_cpu_takes_references_without_warnings(kernels):
+    kernels(False)
+    fp = describe(_cfg(**MOE), "cpu", "fp32", doc_mask=True)
+    assert fp.paths == {"mamba": "reference scan", "attention": "SDPA", "rmsnorm": "eager", "moe": "native loop",
+                        "compile": "off"}
+    assert fp.warnings == [] and fp.errors == []
+
+
+def test_cuda_with_kernels_takes_every_fast_path(kernels):
+    kernels(True, megablocks=True)
+    fp = describe(_cfg(**MOE), "cuda", "bf16", doc_mask=False)
+    assert fp.paths == {"mamba": "mamba-ssm scan + causal-conv1d", "attention": "flash SDPA", "rmsnorm": "triton",
+                        "moe": "megablocks", "compile": "on"}
+    assert fp.warnings == [] and fp.errors == []
+    assert "mamba mamba-ssm scan + causal-conv1d" in fp.summary()
+
+
+def test_cuda_without_kernels_warns_with_the_fix(kernels):
+    kernels(False)
+    fp = describe(_cfg(), "cuda", "bf16", doc_mask=False)
+    assert fp.paths["mamba"] == "reference scan"
+    assert len(fp.warnings) == 1 and "launch/build_kernels.sh" in fp.warnings[0]
+
+
+def test_doc_mask_on_cuda_warns_that_it_costs_the_fused_scan(kernels):
+    kernels(True)
+    fp = describe(_cfg(), "cuda", "bf16", doc_mask=True)
+    assert fp.paths["mamba"] == "reference scan" and fp.paths["attention"] == "SDPA"
+    assert len(fp.warnings) == 1 and "data.doc_mask=false" in fp.warnings[0]
+
+
+def test_moe_falls_back_to_grouped_then_warns_in_fp32(kernels):
+    kernels(True, megablocks=False)
+    assert describe(_cfg(**MOE), "cuda", "bf16", doc_mask=False).paths["moe"] == "grouped GEMM"
+    fp = describe(_cfg(**MOE), "cuda", "fp32", doc_mask=False)
+    assert fp.paths["moe"] == "native loop" and "parallel.precision=bf16" in fp.warnings[0]
+
+
+@pytest.mark.parametrize("field,value,device", [("mamba_impl", "cuda", "cpu"), ("moe_impl", "megablocks", "cuda"),
+                                                 ("moe_impl", "grouped", "cpu")])
+def test_explicit_impl_that_cannot_run_is_an_error(kernels, field, value, device):
+    kernels(False, megablocks=False)
+    fp = describe(_cfg(**MOE, **{field: value}), device, "bf16", doc_mask=False)
+    assert len(fp.errors) == 1 and f"model.{field}={value}" in fp.errors[0] and "auto" in fp.errors[0]
+
+
+def test_pure_mamba_and_dense_models_list_only_their_ops(kernels):
+    kernels(True)
+    fp = describe(_cfg(attn_layer_period=100, attn_layer_offset=50), "cuda", "bf16", doc_mask=False)
+    assert set(fp.paths) == {"mamba", "rmsnorm", "compile"}
