@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from jambatrain.flops import flops_per_token  # noqa: E402
-from jambatrain.hf_convert import to_hf_config  # noqa: E402
+from jambatrain.hf_convert import shift_labels, to_hf_config  # noqa: E402
 from jambatrain.models import JambaLM, ModelConfig  # noqa: E402
 from jambatrain.models import moe_backends, ssm_ops  # noqa: E402
 
@@ -127,7 +127,7 @@ def apply_variant(model, variant: str) -> str:
 
 def loss_fn(kind: str, model, ids):
     if kind == "jambatrain":
-        return model(ids, labels=ids, return_logits=False).loss
+        return model(ids, labels=shift_labels(ids), return_logits=False).loss  # the same next-token task as HF's
     return model(input_ids=ids, labels=ids, use_cache=False).loss
 
 

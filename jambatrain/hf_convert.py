@@ -90,6 +90,12 @@ def to_hf_config(cfg: ModelConfig, **hf_kwargs):
     return JambaConfig(**kw)
 
 
+def shift_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """HF causal LMs take ``labels=input_ids`` and shift inside; jambatrain takes labels already shifted (its loader
+    packs seq_len + 1 tokens). labels[:, t] = input_ids[:, t + 1]; the last position is ignored (-100)."""
+    return torch.cat([input_ids[:, 1:], input_ids.new_full((input_ids.shape[0], 1), -100)], dim=1)
+
+
 def _hf_get(hf_cfg, key, default=None):
     if isinstance(hf_cfg, dict):
         if key == "num_experts" and key not in hf_cfg:

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import randomize  # noqa: E402
 from jambatrain.hf_convert import (  # noqa: E402
-    config_mismatches, from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict,
+    config_mismatches, from_hf_config, from_hf_state_dict, shift_labels, to_hf_config, to_hf_state_dict,
 )
 from jambatrain.hf_io import load_hf_pretrained, save_hf_pretrained  # noqa: E402
 from jambatrain.models import JambaLM, ModelConfig  # noqa: E402
@@ -88,11 +88,6 @@ def memory_format(hf) -> str:
     return "fused" if any(k.endswith("gate_up_proj") for k in hf.state_dict()) else "per_expert"
 
 
-def ours_loss_labels(ids):
-    """Our labels are pre-shifted (the trainer shifts); HF shifts internally."""
-    return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
-
-
 def assert_close_logits(a, b, tol=1e-4):
     diff = (a - b).abs().max().item()
     assert diff <= tol, f"max abs logit diff {diff:.3g} > {tol}"
@@ -110,7 +105,7 @@ def test_jambatrain_to_hf_logits(case):
     assert not res.missing_keys and not res.unexpected_keys
     ids = torch.randint(0, cfg.vocab_size, (2, 19), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        a = ours(ids, labels=ours_loss_labels(ids))
+        a = ours(ids, labels=shift_labels(ids))
         b = hf(ids, labels=ids, use_cache=False)
     diff = assert_close_logits(a.logits, b.logits)
     assert abs(a.ce_loss.item() - b.loss.item()) <= 1e-5
