@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from . import moe_backends, ssm_ops
 from .config import ModelConfig
 
@@ -22,13 +20,6 @@ class FastPaths:
 
     def summary(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in self.paths.items())
-
-
-def _grouped_gemm_usable() -> bool:
-    """torch's grouped GEMM exists, and the visible GPU (if one is) is sm80+ (as moe_backends.grouped_supported)."""
-    if moe_backends._grouped_mm is None:
-        return False
-    return not torch.cuda.is_available() or moe_backends._capability(torch.cuda.current_device()) >= (8, 0)
 
 
 def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool) -> FastPaths:
@@ -61,7 +52,7 @@ def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool)
         fast_ok = cuda and precision == "bf16"
         if fast_ok and cfg.moe_impl in ("auto", "megablocks") and moe_backends.megablocks_available():
             fp.paths["moe"] = "megablocks"
-        elif fast_ok and cfg.moe_impl in ("auto", "grouped") and _grouped_gemm_usable():
+        elif fast_ok and cfg.moe_impl in ("auto", "grouped") and moe_backends.grouped_gemm_available():
             fp.paths["moe"] = "grouped GEMM"
         else:
             fp.paths["moe"] = "native loop"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
 from .config import ModelConfig
 from .fused_ops import activation, silu_mul_ref
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 
 import torch
+
 from .fused_ops import silu_mul_ref
 from .moe import experts_forward_native
 
@@ -50,12 +51,21 @@ def experts_forward_grouped(x: torch.Tensor, routing, w_gate, w_up, w_down, act=
     return torch.zeros_like(x).index_add_(0, token_of, y)
 
 
+def grouped_gemm_available(device_index: int | None = None) -> bool:
+    """torch has a grouped GEMM and the GPU (``device_index``, else the current one, if any is visible) is sm80+."""
+    if _grouped_mm is None:
+        return False
+    if not torch.cuda.is_available():
+        return True  # nothing to check the architecture of; the tensors' device decides later
+    return _capability(torch.cuda.current_device() if device_index is None else device_index) >= (8, 0)
+
+
 def grouped_supported(x: torch.Tensor, w_gate: torch.Tensor | None = None) -> bool:
-    if _grouped_mm is None or not x.is_cuda or x.dtype != torch.bfloat16:
+    if not x.is_cuda or x.dtype != torch.bfloat16:
         return False
     if w_gate is not None and (w_gate.dtype != torch.bfloat16 or w_gate.shape[1] % 8 or w_gate.shape[2] % 8):
         return False
-    return _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= (8, 0)
+    return grouped_gemm_available(x.device.index)
 
 
 @functools.lru_cache(maxsize=None)
