@@ -200,6 +200,10 @@ def load_hf_pretrained(model, path: str, strict: bool = True) -> None:
         with safe_open(f, framework="pt") as st:
             for k in st.keys():
                 t = st.get_tensor(k)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise ValueError(f"model.init_from={path}: tensor {k} in {os.path.basename(f)} holds "
+                                     f"{int((~torch.isfinite(t)).sum())} NaN/inf values; re-export the checkpoint "
+                                     "or start without model.init_from")
                 for name, e, v in _iter_from_hf(k, t, cfg):
                     p = params.get(name)
                     if p is None:

@@ -172,6 +172,10 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
             logger.log(state.step, {"val_loss": evaluate(engine, cfg, dist, data_dir)})
         preempted = stop.agreed()
         if tr.save_every and (state.step % tr.save_every == 0 or state.step == tr.max_steps or preempted):
+            if any_rank(_diverged(window, engine)):  # never let a checkpoint of NaN weights prune good ones
+                raise SystemExit(f"jambatrain: a non-finite loss or gradient norm before step {state.step}'s "
+                                 "checkpoint; not saving it, the last checkpoint is untouched. Lower optim.lr or "
+                                 "check the data and model.init_from.")
             state.loader = loader.state_dict()
             checkpoint.save(engine, run_dir, state, dist.rank, tr.keep_checkpoints)
         meter.exclude(time.perf_counter() - t_aside)
@@ -213,6 +217,13 @@ def _doc_starts(batch: dict, cfg: TrainConfig, dist: DistInfo):
     starts = torch.zeros_like(ids, dtype=torch.bool)
     starts[:, 1:] = ids[:, :-1] == cfg.data.eos_id
     return starts.to(dist.device, non_blocking=True)
+
+
+def _diverged(window: torch.Tensor, engine) -> bool:
+    """Whether a loss since the last log step (still in ``window``) or the last gradient norm is NaN/inf: the
+    weights may be poisoned. One host sync, paid only at checkpoint steps."""
+    g = _grad_norm(engine)
+    return not bool(torch.isfinite(window).all()) or (g is not None and not math.isfinite(g))
 
 
 def _grad_norm(engine) -> float | None:

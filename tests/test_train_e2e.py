@@ -2,6 +2,7 @@
 webdataset shards -> checkpoints -> metrics.jsonl + offline W&B."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -255,3 +256,25 @@ def test_pretraining_starts_from_an_exported_hf_directory(train_env, tmp_path):
     trained = metrics(src)[-1]["loss"]
     assert first_warm < first_fresh - 0.5, (first_warm, first_fresh, trained)
     assert first_warm < trained + 0.3, (first_warm, trained)  # no worse than the trained model on its own data
+    # a corrupted init: a NaN weight is refused at load, with the tensor named ...
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(os.path.join(hf_dir, "model.safetensors"))
+    bad_dir = str(tmp_path / "hf_nan")
+    shutil.copytree(hf_dir, bad_dir)
+    nan_w = {k: v.clone() for k, v in weights.items()}
+    nan_w["model.final_layernorm.weight"][3] = float("nan")
+    save_file(nan_w, os.path.join(bad_dir, "model.safetensors"))
+    p = run_train(train_env, str(tmp_path / "nan"), "trainer.max_steps=1", f"model.init_from={bad_dir}", *common,
+                  nproc=1, check=False)
+    assert p.returncode != 0 and "model.final_layernorm.weight" in p.stderr and "NaN/inf" in p.stderr
+    # ... and finite weights that overflow in the forward train to NaN: the checkpoint step refuses to save
+    # poisoned weights (no log step came first to catch the loss), so nothing is written
+    huge_w = {k: v.clone() for k, v in weights.items()}
+    huge_w["model.final_layernorm.weight"].fill_(3e38)
+    save_file(huge_w, os.path.join(bad_dir, "model.safetensors"))
+    run_dir = str(tmp_path / "diverge")
+    p = run_train(train_env, run_dir, "trainer.max_steps=4", "trainer.save_every=2", "trainer.log_every=100",
+                  f"model.init_from={bad_dir}", "logger=none", nproc=1, check=False)
+    assert p.returncode != 0 and "not saving it" in p.stderr, p.stderr[-2000:]
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints", "step_00000002"))
