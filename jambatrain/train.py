@@ -24,7 +24,7 @@ from .models import JambaLM, ModelConfig
 from .models.fast_paths import describe as describe_fast_paths
 from .parallel import barrier, build_deepspeed_config, build_engine, init_distributed, reduce_mean
 from .parallel.deepspeed_setup import resolve_precision
-from .parallel.distributed import DistInfo, any_rank
+from .parallel.distributed import DistInfo, any_rank, export_submitit_env
 
 register_schema()
 CONF_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf"))
@@ -283,6 +283,7 @@ class _StopFlag:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(raw: DictConfig) -> float | None:
+    export_submitit_env()  # before the rank checks below: under submitit each task is a rank
     cfg = to_train_config(raw)
     run_dir = HydraConfig.get().runtime.output_dir
     config_dict = OmegaConf.to_container(raw, resolve=True)

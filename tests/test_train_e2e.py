@@ -139,6 +139,23 @@ def test_validation_and_hydra_multirun(train_env, tmp_path):
     assert not os.path.exists(os.path.join(sweep, "0", "checkpoints"))  # save_every=0: none written
 
 
+def test_multirun_through_the_submitit_launcher_runs_each_job_on_two_ranks(train_env, tmp_path):
+    """`-m hydra/launcher=submitit_local` (the local twin of hydra/launcher=slurm_gpu): submitit starts each sweep
+    job as 2 task processes with no torchrun; jambatrain exports the env:// variables from the task layout, so
+    every job trains as one 2-rank ZeRO-2 world (two ranks' RNG and optimizer shards in its checkpoint)."""
+    sweep = str(tmp_path / "sweep")
+    cmd = [sys.executable, "-m", "jambatrain.train", "-m", "hydra/launcher=submitit_local",
+           "hydra.launcher.tasks_per_node=2", "experiment=tiny_cpu", "optim.lr=1e-3,2e-3", "trainer.max_steps=2",
+           "logger=none", "trainer.progress_bar=false", f"hydra.sweep.dir={sweep}"]
+    p = subprocess.run(cmd, cwd=REPO, env=train_env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for job in ("0", "1"):
+        ckpt = os.path.join(sweep, job, "checkpoints", "step_00000002")
+        assert sorted(f for f in os.listdir(ckpt) if f.startswith("rng_rank")) == ["rng_rank0.pt", "rng_rank1.pt"]
+        rows = metrics(os.path.join(sweep, job))
+        assert rows[-1]["step"] == 2 and rows[-1]["tokens"] == 2 * 2 * 4 * 256  # 2 ranks x micro batch 4
+
+
 def test_sigterm_checkpoints_at_the_next_step_and_exits(train_env, tmp_path):
     """Preemption (SLURM's --signal / scancel): the run checkpoints the step it is on, exits 0, and a restart
     resumes from exactly there."""

@@ -36,9 +36,23 @@ def _pick_device(par: ParallelConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def export_submitit_env() -> None:
+    """Under Hydra's submitit launcher (``hydra/launcher=slurm_gpu``, ``submitit_local``) every task of a job calls
+    the training function itself, with no torchrun: export torch's env:// variables (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT) from the job's task layout, as torchrun would have. A no-op under torchrun or plain python."""
+    if "RANK" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def init_distributed(par: ParallelConfig) -> DistInfo:
-    """Read torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a plain `python -m` run is a
-    world of one on 127.0.0.1. DeepSpeed's communication layer is initialised on top of the same group."""
+    """Read torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), or submitit's task layout; a plain
+    `python -m` run is a world of one on 127.0.0.1. DeepSpeed's communication layer is initialised on top of the
+    same group."""
+    export_submitit_env()
     rank = int(os.environ.setdefault("RANK", "0"))
     world = int(os.environ.setdefault("WORLD_SIZE", "1"))
     local_rank = int(os.environ.setdefault("LOCAL_RANK", "0"))
