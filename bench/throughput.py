@@ -202,60 +202,16 @@ def run_model_fit(kind, cfg, seq, batch, steps, warmup, profile, variant="opt"):
 
 
 # ------------------------------------------------------------------------------------------------ profile
-CLASSES = [  # first match wins; matched against the lower-cased kernel name
-    ("scan", ("selective_scan",)),
-    ("conv", ("causal_conv1d", "conv_depthwise", "conv1d")),
-    ("attention", ("flash", "fmha", "sdpa", "attention")),
-    ("moe_grouped_gemm", ("grouped", "groupproblemshape", "ptrarray", "_padded_copy")),
-    ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "wgmma", "hgmma")),
-    ("index/sort/scatter", ("index", "scatter", "gather", "sort", "radix", "histc", "cumsum", "bincount", "embedding")),
-    ("loss/softmax", ("softmax", "cross_entropy", "nll", "logsumexp")),
-    ("norm/reduce", ("reduce", "norm", "rsqrt", "welford")),
-    ("elementwise/copy", ("elementwise", "vectorized", "copy", "cat", "fill", "unrolled", "triton")),
-]
-
-
-def classify(name: str) -> str:
-    n = name.lower()
-    for cls, keys in CLASSES:
-        if any(k in n for k in keys):
-            return cls
-    return "other"
-
-
 def profile_steps(kind, step, steps=2):
-    from torch.profiler import ProfilerActivity, profile
+    from jambatrain import profiling
 
     torch.cuda.synchronize()
     t0 = time.time()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for i in range(steps):
-            step(i)
-        torch.cuda.synchronize()
-    wall_us = (time.time() - t0) * 1e6
-    per_kernel = {}
-    for e in prof.key_averages():
-        if "cuda" not in str(getattr(e, "device_type", "")).lower() or getattr(e, "is_user_annotation", False):
-            continue
-        t = getattr(e, "self_device_time_total", None)
-        if t is None:
-            t = getattr(e, "self_cuda_time_total", 0)
-        if t > 0:
-            per_kernel[e.key] = per_kernel.get(e.key, 0) + t
-    total = sum(per_kernel.values()) or 1.0
-    by_class: dict[str, float] = {}
-    for k, t in per_kernel.items():
-        by_class[classify(k)] = by_class.get(classify(k), 0) + t
-    print(f"\n[{kind}] CUDA kernel time by class over {steps} steps (GPU busy {total / wall_us:.0%} of wall):")
-    for c, t in sorted(by_class.items(), key=lambda kv: -kv[1]):
-        print(f"  {c:22s} {t / 1e3 / steps:9.1f} ms/step  {t / total:6.1%}")
-    print(f"[{kind}] top kernels:")
-    for k, t in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:18]:
-        print(f"  {t / 1e3 / steps:8.2f} ms/step {t / total:6.1%}  [{classify(k)}] {k[:110]}")
-    return {"by_class_ms_per_step": {c: t / 1e3 / steps for c, t in by_class.items()},
-            "gpu_busy_frac": total / wall_us,
-            "top": [(k[:160], t / 1e3 / steps) for k, t in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]]}
+    prof = profiling.start(cuda=True)
+    for i in range(steps):
+        step(i)
+    torch.cuda.synchronize()
+    return profiling.stop(prof, True, steps, (time.time() - t0) * 1e6, None, f"{kind}, CUDA kernels", True)
 
 
 # ------------------------------------------------------------------------------------------------ MoE

@@ -66,6 +66,10 @@ class TrainerConfig:
     seed: int = 1234
     progress_bar: bool = True
     peak_flops: float | None = None  # per-GPU peak for MFU; None: looked up from the GPU name
+    # >0: torch-profile steps profile_at .. profile_at + profile_steps - 1: a Chrome trace per rank in
+    # RUN/profile/, a time-by-op-class table on rank 0; those steps are left out of tokens/s and MFU
+    profile_at: int = 0
+    profile_steps: int = 2
 
 
 @dataclass

@@ -24,9 +24,11 @@ class Throughput:
     def add(self, tokens: int) -> None:
         self.tokens += tokens
 
-    def exclude(self, seconds: float) -> None:
-        """Leave time spent outside training steps (evaluation, checkpointing) out of the rate."""
+    def exclude(self, seconds: float, tokens: int = 0) -> None:
+        """Leave time spent outside training steps (evaluation, checkpointing) out of the rate, or whole steps
+        (``tokens`` > 0: profiled steps, whose speed the profiler perturbs)."""
         self.t0 += seconds
+        self.tokens -= tokens
 
     def report(self) -> dict:
         now = time.perf_counter()

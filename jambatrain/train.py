@@ -17,7 +17,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpoint
+from . import checkpoint, profiling
 from .config import TrainConfig, problems, register_schema, to_train_config
 from .metrics import MetricsLogger, Throughput, moe_load_stats
 from .models import JambaLM, ModelConfig
@@ -136,7 +136,10 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
     # losses stay on the device between log steps: no host sync per micro step, so the CPU can queue ahead
     window = torch.zeros(3, dtype=torch.float32, device=dist.device)
     window_steps = 0
+    prof = None
     while state.step < tr.max_steps:
+        if tr.profile_at and state.step + 1 == tr.profile_at:
+            prof = _Profile(dist, run_dir, state.step + 1, tr.profile_steps)
         engine.train()
         step_lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
         for _ in range(par.grad_accum_steps):
@@ -150,6 +153,9 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
         state.step += 1
         state.tokens += tokens_per_step
         meter.add(tokens_per_step)
+        if prof is not None and prof.last_step == state.step:
+            meter.exclude(prof.finish(), tokens_per_step * tr.profile_steps)
+            prof = None
         window_steps += par.grad_accum_steps
         if state.step % tr.log_every == 0 or state.step == tr.max_steps:
             ce, aux, z = reduce_mean(window / window_steps)
@@ -217,6 +223,34 @@ def _doc_starts(batch: dict, cfg: TrainConfig, dist: DistInfo):
     starts = torch.zeros_like(ids, dtype=torch.bool)
     starts[:, 1:] = ids[:, :-1] == cfg.data.eos_id
     return starts.to(dist.device, non_blocking=True)
+
+
+class _Profile:
+    """torch.profiler over ``steps`` training steps from ``first``: a Chrome trace per rank in RUN/profile/ and the
+    time-by-op-class table on rank 0 (jambatrain/profiling.py)."""
+
+    def __init__(self, dist: DistInfo, run_dir: str, first: int, steps: int):
+        self.dist, self.first, self.steps = dist, first, steps
+        self.last_step = first + steps - 1
+        self.trace = os.path.join(run_dir, "profile", f"steps{first}-{self.last_step}_rank{dist.rank}.json")
+        self._sync()
+        self.t0 = time.perf_counter()
+        self.prof = profiling.start(cuda=dist.device.type == "cuda")
+
+    def _sync(self) -> None:
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)
+
+    def finish(self) -> float:
+        """Stop, write and report; returns the wall seconds the profiled steps took."""
+        self._sync()
+        wall = time.perf_counter() - self.t0
+        kind = "CUDA kernels" if self.dist.device.type == "cuda" else "CPU ops"
+        profiling.stop(self.prof, self.dist.device.type == "cuda", self.steps, wall * 1e6, self.trace,
+                       f"steps {self.first}-{self.last_step}, rank 0, {kind}", self.dist.is_main)
+        if self.dist.is_main:
+            print(f"jambatrain: profiler traces in {os.path.dirname(self.trace)}", flush=True)
+        return wall
 
 
 def _diverged(window: torch.Tensor, engine) -> bool:

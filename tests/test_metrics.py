@@ -17,6 +17,17 @@ def test_throughput_leaves_out_excluded_time(monkeypatch):
     assert r["mfu"] == pytest.approx(1000.0 * 6e9 / 1e12)
 
 
+def test_throughput_leaves_out_profiled_steps(monkeypatch):
+    from jambatrain import metrics
+
+    clock = iter([100.0, 110.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    meter = metrics.Throughput(train_flops_per_token=6e9, peak_flops_per_device=None, world_size=1)
+    meter.add(10_000)  # 4 steps of 2,500 tokens in 10 s, one of them profiled and 4 s long
+    meter.exclude(4.0, tokens=2_500)
+    assert meter.report()["tokens_per_s"] == pytest.approx(7_500 / 6.0)
+
+
 def test_moe_load_stats_is_max_over_mean_averaged_over_layers():
     from jambatrain.metrics import moe_load_stats
 

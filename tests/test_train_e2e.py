@@ -156,6 +156,20 @@ def test_multirun_through_the_submitit_launcher_runs_each_job_on_two_ranks(train
         assert rows[-1]["step"] == 2 and rows[-1]["tokens"] == 2 * 2 * 4 * 256  # 2 ranks x micro batch 4
 
 
+def test_profiling_writes_a_trace_per_rank_and_the_table(train_env, tmp_path):
+    """trainer.profile_at: the chosen step is profiled on every rank (a Chrome trace each), rank 0 prints the
+    time-by-op-class table, and that step is left out of the logged tokens/s."""
+    run_dir = str(tmp_path / "prof")
+    p = run_train(train_env, run_dir, "trainer.max_steps=3", "trainer.profile_at=2", "trainer.profile_steps=1",
+                  "trainer.log_every=3", "trainer.save_every=0", "logger=none")
+    traces = sorted(os.listdir(os.path.join(run_dir, "profile")))
+    assert traces == ["steps2-2_rank0.json", "steps2-2_rank1.json"]
+    with open(os.path.join(run_dir, "profile", traces[0])) as f:
+        assert len(json.load(f)["traceEvents"]) > 100
+    assert "time by class over 1 steps" in p.stdout and "gemm" in p.stdout and "aten::mm" in p.stdout
+    assert metrics(run_dir)[-1]["tokens_per_s"] > 0
+
+
 def test_sigterm_checkpoints_at_the_next_step_and_exits(train_env, tmp_path):
     """Preemption (SLURM's --signal / scancel): the run checkpoints the step it is on, exits 0, and a restart
     resumes from exactly there."""
