@@ -25,6 +25,7 @@ class TrainState:
     tokens: int = 0  # training tokens consumed, all ranks
     loader: dict = field(default_factory=dict)
     model_config: dict = field(default_factory=dict)
+    parallel: dict = field(default_factory=dict)  # world_size and zero_stage of the run that wrote it
 
 
 def ckpt_root(run_dir: str) -> str:
@@ -80,17 +81,37 @@ def _prune(root: str, keep: int, current: str) -> None:
         shutil.rmtree(os.path.join(root, t), ignore_errors=True)
 
 
-def load(engine, run_dir: str, tag: str, rank: int, model_config: dict) -> TrainState:
-    """Restore engine + RNG + loader position. Refuses a checkpoint of a different model architecture."""
+def read_state(run_dir: str, tag: str) -> TrainState:
+    with open(os.path.join(ckpt_root(run_dir), tag, "train_state.json")) as f:
+        return TrainState(**json.load(f))
+
+
+def check_resumable(run_dir: str, tag: str, model_config: dict, world_size: int, zero_stage: int) -> list[str]:
+    """What makes checkpoint ``tag`` unloadable by this run, read from its train_state.json alone, so it is said
+    before any data is prepared or model built (each problem with its fix; empty when it can be resumed)."""
+    state = read_state(run_dir, tag)
     tag_dir = os.path.join(ckpt_root(run_dir), tag)
-    with open(os.path.join(tag_dir, "train_state.json")) as f:
-        state = TrainState(**json.load(f))
+    problems = []
     diff = {k: (state.model_config.get(k), v) for k, v in model_config.items()
             if k in state.model_config and state.model_config[k] != v and k not in _RUNTIME_ONLY_KEYS}
     if diff:
-        raise ValueError(f"checkpoint {tag_dir} was trained with a different model config "
-                         f"(key: checkpoint vs now): {diff}. Use a new run dir (hydra.run.dir=...) or matching "
-                         "model overrides.")
+        problems.append(f"checkpoint {tag_dir} was trained with a different model config (key: checkpoint vs "
+                        f"now): {diff}. Use a new run dir (hydra.run.dir=...) or matching model overrides.")
+    saved_world = state.parallel.get("world_size", state.loader.get("dp_size"))
+    saved_stage = state.parallel.get("zero_stage", zero_stage)
+    if saved_world is not None and saved_world != world_size and max(saved_stage, zero_stage) >= 1:
+        problems.append(
+            f"checkpoint {tag_dir} was written by {saved_world} data-parallel ranks and ZeRO shards the optimizer "
+            f"state per rank; this run has {world_size}. Resume on {saved_world} ranks, or carry the weights (not "
+            "the optimizer state) into a new run dir: python -m jambatrain.export_hf RUN_DIR OUT, then "
+            "model.init_from=OUT")
+    return problems
+
+
+def load(engine, run_dir: str, tag: str, rank: int) -> TrainState:
+    """Restore engine + RNG + loader position (``check_resumable`` has vetted the checkpoint)."""
+    tag_dir = os.path.join(ckpt_root(run_dir), tag)
+    state = read_state(run_dir, tag)
     load_path, _ = engine.load_checkpoint(ckpt_root(run_dir), tag=tag)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")

@@ -96,6 +96,11 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
     if tr.resume and tag is None:
         raise SystemExit(f"trainer.resume=true but {checkpoint.ckpt_root(run_dir)} has no complete checkpoint: "
                          "point hydra.run.dir at the run to resume, or drop trainer.resume")
+    resuming = tag is not None and (tr.resume or tr.auto_resume)
+    if resuming:
+        errors = checkpoint.check_resumable(run_dir, tag, asdict(cfg.model), dist.world_size, par.zero_stage)
+        if errors:
+            raise SystemExit("jambatrain: cannot resume:\n  - " + "\n  - ".join(errors))
     torch.manual_seed(tr.seed)  # same init on every rank
     data_dir = prepare_data(cfg, dist)
 
@@ -109,8 +114,8 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
     model = build_model(cfg.model, dist, ds_config)
     engine = build_engine(model, cfg, dist, ds_config)
     state = checkpoint.TrainState(model_config=asdict(cfg.model))
-    if tag is not None and (tr.resume or tr.auto_resume):
-        state = checkpoint.load(engine, run_dir, tag, dist.rank, asdict(cfg.model))
+    if resuming:
+        state = checkpoint.load(engine, run_dir, tag, dist.rank)
         loader.load_state_dict(state.loader)
         if dist.is_main:
             print(f"jambatrain: resumed from {run_dir}/checkpoints/{tag} at step {state.step}", flush=True)
@@ -183,6 +188,7 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
                                  "checkpoint; not saving it, the last checkpoint is untouched. Lower optim.lr or "
                                  "check the data and model.init_from.")
             state.loader = loader.state_dict()
+            state.parallel = {"world_size": dist.world_size, "zero_stage": par.zero_stage}
             checkpoint.save(engine, run_dir, state, dist.rank, tr.keep_checkpoints)
         meter.exclude(time.perf_counter() - t_aside)
         if preempted:

@@ -54,6 +54,12 @@ def test_torchrun_zero2_loss_falls_then_resume_continues(train_env, tmp_path):
     steps = [r["step"] for r in metrics(run)]
     assert steps == [2, 4, 6, 8, 10, 12, 14, 16]
 
+    # a third on one rank cannot load 2 ranks' ZeRO shards: refused before any model is built, with the ways out
+    p = run_train(train_env, run, "trainer.max_steps=20", *common, nproc=1, check=False)
+    assert p.returncode != 0 and "written by 2 data-parallel ranks" in p.stderr and "model.init_from" in p.stderr
+    assert "parameters" not in p.stdout  # the start-up summary (printed after the model is built) never came
+    assert open(os.path.join(ckpts, "latest")).read().strip() == "step_00000016"
+
 
 def test_resume_is_exact(train_env, tmp_path):
     """8 steps straight == 4 steps, stop, resume to 8: same loss at every logged step (model, optimizer,
