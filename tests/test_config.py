@@ -29,6 +29,27 @@ def test_every_experiment_composes_and_validates(experiment, tmp_path):
     assert problems(cfg, world_size=8) == []
 
 
+@pytest.mark.parametrize("experiment,attention,mamba,rope", [
+    ("h200_1b", 2, 14, False), ("ablate_attn_1to3", 4, 12, False), ("ablate_mamba_only", 0, 16, False),
+    ("ablate_attention_only", 16, 0, False), ("ablate_rope", 2, 14, True)])
+def test_paper_ablations_change_only_the_layout(experiment, attention, mamba, rope, tmp_path):
+    """The sec. 6 ablation presets are h200_1b with one thing changed: which layers attend, or RoPE."""
+    from dataclasses import asdict
+
+    from jambatrain.models import JambaLM
+
+    cfg = to_train_config(_compose([f"experiment={experiment}", f"data.dir={tmp_path}"]))
+    base = to_train_config(_compose(["experiment=h200_1b", f"data.dir={tmp_path}"]))
+    changed = {k for k, v in asdict(cfg.model).items() if asdict(base.model)[k] != v}
+    assert changed <= {"attn_layer_period", "attn_layer_offset", "use_rope"}
+    assert (cfg.parallel, cfg.optim, cfg.data) == (base.parallel, base.optim, base.data)
+    pattern = cfg.model.layer_pattern().split()
+    assert (sum(p[0] == "a" for p in pattern), sum(p[0] == "m" for p in pattern)) == (attention, mamba)
+    assert cfg.model.use_rope == rope
+    with torch.device("meta"):
+        assert JambaLM(cfg.model).num_params() > 1e9
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_preset_builds_on_meta(model, tmp_path):
     from jambatrain.models import JambaLM
