@@ -85,22 +85,31 @@ def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict) -> JambaLM:
     return model
 
 
-def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
-    dist = init_distributed(cfg.parallel)
+def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
+    """Everything that can be refused before any data is prepared or model built: the config's cross-field
+    problems, kernels asked for that cannot run here, and the checkpoint to resume. Returns the fast-path report
+    and the tag to resume from (None: a fresh run)."""
     paths = describe_fast_paths(cfg.model, dist.device.type, resolve_precision(cfg, dist.device), cfg.data.doc_mask)
     errors = problems(cfg, dist.world_size) + paths.errors
     if errors:
         raise SystemExit("jambatrain: invalid configuration:\n  - " + "\n  - ".join(errors))
-    tr, par = cfg.trainer, cfg.parallel
+    tr = cfg.trainer
     tag = checkpoint.latest_tag(run_dir)
     if tr.resume and tag is None:
         raise SystemExit(f"trainer.resume=true but {checkpoint.ckpt_root(run_dir)} has no complete checkpoint: "
                          "point hydra.run.dir at the run to resume, or drop trainer.resume")
-    resuming = tag is not None and (tr.resume or tr.auto_resume)
-    if resuming:
-        errors = checkpoint.check_resumable(run_dir, tag, asdict(cfg.model), dist.world_size, par.zero_stage)
-        if errors:
-            raise SystemExit("jambatrain: cannot resume:\n  - " + "\n  - ".join(errors))
+    if tag is None or not (tr.resume or tr.auto_resume):
+        return paths, None
+    errors = checkpoint.check_resumable(run_dir, tag, asdict(cfg.model), dist.world_size, cfg.parallel.zero_stage)
+    if errors:
+        raise SystemExit("jambatrain: cannot resume:\n  - " + "\n  - ".join(errors))
+    return paths, tag
+
+
+def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
+    dist = init_distributed(cfg.parallel)
+    paths, resume_tag = preflight(cfg, dist, run_dir)
+    tr, par = cfg.trainer, cfg.parallel
     torch.manual_seed(tr.seed)  # same init on every rank
     data_dir = prepare_data(cfg, dist)
 
@@ -114,11 +123,11 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
     model = build_model(cfg.model, dist, ds_config)
     engine = build_engine(model, cfg, dist, ds_config)
     state = checkpoint.TrainState(model_config=asdict(cfg.model))
-    if resuming:
-        state = checkpoint.load(engine, run_dir, tag, dist.rank)
+    if resume_tag is not None:
+        state = checkpoint.load(engine, run_dir, resume_tag, dist.rank)
         loader.load_state_dict(state.loader)
         if dist.is_main:
-            print(f"jambatrain: resumed from {run_dir}/checkpoints/{tag} at step {state.step}", flush=True)
+            print(f"jambatrain: resumed from {run_dir}/checkpoints/{resume_tag} at step {state.step}", flush=True)
     else:  # a fresh run: per-rank streams for anything stochastic in training; a resumed one keeps its restored RNG
         torch.manual_seed(tr.seed + 1000 * dist.rank)
 
