@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .data.loader import resume_geometry_problem
 from .parallel.distributed import barrier
 
 
@@ -86,7 +87,8 @@ def read_state(run_dir: str, tag: str) -> TrainState:
         return TrainState(**json.load(f))
 
 
-def check_resumable(run_dir: str, tag: str, model_config: dict, world_size: int, zero_stage: int) -> list[str]:
+def check_resumable(run_dir: str, tag: str, model_config: dict, world_size: int, zero_stage: int,
+                    micro_batch_size: int) -> list[str]:
     """What makes checkpoint ``tag`` unloadable by this run, read from its train_state.json alone, so it is said
     before any data is prepared or model built (each problem with its fix; empty when it can be resumed)."""
     state = read_state(run_dir, tag)
@@ -105,6 +107,10 @@ def check_resumable(run_dir: str, tag: str, model_config: dict, world_size: int,
             f"state per rank; this run has {world_size}. Resume on {saved_world} ranks, or carry the weights (not "
             "the optimizer state) into a new run dir: python -m jambatrain.export_hf RUN_DIR OUT, then "
             "model.init_from=OUT")
+    elif state.loader:
+        geometry = resume_geometry_problem(state.loader, world_size, micro_batch_size)
+        if geometry:
+            problems.append(f"checkpoint {tag_dir}: {geometry}")
     return problems
 
 

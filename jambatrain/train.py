@@ -100,7 +100,8 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
                          "point hydra.run.dir at the run to resume, or drop trainer.resume")
     if tag is None or not (tr.resume or tr.auto_resume):
         return paths, None
-    errors = checkpoint.check_resumable(run_dir, tag, asdict(cfg.model), dist.world_size, cfg.parallel.zero_stage)
+    errors = checkpoint.check_resumable(run_dir, tag, asdict(cfg.model), dist.world_size, cfg.parallel.zero_stage,
+                                       cfg.parallel.micro_batch_size)
     if errors:
         raise SystemExit("jambatrain: cannot resume:\n  - " + "\n  - ".join(errors))
     return paths, tag

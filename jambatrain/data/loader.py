@@ -303,15 +303,22 @@ class TokenShardLoader:
             if sd.get(key) != mine:
                 raise ValueError(f"loader state has {key}={sd.get(key)!r} but this loader has {mine!r}: "
                                  "resume with the same data and data settings")
-        geometry_changed = (sd["dp_size"], sd["micro_batch_size"]) != (p.dp_size, p.batch)
-        if geometry_changed and sd["batch_in_epoch"] != 0:
-            raise ValueError(
-                f"loader state was saved at batch {sd['batch_in_epoch']} of epoch {sd['epoch']} with "
-                f"dp_size={sd['dp_size']}, micro_batch_size={sd['micro_batch_size']}; this loader has "
-                f"dp_size={p.dp_size}, micro_batch_size={p.batch}. Mid-epoch resume needs the same values "
-                "(a checkpoint taken at an epoch boundary may change them)")
+        problem = resume_geometry_problem(sd, p.dp_size, p.batch)
+        if problem:
+            raise ValueError(problem)
         self._position = sd["epoch"] * self.batches_per_epoch + sd["batch_in_epoch"]
         self.skipped = int(sd.get("skipped", 0))
+
+
+def resume_geometry_problem(sd: dict, dp_size: int, micro_batch_size: int) -> str | None:
+    """Why a loader state ``sd`` cannot resume with this data-parallel size and micro batch, or None. Changing
+    them is allowed only at an epoch boundary: mid-epoch, the batch numbering would no longer line up."""
+    if (sd["dp_size"], sd["micro_batch_size"]) == (dp_size, micro_batch_size) or sd["batch_in_epoch"] == 0:
+        return None
+    return (f"loader state was saved at batch {sd['batch_in_epoch']} of epoch {sd['epoch']} with "
+            f"dp_size={sd['dp_size']}, micro_batch_size={sd['micro_batch_size']}; this run has "
+            f"dp_size={dp_size}, micro_batch_size={micro_batch_size}. Mid-epoch resume needs the same values "
+            "(a checkpoint taken at an epoch boundary may change them)")
 
 
 def make_val_loader(data_dir: str, micro_batch_size: int, dp_rank: int, dp_size: int,
