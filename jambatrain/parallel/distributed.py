@@ -53,6 +53,12 @@ def init_distributed(par: ParallelConfig) -> DistInfo:
     `python -m` run is a world of one on 127.0.0.1. DeepSpeed's communication layer is initialised on top of the
     same group."""
     export_submitit_env()
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        # srun started this as one of several tasks with no torchrun in between: each would train alone as rank 0
+        # of a world of one, all in the same run dir
+        raise SystemExit(f"jambatrain: started as one of {os.environ['SLURM_NTASKS']} SLURM tasks without torchrun: "
+                         "launch with launch/slurm.sbatch (srun starts one torchrun per node), or sweep with "
+                         "hydra/launcher=slurm_gpu")
     rank = int(os.environ.setdefault("RANK", "0"))
     world = int(os.environ.setdefault("WORLD_SIZE", "1"))
     local_rank = int(os.environ.setdefault("LOCAL_RANK", "0"))
