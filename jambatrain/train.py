@@ -5,6 +5,7 @@ The path of a run: compose + validate config -> process group -> data (checked b
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -132,6 +133,10 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
     else:  # a fresh run: per-rank streams for anything stochastic in training; a resumed one keeps its restored RNG
         torch.manual_seed(tr.seed + 1000 * dist.rank)
 
+    config_dict = {**config_dict, "runtime": _runtime_info(dist, paths)}  # W&B config: what actually ran
+    if dist.is_main:
+        with open(os.path.join(run_dir, "run_info.json"), "w") as f:
+            json.dump(config_dict["runtime"], f, indent=1)
     logger = MetricsLogger(cfg, run_dir, dist.is_main, config_dict)
     meter = Throughput(_train_flops_per_token(cfg), _peak_flops(cfg, dist), dist.world_size)
     if dist.is_main:
@@ -239,6 +244,24 @@ def _doc_starts(batch: dict, cfg: TrainConfig, dist: DistInfo):
     starts = torch.zeros_like(ids, dtype=torch.bool)
     starts[:, 1:] = ids[:, :-1] == cfg.data.eos_id
     return starts.to(dist.device, non_blocking=True)
+
+
+def _runtime_info(dist: DistInfo, paths) -> dict:
+    """The facts of this (re)start that the config does not fix: devices, library versions, kernel paths."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def _version(pkg: str) -> str | None:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+
+    return {"world_size": dist.world_size, "device": dist.device.type,
+            "device_name": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else None,
+            "fast_paths": paths.paths, "fast_path_warnings": paths.warnings,
+            "versions": {p: _version(p) for p in ("torch", "deepspeed", "mamba-ssm", "causal-conv1d", "megablocks",
+                                                  "transformers")},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 class _Profile:

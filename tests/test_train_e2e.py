@@ -47,6 +47,10 @@ def test_torchrun_zero2_loss_falls_then_resume_continues(train_env, tmp_path):
     assert open(os.path.join(ckpts, "latest")).read().strip() == "step_00000012"
     assert sorted(t for t in os.listdir(ckpts) if t.startswith("step_")) == ["step_00000006", "step_00000012"]
     assert os.path.isdir(os.path.join(run, "wandb"))
+    with open(os.path.join(run, "run_info.json")) as f:  # what ran: devices, versions, kernel paths
+        info = json.load(f)
+    assert info["world_size"] == 2 and info["fast_paths"]["mamba"] == "reference scan"
+    assert info["versions"]["deepspeed"] and info["versions"]["torch"].startswith("2.")
 
     # second invocation: resumes at step 12 and continues to 16 (not a restart)
     p = run_train(train_env, run, "trainer.max_steps=16", *common)
