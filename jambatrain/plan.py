@@ -1,0 +1,106 @@
+"""Plan a run before asking a cluster for it: size, per-GPU model-state memory for each ZeRO stage, and time.
+
+    python -m jambatrain.plan --gpus 64 --tokens 250e9 --mfu 0.35 experiment=jamba_v0_1 [more Hydra overrides]
+
+Reads the same Hydra config the trainer would (the overrides are the trainer's), builds the model on the meta
+device (no memory, no GPU), checks the config for that many GPUs, and prints:
+  * parameters (total / active), layer pattern, training FLOPs per token, tokens per optimizer step;
+  * model-state memory per GPU under ZeRO 1, 2 and 3 with bf16 weights, fp32 master weights and fp32 Adam
+    moments (the ZeRO paper's accounting: 2 + 2 + 12 bytes per parameter, the sharded part divided by the GPU
+    count), and for ZeRO-3 the largest module one GPU gathers whole;
+  * the time to train ``--tokens`` at ``--mfu`` of ``--peak`` FLOP/s per GPU.
+Activations are not estimated: they depend on the kernels and recomputation; docs/benchmarks.md has measured peaks.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+import torch
+
+GB = 1e9
+
+
+def model_state_bytes(num_params: int, zero_stage: int, gpus: int) -> dict[str, float]:
+    """Per-GPU bytes of bf16 weights, bf16 gradients and fp32 optimizer state (master + Adam m, v)."""
+    weights, grads, optim = 2.0 * num_params, 2.0 * num_params, 12.0 * num_params
+    shard = {0: (False, False, False), 1: (False, False, True), 2: (False, True, True), 3: (True, True, True)}
+    w_s, g_s, o_s = shard[zero_stage]
+    out = {"weights": weights / (gpus if w_s else 1), "grads": grads / (gpus if g_s else 1),
+           "optimizer": optim / (gpus if o_s else 1)}
+    out["total"] = sum(out.values())
+    return out
+
+
+def largest_gathered_params(model) -> int:
+    """Parameters of the largest module ZeRO-3 gathers whole: a layer, the embedding or the LM head."""
+    modules = [*model.layers, model.embed_tokens, model.lm_head]
+    return max(sum(p.numel() for p in m.parameters()) for m in modules)
+
+
+def plan(cfg, gpus: int, tokens: float, mfu: float, peak: float) -> dict:
+    from .config import problems
+    from .flops import flops_per_token
+    from .models import JambaLM
+
+    with torch.device("meta"):
+        model = JambaLM(cfg.model)
+    n, active = model.num_params(), model.num_active_params()
+    par = cfg.parallel
+    tokens_per_step = par.micro_batch_size * par.grad_accum_steps * cfg.data.seq_len * gpus
+    flops = flops_per_token(cfg.model, cfg.data.seq_len)["training"]
+    tokens_per_s = mfu * peak * gpus / flops
+    return {"params": n, "active_params": active, "layer_pattern": cfg.model.layer_pattern(),
+            "flops_per_token": flops, "tokens_per_step": tokens_per_step,
+            "model_state_gb": {s: {k: v / GB for k, v in model_state_bytes(n, s, gpus).items()} for s in (1, 2, 3)},
+            "zero3_largest_gathered_gb": 2.0 * largest_gathered_params(model) / GB,
+            "tokens_per_s": tokens_per_s, "days": tokens / tokens_per_s / 86400, "steps": math.ceil(tokens / tokens_per_step),
+            "problems": problems(cfg, world_size=gpus), "zero_stage": par.zero_stage}
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from .config import register_schema, to_train_config
+    from .train import CONF_DIR
+
+    register_schema()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_train_config(compose(config_name="train", overrides=overrides))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpus", type=int, required=True, help="data-parallel GPUs in all")
+    ap.add_argument("--tokens", type=float, default=0, help="training tokens to plan the time for")
+    ap.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation to assume (measured: "
+                    "docs/benchmarks.md; 0.35-0.39 for the 1.3b/7b presets on H200s)")
+    ap.add_argument("--peak", type=float, default=989e12, help="per-GPU dense bf16 peak FLOP/s (H100/H200: 989e12)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for jambatrain.train")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("JAMBATRAIN_RUN_DIR", os.path.join(os.getcwd(), "runs", "plan"))
+    cfg = _compose(args.overrides)
+    p = plan(cfg, args.gpus, args.tokens, args.mfu, args.peak)
+    print(f"{cfg.name}: {p['params'] / 1e9:.2f}B parameters ({p['active_params'] / 1e9:.2f}B active), "
+          f"layers [{p['layer_pattern']}]")
+    print(f"  {p['flops_per_token'] / 1e9:.1f} GFLOP/token (training); {p['tokens_per_step']:,} tokens per optimizer "
+          f"step on {args.gpus} GPUs")
+    print(f"  model states per GPU (bf16 weights + bf16 grads + fp32 master/Adam), GB; activations come on top:")
+    for s, m in p["model_state_gb"].items():
+        mark = "  <- this config" if s == p["zero_stage"] else ""
+        print(f"    ZeRO-{s}: {m['total']:8.1f}  (weights {m['weights']:.1f}, grads {m['grads']:.1f}, "
+              f"optimizer {m['optimizer']:.1f}){mark}")
+    print(f"    ZeRO-3 also gathers one module whole at a time (a layer, the embedding, the LM head): largest "
+          f"{p['zero3_largest_gathered_gb']:.2f} GB in bf16")
+    if args.tokens:
+        print(f"  {args.tokens:.3g} tokens at MFU {args.mfu:.0%} of {args.peak / 1e12:.0f} TFLOP/s: "
+              f"{p['tokens_per_s'] / args.gpus:,.0f} tokens/s/GPU, {p['steps']:,} steps, {p['days']:.1f} days")
+    for prob in p["problems"]:
+        print(f"  PROBLEM: {prob}")
+    return p
+
+
+if __name__ == "__main__":
+    main()

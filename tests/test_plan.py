@@ -1,0 +1,34 @@
+"""jambatrain.plan: the arithmetic of a run, from the same Hydra config the trainer reads."""
+from __future__ import annotations
+
+import pytest
+
+from jambatrain import plan
+
+
+def test_model_state_bytes_follow_the_zero_accounting():
+    n, gpus = 1_000, 8
+    assert plan.model_state_bytes(n, 0, gpus)["total"] == 16 * n
+    z1, z2, z3 = (plan.model_state_bytes(n, s, gpus) for s in (1, 2, 3))
+    assert (z1["weights"], z1["grads"], z1["optimizer"]) == (2 * n, 2 * n, 12 * n / gpus)
+    assert (z2["weights"], z2["grads"], z2["optimizer"]) == (2 * n, 2 * n / gpus, 12 * n / gpus)
+    assert z3["total"] == pytest.approx(16 * n / gpus)
+
+
+def test_jamba_v0_1_on_64_gpus(capsys, tmp_path):
+    p = plan.main(["--gpus", "64", "--tokens", "250e9", "--mfu", "0.3", "experiment=jamba_v0_1",
+                   f"data.dir={tmp_path}"])
+    assert p["params"] == 51_570_323_328 and p["active_params"] == 12_110_311_296
+    assert p["tokens_per_step"] == 1 * 8 * 4096 * 64  # micro batch x accumulation x seq x GPUs
+    assert p["model_state_gb"][3]["total"] == pytest.approx(16 * 51_570_323_328 / 64 / 1e9)
+    # one MoE layer holds 16 experts x 3 x 14336 x 4096 weights: the largest module ZeRO-3 gathers
+    assert p["zero3_largest_gathered_gb"] > 2 * 16 * 3 * 14336 * 4096 / 1e9
+    assert p["days"] == pytest.approx(250e9 / (0.3 * 989e12 * 64 / p["flops_per_token"]) / 86400)
+    assert p["problems"] == []
+    out = capsys.readouterr().out
+    assert "ZeRO-3:" in out and "<- this config" in out and "days" in out
+
+
+def test_a_config_that_cannot_run_on_that_many_gpus_is_reported(capsys):
+    p = plan.main(["--gpus", "4", "experiment=tiny_cpu", "parallel.expert_parallel_size=2"])
+    assert p["problems"] and "PROBLEM:" in capsys.readouterr().out
