@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"layers [{p['layer_pattern']}]")
     print(f"  {p['flops_per_token'] / 1e9:.1f} GFLOP/token (training); {p['tokens_per_step']:,} tokens per optimizer "
           f"step on {args.gpus} GPUs")
-    print(f"  model states per GPU (bf16 weights + bf16 grads + fp32 master/Adam), GB; activations come on top:")
+    print("  model states per GPU (bf16 weights + bf16 grads + fp32 master/Adam), GB; activations come on top:")
     for s, m in p["model_state_gb"].items():
         mark = "  <- this config" if s == p["zero_stage"] else ""
         print(f"    ZeRO-{s}: {m['total']:8.1f}  (weights {m['weights']:.1f}, grads {m['grads']:.1f}, "
