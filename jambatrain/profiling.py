@@ -76,7 +76,7 @@ def start(cuda: bool):
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
-    prof.__enter__()
+    prof.start()
     return prof
 
 
@@ -84,7 +84,7 @@ def stop(prof, cuda: bool, steps: int, wall_us: float, trace_path: str | None, l
          print_table: bool) -> dict | None:
     """Finish a profile started by ``start``: write the Chrome trace (``chrome://tracing`` / Perfetto) and, where
     ``print_table``, print the summary."""
-    prof.__exit__(None, None, None)
+    prof.stop()
     if trace_path:
         os.makedirs(os.path.dirname(trace_path), exist_ok=True)
         prof.export_chrome_trace(trace_path)
