@@ -5,7 +5,7 @@
 Reads the same Hydra config the trainer would (the overrides are the trainer's), builds the model on the meta
 device (no memory, no GPU), checks the config for that many GPUs, and prints:
   * parameters (total / active), layer pattern, training FLOPs per token, tokens per optimizer step;
-  * model-state memory per GPU under ZeRO 1, 2 and 3 with bf16 weights, fp32 master weights and fp32 Adam
+  * model-state memory per GPU under ZeRO 0 (plain data parallel), 1, 2 and 3 with bf16 weights, fp32 master weights and fp32 Adam
     moments (the ZeRO paper's accounting: 2 + 2 + 12 bytes per parameter, the sharded part divided by the GPU
     count), and for ZeRO-3 the largest module one GPU gathers whole;
   * the time to train ``--tokens`` at ``--mfu`` of ``--peak`` FLOP/s per GPU.
@@ -53,7 +53,7 @@ def plan(cfg, gpus: int, tokens: float, mfu: float, peak: float) -> dict:
     tokens_per_s = mfu * peak * gpus / flops
     return {"params": n, "active_params": active, "layer_pattern": cfg.model.layer_pattern(),
             "flops_per_token": flops, "tokens_per_step": tokens_per_step,
-            "model_state_gb": {s: {k: v / GB for k, v in model_state_bytes(n, s, gpus).items()} for s in (1, 2, 3)},
+            "model_state_gb": {s: {k: v / GB for k, v in model_state_bytes(n, s, gpus).items()} for s in (0, 1, 2, 3)},
             "zero3_largest_gathered_gb": 2.0 * largest_gathered_params(model) / GB,
             "tokens_per_s": tokens_per_s, "days": tokens / tokens_per_s / 86400, "steps": math.ceil(tokens / tokens_per_step),
             "problems": problems(cfg, world_size=gpus), "zero_stage": par.zero_stage}
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation to assume (measured: "
                     "docs/benchmarks.md; 0.35-0.39 for the 1.3b/7b presets on H200s)")
     ap.add_argument("--peak", type=float, default=989e12, help="per-GPU dense bf16 peak FLOP/s (H100/H200: 989e12)")
+    ap.add_argument("--gpu-mem", type=float, default=141.0, help="GB of memory per GPU (H200: 141, H100: 80)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for jambatrain.train")
     args = ap.parse_args(argv)
     os.environ.setdefault("JAMBATRAIN_RUN_DIR", os.path.join(os.getcwd(), "runs", "plan"))
@@ -94,6 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
               f"optimizer {m['optimizer']:.1f}){mark}")
     print(f"    ZeRO-3 also gathers one module whole at a time (a layer, the embedding, the LM head): largest "
           f"{p['zero3_largest_gathered_gb']:.2f} GB in bf16")
+    fixed = p["model_state_gb"][p["zero_stage"]]["total"]
+    fixed += p["zero3_largest_gathered_gb"] if p["zero_stage"] == 3 else 0.0
+    left = p["gb_left_per_gpu"] = args.gpu_mem - fixed
+    print(f"  this config (ZeRO-{p['zero_stage']}) leaves {left:.1f} of {args.gpu_mem:.0f} GB per GPU for activations, "
+          f"buffers and the allocator" + ("" if left > 0 else ": DOES NOT FIT, use more GPUs or a higher ZeRO stage"))
     if args.tokens:
         print(f"  {args.tokens:.3g} tokens at MFU {args.mfu:.0%} of {args.peak / 1e12:.0f} TFLOP/s: "
               f"{p['tokens_per_s'] / args.gpus:,.0f} tokens/s/GPU, {p['steps']:,} steps, {p['days']:.1f} days")

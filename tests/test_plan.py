@@ -25,8 +25,15 @@ def test_jamba_v0_1_on_64_gpus(capsys, tmp_path):
     assert p["zero3_largest_gathered_gb"] > 2 * 16 * 3 * 14336 * 4096 / 1e9
     assert p["days"] == pytest.approx(250e9 / (0.3 * 989e12 * 64 / p["flops_per_token"]) / 86400)
     assert p["problems"] == []
+    assert p["gb_left_per_gpu"] == pytest.approx(141 - p["model_state_gb"][3]["total"] - p["zero3_largest_gathered_gb"])
     out = capsys.readouterr().out
-    assert "ZeRO-3:" in out and "<- this config" in out and "days" in out
+    assert "ZeRO-3:" in out and "<- this config" in out and "days" in out and "DOES NOT FIT" not in out
+
+
+def test_too_few_gpus_for_the_model_states_is_said(capsys, tmp_path):
+    # 52B with ZeRO-3 on 4 GPUs: 16 bytes x 51.6B / 4 = 206 GB of model states per GPU
+    p = plan.main(["--gpus", "4", "experiment=jamba_v0_1", f"data.dir={tmp_path}"])
+    assert p["gb_left_per_gpu"] < 0 and "DOES NOT FIT" in capsys.readouterr().out
 
 
 def test_a_config_that_cannot_run_on_that_many_gpus_is_reported(capsys):
