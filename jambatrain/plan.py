@@ -63,8 +63,9 @@ def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     from .config import register_schema, to_train_config
-    from .train import CONF_DIR
+    from .train import CONF_DIR, require_configs
 
+    require_configs()
     register_schema()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return to_train_config(compose(config_name="train", overrides=overrides))

@@ -28,7 +28,9 @@ from .parallel.deepspeed_setup import resolve_precision
 from .parallel.distributed import DistInfo, any_rank, export_submitit_env
 
 register_schema()
-CONF_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf"))
+# the repo's conf/ next to the package (an editable install or a checkout); JAMBATRAIN_CONF_DIR points elsewhere
+CONF_DIR = os.environ.get("JAMBATRAIN_CONF_DIR") or os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf"))
 
 
 def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
@@ -370,5 +372,20 @@ def main(raw: DictConfig) -> float | None:
     return result.get("loss")  # the value a Hydra sweeper optimises
 
 
-if __name__ == "__main__":
+def require_configs() -> None:
+    """Say where the Hydra configs were looked for when they are missing, instead of Hydra's bare "primary config
+    directory not found"."""
+    if not os.path.isfile(os.path.join(CONF_DIR, "train.yaml")):
+        raise SystemExit(f"jambatrain: no Hydra configs at {CONF_DIR} (it needs conf/train.yaml and its groups): "
+                         "install from a checkout with `pip install -e .`, or set JAMBATRAIN_CONF_DIR to the "
+                         "checkout's conf/ directory")
+
+
+def cli() -> None:
+    """Entry point: ``python -m jambatrain.train``, ``jambatrain-train``."""
+    require_configs()
     main()
+
+
+if __name__ == "__main__":
+    cli()

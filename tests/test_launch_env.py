@@ -41,3 +41,15 @@ def test_submitit_tasks_get_torchs_env_from_the_task_layout(clean_env):
     distributed.export_submitit_env()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "1")
     assert os.environ["MASTER_ADDR"] and os.environ["MASTER_PORT"].isdigit()
+
+
+def test_missing_configs_are_named_with_the_fix(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "JAMBATRAIN_CONF_DIR": str(tmp_path / "nowhere")}
+    p = subprocess.run([sys.executable, "-m", "jambatrain.train", "experiment=tiny_cpu"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and str(tmp_path / "nowhere") in p.stderr and "JAMBATRAIN_CONF_DIR" in p.stderr
