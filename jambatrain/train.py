@@ -162,6 +162,8 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
     while state.step < tr.max_steps:
         if tr.profile_at and state.step + 1 == tr.profile_at:
             prof = _Profile(dist, run_dir, state.step + 1, tr.profile_steps)
+        if prof is not None:
+            prof.step_start()
         engine.train()
         step_lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
         for _ in range(par.grad_accum_steps):
@@ -175,9 +177,10 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
         state.step += 1
         state.tokens += tokens_per_step
         meter.add(tokens_per_step)
-        if prof is not None and prof.last_step == state.step:
-            meter.exclude(prof.finish(), tokens_per_step * tr.profile_steps)
-            prof = None
+        if prof is not None:  # each profiled step leaves tokens/s as it ends, whichever log window it falls in
+            meter.exclude(prof.step_end(state.step), tokens_per_step)
+            if state.step == prof.last_step:
+                prof = None
         window_steps += par.grad_accum_steps
         if state.step % tr.log_every == 0 or state.step == tr.max_steps:
             ce, aux, z = reduce_mean(window / window_steps)
@@ -274,24 +277,31 @@ class _Profile:
         self.dist, self.first, self.steps = dist, first, steps
         self.last_step = first + steps - 1
         self.trace = os.path.join(run_dir, "profile", f"steps{first}-{self.last_step}_rank{dist.rank}.json")
-        self._sync()
-        self.t0 = time.perf_counter()
-        self.prof = profiling.start(cuda=dist.device.type == "cuda")
+        self.cuda = dist.device.type == "cuda"
+        self.wall = 0.0  # seconds inside the profiled steps
+        self.prof = profiling.start(cuda=self.cuda)
 
-    def _sync(self) -> None:
-        if self.dist.device.type == "cuda":
+    def _now(self) -> float:
+        if self.cuda:
             torch.cuda.synchronize(self.dist.device)
+        return time.perf_counter()
 
-    def finish(self) -> float:
-        """Stop, write and report; returns the wall seconds the profiled steps took."""
-        self._sync()
-        wall = time.perf_counter() - self.t0
-        kind = "CUDA kernels" if self.dist.device.type == "cuda" else "CPU ops"
-        profiling.stop(self.prof, self.dist.device.type == "cuda", self.steps, wall * 1e6, self.trace,
-                       f"steps {self.first}-{self.last_step}, rank 0, {kind}", self.dist.is_main)
-        if self.dist.is_main:
-            print(f"jambatrain: profiler traces in {os.path.dirname(self.trace)}", flush=True)
-        return wall
+    def step_start(self) -> None:
+        self.t0 = self._now()
+
+    def step_end(self, step: int) -> float:
+        """Seconds this step took; after the last one, also stops, writes the trace and prints the table (that
+        time included)."""
+        seconds = self._now() - self.t0
+        self.wall += seconds
+        if step == self.last_step:
+            kind = "CUDA kernels" if self.cuda else "CPU ops"
+            profiling.stop(self.prof, self.cuda, self.steps, self.wall * 1e6, self.trace,
+                           f"steps {self.first}-{self.last_step}, rank 0, {kind}", self.dist.is_main)
+            if self.dist.is_main:
+                print(f"jambatrain: profiler traces in {os.path.dirname(self.trace)}", flush=True)
+            seconds = self._now() - self.t0
+        return seconds
 
 
 def _diverged(window: torch.Tensor, engine) -> bool:
