@@ -104,7 +104,8 @@ def apply_variant(model, variant: str) -> str:
     """jambatrain variants for A/B rows: '+'-joined tokens. 'opt' = layout+norm+compile (the defaults); 'base' =
     none of them; 'layout': Mamba kernels in the (d, b*l) layout (MambaMixer.kernel_layout); 'norm': fused Triton
     RMSNorm; 'compile': torch.compile'd SwiGLU product and cross-entropy (model.compile_elementwise);
-    'grouped' / 'megablocks' / 'native': the MoE backend instead of moe_impl=auto."""
+    'grouped' / 'megablocks' / 'native': the MoE backend instead of moe_impl=auto; 'docs': packed documents
+    (``doc_starts`` with a boundary every ~1k tokens: attention masked per document, Mamba state reset)."""
     from jambatrain.models.fused_ops import activation
     from jambatrain.models.layers import RMSNorm, SwiGLU
     from jambatrain.models.mamba import MambaMixer
@@ -125,9 +126,17 @@ def apply_variant(model, variant: str) -> str:
     return variant
 
 
-def loss_fn(kind: str, model, ids):
-    if kind == "jambatrain":
-        return model(ids, labels=shift_labels(ids), return_logits=False).loss  # the same next-token task as HF's
+def doc_starts_like(ids: torch.Tensor, mean_len: int = 1024, seed: int = 0) -> torch.Tensor:
+    """bool (batch, seq): True at 0 and then with probability 1/mean_len per position (packed documents)."""
+    gen = torch.Generator(device=ids.device).manual_seed(seed)
+    starts = torch.rand(ids.shape, device=ids.device, generator=gen) < 1.0 / mean_len
+    starts[:, 0] = True
+    return starts
+
+
+def loss_fn(kind: str, model, ids, doc_starts=None):
+    if kind == "jambatrain":  # the same next-token task as HF's
+        return model(ids, labels=shift_labels(ids), doc_starts=doc_starts, return_logits=False).loss
     return model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
@@ -155,9 +164,13 @@ def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, war
     model.train()
     gen = torch.Generator(device="cuda").manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=gen) for _ in range(4)]
+    docs = None
+    if kind == "jambatrain" and "docs" in variant.split("+"):
+        docs = [doc_starts_like(b, seed=i) for i, b in enumerate(batches)]
+        info["documents_per_sequence"] = float(docs[0].sum(1).float().mean())
 
     def step(i):
-        loss = loss_fn(kind, model, batches[i % len(batches)])
+        loss = loss_fn(kind, model, batches[i % len(batches)], None if docs is None else docs[i % len(docs)])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Offline build of the CUDA kernel wheels jambatrain's GPU fast paths use, against the local torch/CUDA:
-#   mamba-ssm (selective scan), causal-conv1d, and optionally megablocks + stanford-stk (dMoE ops).
+#   mamba-ssm (selective scan), causal-conv1d, and optionally megablocks + stanford-stk (dMoE ops);
+#   and jambatrain's own csrc/selective_scan_reset (mamba-ssm's scan with document resets, for data.doc_mask).
 #
 # usage: launch/build_kernels.sh [SDIST_DIR=.whl/sdists] [OUT_DIR=.whl/built]
 #
@@ -10,7 +11,7 @@
 # env:
 #   ARCH       compute capability to build for, e.g. 90 (default: the local GPU's; 90 if none is visible)
 #   MAX_JOBS   parallel nvcc jobs in total (default: nproc); shared out between the builds, which run at once
-#   WHICH      subset of "mamba conv megablocks stk" (default: all four)
+#   WHICH      subset of "mamba conv megablocks stk reset" (default: all five; reset is built from this repo)
 #   SPLIT_TU   1 (default): split causal-conv1d's fwd/bwd .cu files into several translation units so the
 #              build parallelises (one file held ~6 min of the old build); 0: build the sources as shipped
 #   COMPRESS   1 (default): compressed fatbins (nvcc --compress-mode=size, else -Xfatbin=-compress-all, whichever
@@ -28,7 +29,8 @@ set -euo pipefail
 SDIST_DIR=$(realpath "${1:-.whl/sdists}")
 OUT_DIR=$(realpath -m "${2:-.whl/built}")
 PY=${PYTHON:-python3}
-WHICH=${WHICH:-"mamba conv megablocks stk"}
+WHICH=${WHICH:-"mamba conv megablocks stk reset"}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SPLIT_TU=${SPLIT_TU:-1}
 NPROC=$(nproc)
 MAX_JOBS=${MAX_JOBS:-$NPROC}
@@ -150,6 +152,10 @@ fi
 if want megablocks && [[ -n "$(find_sdist megablocks)" ]]; then
   d=$(unpack megablocks); patch_megablocks "$d"
   build megablocks "$d" 2 & pids+=($!); labels+=(megablocks)
+fi
+if want reset; then  # in-repo sources: a copy, so the build leaves no artefacts in the checkout
+  cp -r "$REPO/csrc/selective_scan_reset" "$WORK/selective_scan_reset"
+  build scan-reset "$WORK/selective_scan_reset" 4 & pids+=($!); labels+=(scan-reset)
 fi
 if want stk && [[ -n "$(find_sdist stanford_stk)" ]]; then
   d=$(unpack stanford_stk)

@@ -23,9 +23,10 @@ def _cfg(**kw) -> ModelConfig:
 @pytest.fixture
 def kernels(monkeypatch):
     """Pretend the CUDA kernels import (True) or not (False), as on a GPU box with or without them built."""
-    def set_(available: bool, megablocks: bool = False):
+    def set_(available: bool, megablocks: bool = False, scan_reset: bool = False):
         monkeypatch.setattr(ssm_ops, "kernels_available",
-                            lambda: {"selective_scan": available, "causal_conv1d": available, "rms_norm": available})
+                            lambda: {"selective_scan": available, "causal_conv1d": available, "rms_norm": available,
+                                     "scan_reset": scan_reset})
         monkeypatch.setattr(moe_backends, "megablocks_available", lambda: megablocks)
     return set_
 
@@ -54,11 +55,21 @@ def test_cuda_without_kernels_warns_with_the_fix(kernels):
     assert len(fp.warnings) == 1 and "launch/build_kernels.sh" in fp.warnings[0]
 
 
-def test_doc_mask_on_cuda_warns_that_it_costs_the_fused_scan(kernels):
+def test_doc_mask_on_cuda_without_the_reset_kernel_warns_with_the_fix(kernels):
     kernels(True)
     fp = describe(_cfg(), "cuda", "bf16", doc_mask=True)
     assert fp.paths["mamba"] == "reference scan" and fp.paths["attention"] == "SDPA"
-    assert len(fp.warnings) == 1 and "data.doc_mask=false" in fp.warnings[0]
+    assert len(fp.warnings) == 1 and "WHICH=reset" in fp.warnings[0] and "data.doc_mask=false" in fp.warnings[0]
+
+
+def test_doc_mask_on_cuda_takes_the_reset_kernel(kernels):
+    kernels(True, scan_reset=True)
+    fp = describe(_cfg(), "cuda", "bf16", doc_mask=True)
+    assert fp.paths["mamba"] == "scan-reset kernel + compiled doc conv"
+    assert fp.warnings == []
+    # without the document mask the stock mamba-ssm kernels stay the path
+    assert describe(_cfg(), "cuda", "bf16", doc_mask=False).paths["mamba"] == "mamba-ssm scan + causal-conv1d"
+    assert describe(_cfg(mamba_impl="reference"), "cuda", "bf16", doc_mask=True).paths["mamba"] == "reference scan"
 
 
 def test_moe_falls_back_to_grouped_then_warns_in_fp32(kernels):

@@ -4,6 +4,7 @@ Errors are ||fast - ref|| / ||ref|| over the whole tensor. Tolerances:
   fp32 kernels vs fp32 references                    2e-3 (fwd) / 5e-3 (grads): only summation order differs
   bf16 kernels vs the fp32 reference on the same bf16 inputs   3e-2: bf16 rounding of inputs/outputs
   grouped-GEMM MoE vs the native loop, both bf16     2e-2 (fwd and grads)
+  scan-with-reset kernel vs the reference scan with the same document starts: as the plain scan kernel
   whole JambaLM: the bf16 kernel path's error against an fp32 reference-path run must stay within
     1.5x (+1e-2) of the bf16 reference path's own error, for the logits and every parameter's gradient
   Mamba kernel layout vs the generic kernel path, fused RMSNorm vs eager: 1e-2 (fwd) / 2e-2 (grads)
@@ -31,6 +32,8 @@ needs_scan = pytest.mark.skipif(not ssm_ops.kernels_available()["selective_scan"
                                 reason="mamba-ssm selective_scan kernel not importable (launch/build_kernels.sh)")
 needs_conv = pytest.mark.skipif(not ssm_ops.kernels_available()["causal_conv1d"],
                                 reason="causal-conv1d kernel not importable (launch/build_kernels.sh)")
+needs_reset = pytest.mark.skipif(not ssm_ops.kernels_available()["scan_reset"],
+                                 reason="jambatrain_scan_reset_cuda not built (launch/build_kernels.sh, WHICH=reset)")
 DEV = "cuda"
 
 
@@ -65,6 +68,77 @@ def test_selective_scan_kernel_vs_ref(dtype, tol_f, tol_b):
     yr.backward(gy)
     for name, a, b in zip("u delta A B C D z delta_bias".split(), ker, ref):
         assert rel(a.grad, b.grad) < tol_b, name
+
+
+def _doc_starts(b, L, seed=0):
+    """Document starts at 0, at random places, at the 2048-position chunk edges of the kernel and next to them,
+    and a one-token document."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    reset = torch.rand(b, L, device=DEV, generator=g) < 1 / 150
+    reset[:, 0] = True
+    for p in (1, 2, 5, 6, 2047, 2048, 2049, L - 1):
+        if p < L:
+            reset[p % b, p] = True
+    return reset
+
+
+@needs_reset
+@needs_scan
+@pytest.mark.parametrize("dtype,tol_f,tol_b", [(torch.float32, 2e-3, 5e-3), (torch.bfloat16, 3e-2, 3e-2)])
+@pytest.mark.parametrize("L", [700, 4500])  # 4500: three of the kernel's 2048-position chunks, a ragged last one
+def test_scan_reset_kernel_vs_ref(dtype, tol_f, tol_b, L):
+    """jambatrain's scan-with-reset kernel against the reference scan with the same document starts, and a
+    document's outputs and gradients do not depend on the documents before it."""
+    ins = _scan_inputs(dtype, L=L)
+    reset = _doc_starts(2, L)
+    ker = [t.clone().requires_grad_() for t in ins]
+    ref = [t.detach().float().clone().requires_grad_() for t in ins]
+    yk = ssm_ops.selective_scan(*ker[:6], z=ker[6], delta_bias=ker[7], delta_softplus=True, reset=reset)
+    yr = ssm_ops.selective_scan_ref(*ref[:6], z=ref[6], delta_bias=ref[7], delta_softplus=True, reset=reset)
+    assert yk.dtype == dtype and yk.grad_fn is not None and "ScanKernel" in type(yk.grad_fn).__name__
+    assert rel(yk, yr) < tol_f
+    plain = ssm_ops.selective_scan_ref(*ref[:6], z=ref[6], delta_bias=ref[7], delta_softplus=True)
+    assert rel(plain, yr) > 0.1  # the resets change the result by far more than either tolerance
+    gy = torch.randn_like(yr)
+    yk.backward(gy.to(dtype))
+    yr.backward(gy)
+    for name, a, b in zip("u delta A B C D z delta_bias".split(), ker, ref):
+        assert rel(a.grad, b.grad) < tol_b, name
+    # row 0's last document on its own gives the same outputs as inside the packed row
+    s = int(reset[0].nonzero().max())
+    if s < L - 1:
+        sl = lambda t: t[:1, ..., s:].contiguous()  # noqa: E731
+        alone = ssm_ops.selective_scan(sl(ins[0]), sl(ins[1]), ins[2], sl(ins[3]), sl(ins[4]), ins[5], z=sl(ins[6]),
+                                       delta_bias=ins[7], delta_softplus=True, impl="cuda")
+        assert rel(yk.detach()[:1, :, s:], alone) < tol_f
+
+
+@needs_reset
+@needs_conv
+def test_jamba_kernel_path_with_documents_matches_reference_fp32(monkeypatch):
+    """Whole model with packed documents, fp32: the kernel path (scan-reset kernel, compiled document conv) and the
+    reference path give the same logits and gradients; and it is the kernel path that ran."""
+    torch.manual_seed(0)
+    ref = JambaLM(_small_cfg()).to(DEV)
+    fast = copy.deepcopy(ref)
+    _set_impls(ref, "reference", "native")
+    _set_impls(fast, "auto", "native")
+    ids = torch.randint(0, 1024, (2, 512), device=DEV)
+    docs = _doc_starts(2, 512, seed=1)
+    calls = []
+    orig = ssm_ops._ScanKernelFn.apply
+    monkeypatch.setattr(ssm_ops._ScanKernelFn, "apply", lambda *a: calls.append(a[0]) or orig(*a))
+    o_fast = fast(ids, labels=ids, doc_starts=docs)
+    o_fast.loss.backward()
+    monkeypatch.undo()
+    assert calls and all(c is ssm_ops._scan_reset_ext for c in calls)
+    o_ref = ref(ids, labels=ids, doc_starts=docs)
+    o_ref.loss.backward()
+    assert rel(o_fast.logits, o_ref.logits) < 1e-4
+    g_ref = {n: p.grad for n, p in ref.named_parameters()}
+    bad = [(n, rel(p.grad, g_ref[n])) for n, p in fast.named_parameters()
+           if g_ref[n].norm() > 0 and rel(p.grad, g_ref[n]) > 1e-3]
+    assert not bad, bad
 
 
 @needs_conv

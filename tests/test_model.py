@@ -10,9 +10,8 @@ import torch.nn.functional as F
 
 from conftest import randomize  # noqa: E402
 from jambatrain.models import JambaLM, ModelConfig
-from jambatrain.models.mamba import _mask_conv_inputs
 from jambatrain.models.moe import MoE, route
-from jambatrain.models.ssm_ops import causal_conv1d_ref, selective_scan_ref, selective_scan_sequential
+from jambatrain.models.ssm_ops import causal_conv1d_doc_ref, causal_conv1d_ref, selective_scan_ref, selective_scan_sequential
 
 VOCAB = 61
 
@@ -117,7 +116,7 @@ def test_doc_starts_equals_separate_documents(use_rope):
         torch.testing.assert_close(m(packed, doc_starts=only_first).logits, m(packed).logits, atol=tol, rtol=tol)
 
 
-def test_mask_conv_inputs_matches_per_document_conv():
+def test_doc_conv_matches_per_document_conv():
     torch.manual_seed(3)
     d, k, L = 6, 4, 19
     conv = torch.nn.Conv1d(d, d, k, groups=d, padding=k - 1)
@@ -125,8 +124,8 @@ def test_mask_conv_inputs_matches_per_document_conv():
     reset = torch.zeros(2, L, dtype=torch.bool)
     reset[0, [4, 5, 11]] = True  # includes a 1-token document
     reset[1, [0]] = True
-    out = _mask_conv_inputs(u, reset, k, conv.weight, conv.bias)
     w = conv.weight.squeeze(1)
+    out = causal_conv1d_doc_ref(u, w, conv.bias, reset)
     for row in range(2):
         bounds = [0] + [i for i in reset[row].nonzero().flatten().tolist() if i] + [L]
         for s, e in zip(bounds[:-1], bounds[1:]):
@@ -134,7 +133,7 @@ def test_mask_conv_inputs_matches_per_document_conv():
             torch.testing.assert_close(out[row:row + 1, :, s:e], ref, atol=1e-6, rtol=1e-5)
     # without any reset it is the plain causal conv; no bias works too
     none = torch.zeros(2, L, dtype=torch.bool)
-    torch.testing.assert_close(_mask_conv_inputs(u, none, k, conv.weight, None),
+    torch.testing.assert_close(causal_conv1d_doc_ref(u, w, None, none),
                                causal_conv1d_ref(u, w, None, "silu"), atol=1e-6, rtol=1e-5)
 
 

@@ -34,17 +34,21 @@ def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool)
         if cfg.mamba_impl == "cuda" and not (cuda and kernels):
             fp.errors.append("model.mamba_impl=cuda needs a CUDA device and the mamba-ssm / causal-conv1d kernels "
                              "(launch/build_kernels.sh); use model.mamba_impl=auto")
-        if cuda and kernels and cfg.mamba_impl != "reference" and not doc_mask:
+        fast = cuda and cfg.mamba_impl != "reference"
+        if fast and doc_mask and k.get("scan_reset"):
+            fp.paths["mamba"] = "scan-reset kernel + compiled doc conv" if cfg.compile_elementwise \
+                else "scan-reset kernel + eager doc conv"
+        elif fast and kernels and not doc_mask:
             fp.paths["mamba"] = "mamba-ssm scan + causal-conv1d"
         else:
             fp.paths["mamba"] = "reference scan"
             if cuda and cfg.mamba_impl == "auto" and not kernels:
                 fp.warnings.append("mamba-ssm / causal-conv1d do not import: Mamba layers run the pure-PyTorch "
                                    "reference scan, many times slower; build them with launch/build_kernels.sh")
-            elif cuda and cfg.mamba_impl != "reference" and doc_mask:
-                fp.warnings.append("data.doc_mask=true: the fused scan has no per-document state reset, so Mamba "
-                                   "layers run the reference scan (and attention leaves flash); set "
-                                   "data.doc_mask=false for throughput")
+            elif fast and doc_mask:
+                fp.warnings.append("data.doc_mask=true but jambatrain's scan-reset kernel (jambatrain_scan_reset_cuda) "
+                                   "does not import, so Mamba layers run the reference scan, many times slower: build "
+                                   "it with launch/build_kernels.sh (WHICH=reset), or set data.doc_mask=false")
     if any(cfg.is_attention_layer(i) for i in layers):
         fp.paths["attention"] = "flash SDPA" if cuda and precision == "bf16" and not doc_mask else "SDPA"
     fp.paths["rmsnorm"] = "triton" if cuda and k["rms_norm"] else "eager"

@@ -30,7 +30,7 @@ def cross_entropy_sum_ref(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 _compiled: dict[Callable, Callable] = {}
 
 
-def _maybe_compiled(fn: Callable, compiled: bool) -> Callable:
+def maybe_compiled(fn: Callable, compiled: bool) -> Callable:
     """``fn`` itself, or its compiled twin (built once per process) when ``compiled``."""
     if not compiled:
         return fn
@@ -40,11 +40,11 @@ def _maybe_compiled(fn: Callable, compiled: bool) -> Callable:
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor, compiled: bool = True) -> torch.Tensor:
-    return _maybe_compiled(silu_mul_ref, compiled and g.is_cuda)(g, u)
+    return maybe_compiled(silu_mul_ref, compiled and g.is_cuda)(g, u)
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, compiled: bool = True) -> torch.Tensor:
-    return _maybe_compiled(cross_entropy_sum_ref, compiled and logits.is_cuda)(logits, labels)
+    return maybe_compiled(cross_entropy_sum_ref, compiled and logits.is_cuda)(logits, labels)
 
 
 def activation(compiled: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

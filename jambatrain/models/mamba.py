@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .config import ModelConfig
 from .layers import RMSNorm
-from .ssm_ops import causal_conv1d, mamba_kernel_path, selective_scan
+from .ssm_ops import causal_conv1d, causal_conv1d_doc, causal_conv1d_doc_ref, mamba_kernel_path, selective_scan
 
 
 class MambaMixer(nn.Module):
@@ -19,6 +19,7 @@ class MambaMixer(nn.Module):
         d, n, r = cfg.mamba_d_inner, cfg.mamba_d_state, cfg.dt_rank
         self.d_inner, self.d_state, self.dt_rank = d, n, r
         self.impl = cfg.mamba_impl
+        self.compile_elementwise = cfg.compile_elementwise
         self.in_proj = nn.Linear(cfg.hidden_size, 2 * d, bias=cfg.mamba_proj_bias)
         self.conv1d = nn.Conv1d(d, d, cfg.mamba_d_conv, groups=d, padding=cfg.mamba_d_conv - 1,
                                 bias=cfg.mamba_conv_bias)
@@ -44,12 +45,12 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:
         """x: (batch, seq, hidden) -> (batch, seq, hidden). reset: optional bool (batch, seq) document starts."""
-        if reset is None and self.kernel_layout and mamba_kernel_path(self.impl, x):
-            return self._forward_kernels(x)
+        if self.kernel_layout and mamba_kernel_path(self.impl, x, doc_reset=reset is not None):
+            return self._forward_kernels(x, reset)
         xz = self.in_proj(x).transpose(1, 2)
         u, z = xz.chunk(2, dim=1)
         if reset is not None:  # no conv leakage across documents: zero the taps that reach back over a start
-            u = _mask_conv_inputs(u, reset, self.conv1d.kernel_size[0], self.conv1d.weight, self.conv1d.bias)
+            u = causal_conv1d_doc_ref(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, reset)
         else:
             u = causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", self.impl)
         dt, B, C = torch.split(self.x_proj(u.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -61,18 +62,23 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
 
-    def _forward_kernels(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_kernels(self, x: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:
         """The same function on the conv/scan kernels, laid out as mamba-ssm's own Mamba does: every (b, d, l)
         operand is a view of a (d, b*l) matrix, so the kernels get stride(-1) == 1 inputs and outputs (their
         outputs follow the input strides) and every projection is one GEMM, with no transposing copies of
-        (b, d, l) activations forward or backward."""
+        (b, d, l) activations forward or backward. With document starts (``reset``) the conv drops the taps that
+        reach across a start (compiled) and the scan runs jambatrain's scan-with-reset kernel."""
         b, l, h = x.shape
         d, n, r = self.d_inner, self.d_state, self.dt_rank
         xz = self.in_proj.weight @ x.reshape(b * l, h).t()  # (2d, bl)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None].to(xz.dtype)
         u, z = (t.view(d, b, l).permute(1, 0, 2) for t in xz.chunk(2, dim=0))  # (b, d, l) views
-        u = causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", self.impl)
+        if reset is None:
+            u = causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", self.impl)
+        else:
+            u = causal_conv1d_doc(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, reset, "silu",
+                                  self.compile_elementwise)
         x_dbl = (self.x_proj.weight @ u.permute(1, 0, 2).reshape(d, b * l)).t().contiguous()  # (bl, r + 2n)
         dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
         delta = (self.dt_proj.weight @ self.dt_layernorm(dt).t()).view(d, b, l).permute(1, 0, 2)
@@ -80,7 +86,7 @@ class MambaMixer(nn.Module):
         C = self.c_layernorm(C).t().contiguous().view(n, b, l).permute(1, 0, 2)
         A = -torch.exp(self.A_log.float())
         y = selective_scan(u, delta, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
-                           delta_softplus=True, impl=self.impl)  # (b, d, l) in z's layout
+                           delta_softplus=True, impl=self.impl, reset=reset)  # (b, d, l) in z's layout
         out = self.out_proj.weight @ y.permute(1, 0, 2).reshape(d, b * l)  # (h, bl)
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias[:, None].to(out.dtype)
@@ -96,18 +102,3 @@ def init_dt_proj(dt_proj: nn.Linear, dt_min: float = 1e-3, dt_max: float = 0.1) 
     dt = torch.exp(torch.rand(dt_proj.out_features, device=dt_proj.bias.device) * (math.log(dt_max) - math.log(dt_min))
                    + math.log(dt_min)).clamp(min=1e-4)
     dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-
-
-def _mask_conv_inputs(u, reset, k, weight, bias):
-    """Causal depthwise conv where tap j of position t is dropped when a document starts in (t-j, t]."""
-    import torch.nn.functional as F
-
-    b, d, L = u.shape
-    doc = torch.cumsum(reset.long(), dim=1)  # document index of each position
-    out = u.new_zeros(b, d, L) if bias is None else bias.view(1, d, 1).expand(b, d, L).to(u.dtype).clone()
-    w = weight.squeeze(1)  # (d, k); tap k-1 is the current token
-    for j in range(k):  # j = how far back
-        shifted = F.pad(u, (j, 0))[..., :L]
-        same = F.pad(doc, (j, 0), value=-1)[:, :L] == doc
-        out = out + shifted * same[:, None, :].to(u.dtype) * w[:, k - 1 - j, None]
-    return F.silu(out)

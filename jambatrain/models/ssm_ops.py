@@ -9,43 +9,55 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fused_ops import maybe_compiled
 from .linear_scan import linear_scan
 
 try:  # optional fused kernels: only importable on a CUDA build with the extensions compiled
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _selective_scan_cuda
 except Exception:  # noqa: BLE001 - ImportError, or a CUDA/triton error raised at import on CPU boxes
     _selective_scan_cuda = None
+
+
+class _ScanKernelFn(torch.autograd.Function):
+    """A compiled selective-scan extension (mamba-ssm's ``selective_scan_cuda``, or jambatrain's
+    ``jambatrain_scan_reset_cuda`` with ``reset``) wrapped the way mamba_ssm's SelectiveScanFn wraps it."""
+
+    @staticmethod
+    def forward(ctx, ext, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset):
+        u, delta = u.contiguous() if u.stride(-1) != 1 else u, delta.contiguous() if delta.stride(-1) != 1 else delta
+        B = (B.unsqueeze(1) if B.dim() == 3 else B).contiguous()
+        C = (C.unsqueeze(1) if C.dim() == 3 else C).contiguous()
+        z = None if z is None else (z if z.stride(-1) == 1 else z.contiguous())
+        extra = () if reset is None else (reset.to(u.dtype).contiguous(),)
+        out, x, *rest = ext.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *extra)
+        ctx.ext, ctx.delta_softplus, ctx.has_z, ctx.has_reset = ext, delta_softplus, z is not None, bool(extra)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, x, out if z is not None else None, *extra)
+        return rest[0] if z is not None else out
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias, x, out, *extra = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = ctx.ext.bwd(
+            u, delta, A, B, C, D, z, delta_bias, dout if dout.stride(-1) == 1 else dout.contiguous(), x, out, None,
+            ctx.delta_softplus, False, *extra)
+        return (None, du, ddelta, dA, dB.squeeze(1), dC.squeeze(1), dD if D is not None else None,
+                rest[0] if ctx.has_z else None, ddelta_bias if delta_bias is not None else None, None, None)
+
+
 if _selective_scan_cuda is None:
     # mamba_ssm's package __init__ also imports its Mamba-2/3 Triton modules; when one of those fails to import,
     # the compiled scan extension itself may still load: wrap it here the way mamba_ssm's SelectiveScanFn does.
     try:
         import selective_scan_cuda as _ssc
 
-        class _SelectiveScanFn(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-                u, delta = u.contiguous(), delta.contiguous()
-                B = (B.unsqueeze(1) if B.dim() == 3 else B).contiguous()
-                C = (C.unsqueeze(1) if C.dim() == 3 else C).contiguous()
-                z = None if z is None else z.contiguous()
-                out, x, *rest = _ssc.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-                ctx.delta_softplus = delta_softplus
-                ctx.has_z = z is not None
-                ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, x, out if z is not None else None)
-                return rest[0] if z is not None else out
-
-            @staticmethod
-            def backward(ctx, dout):
-                u, delta, A, B, C, D, z, delta_bias, x, out = ctx.saved_tensors
-                du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = _ssc.bwd(
-                    u, delta, A, B, C, D, z, delta_bias, dout.contiguous(), x, out, None, ctx.delta_softplus, False)
-                return (du, ddelta, dA, dB.squeeze(1), dC.squeeze(1), dD if D is not None else None,
-                        rest[0] if ctx.has_z else None, ddelta_bias if delta_bias is not None else None, None)
-
         def _selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-            return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+            return _ScanKernelFn.apply(_ssc, u, delta, A, B, C, D, z, delta_bias, delta_softplus, None)
     except Exception:  # noqa: BLE001
         _selective_scan_cuda = None
+try:  # jambatrain's fork of that kernel with per-position state resets (csrc/selective_scan_reset)
+    import jambatrain_scan_reset_cuda as _scan_reset_ext
+except Exception:  # noqa: BLE001
+    _scan_reset_ext = None
 try:
     from causal_conv1d import causal_conv1d_fn as _causal_conv1d_cuda
 except Exception:  # noqa: BLE001
@@ -58,11 +70,15 @@ except Exception:  # noqa: BLE001
 
 def kernels_available() -> dict[str, bool]:
     return {"selective_scan": _selective_scan_cuda is not None, "causal_conv1d": _causal_conv1d_cuda is not None,
-            "rms_norm": _rms_norm_triton is not None}
+            "rms_norm": _rms_norm_triton is not None, "scan_reset": _scan_reset_ext is not None}
 
 
-def mamba_kernel_path(impl: str, x: torch.Tensor) -> bool:
-    """True when both the conv and the scan kernels will run for ``x`` (raises for impl=cuda without them)."""
+def mamba_kernel_path(impl: str, x: torch.Tensor, doc_reset: bool = False) -> bool:
+    """True when the Mamba mixer's kernel path runs for ``x`` (raises for impl=cuda without the kernels).
+    Without document resets: the conv and scan kernels. With them (``doc_reset``): the scan-with-reset kernel
+    (the conv then runs ``causal_conv1d_doc``); when that is not built, the reference path runs."""
+    if doc_reset:
+        return impl != "reference" and x.is_cuda and _scan_reset_ext is not None
     return _use_kernel(_causal_conv1d_cuda, impl, x) and _use_kernel(_selective_scan_cuda, impl, x)
 
 
@@ -154,14 +170,21 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    impl: str = "auto", reset: torch.Tensor | None = None):
-    if reset is None and _use_kernel(_selective_scan_cuda, impl, u):
-        # The kernel wants delta, z and variable B/C in u's dtype, and A, D, delta_bias in fp32 (RMSNorm
-        # outputs can come out fp32 under autocast or with fp32 norm weights).
+    """The kernel when it can run here (``reset``: jambatrain's scan-reset kernel), else ``selective_scan_ref``.
+    The kernels want delta, z and variable B/C in u's dtype, and A, D, delta_bias in fp32 (RMSNorm outputs can
+    come out fp32 under autocast or with fp32 norm weights)."""
+    if reset is None:
+        use = _use_kernel(_selective_scan_cuda, impl, u)
+    else:
+        use = mamba_kernel_path(impl, u, doc_reset=True)
+    if use:
         dt = u.dtype
-        return _selective_scan_cuda(u, delta.to(dt), A.float(), B.to(dt).contiguous(), C.to(dt).contiguous(),
-                                    None if D is None else D.float(), z=None if z is None else z.to(dt),
-                                    delta_bias=None if delta_bias is None else delta_bias.float(),
-                                    delta_softplus=delta_softplus)
+        args = (u, delta.to(dt), A.float(), B.to(dt).contiguous(), C.to(dt).contiguous(),
+                None if D is None else D.float(), None if z is None else z.to(dt),
+                None if delta_bias is None else delta_bias.float(), delta_softplus)
+        if reset is not None:
+            return _ScanKernelFn.apply(_scan_reset_ext, *args, reset)
+        return _selective_scan_cuda(*args[:6], z=args[6], delta_bias=args[7], delta_softplus=delta_softplus)
     return selective_scan_ref(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                               reset=reset)
 
@@ -171,6 +194,28 @@ def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     k = weight.shape[-1]
     out = F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]]
     return F.silu(out) if activation == "silu" else out
+
+
+def causal_conv1d_doc_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reset: torch.Tensor,
+                          activation: str | None = "silu") -> torch.Tensor:
+    """Causal depthwise conv over packed documents: tap j of position t is dropped when a document starts in
+    (t-j, t]. x: (b, d, l), any strides; weight: (d, k); reset: bool (b, l), True where a document starts."""
+    b, d, L = x.shape
+    k = weight.shape[-1]
+    doc = torch.cumsum(reset.long(), dim=1)  # document index of each position
+    out = x.new_zeros(b, d, L) if bias is None else bias.view(1, d, 1).expand(b, d, L).to(x.dtype)
+    for j in range(k):  # j = how far back; tap k-1 is the current token
+        shifted = F.pad(x, (j, 0))[..., :L]
+        same = F.pad(doc, (j, 0), value=-1)[:, :L] == doc
+        out = out + shifted * same[:, None, :].to(x.dtype) * weight[:, k - 1 - j, None].to(x.dtype)
+    return F.silu(out) if activation == "silu" else out
+
+
+def causal_conv1d_doc(x, weight, bias, reset, activation: str | None = "silu", compiled: bool = True):
+    """``causal_conv1d_doc_ref``, compiled by Inductor into one kernel each way on CUDA (causal-conv1d's own
+    document support, ``seq_idx``, needs channel-last inputs, which the Mamba kernel layout does not have)."""
+    fn = maybe_compiled(causal_conv1d_doc_ref, compiled and x.is_cuda)
+    return fn(x, weight, bias, reset, activation)
 
 
 def causal_conv1d(x, weight, bias, activation: str | None = "silu", impl: str = "auto"):
