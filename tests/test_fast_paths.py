@@ -58,7 +58,7 @@ def test_cuda_without_kernels_warns_with_the_fix(kernels):
 def test_doc_mask_on_cuda_without_the_reset_kernel_warns_with_the_fix(kernels):
     kernels(True)
     fp = describe(_cfg(), "cuda", "bf16", doc_mask=True)
-    assert fp.paths["mamba"] == "reference scan" and fp.paths["attention"] == "SDPA"
+    assert fp.paths["mamba"] == "reference scan" and fp.paths["attention"] == "flex attention (document mask)"
     assert len(fp.warnings) == 1 and "WHICH=reset" in fp.warnings[0] and "data.doc_mask=false" in fp.warnings[0]
 
 

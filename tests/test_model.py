@@ -446,3 +446,31 @@ def test_chunked_cross_entropy_equals_the_whole_batch_loss():
         b.loss.backward()
         for (n, p), q in zip(whole.named_parameters(), chunked.parameters()):
             assert torch.allclose(p.grad, q.grad, atol=1e-6), (tied, n)
+
+
+@pytest.mark.parametrize("kw", [{}, {"use_rope": True}])
+def test_flex_document_mask_equals_the_dense_mask(kw):
+    """The block-sparse FlexAttention path CUDA takes for packed documents gives SDPA's dense-mask result
+    (here flex runs eagerly on CPU, forward only: CPU flex has no backward; tests/test_gpu.py checks the compiled
+    kernel forward and backward)."""
+    import warnings
+
+    from jambatrain.models.attention import Attention, document_block_mask, document_dense_mask, flex_available
+
+    if not flex_available():
+        pytest.skip("torch without FlexAttention")
+    torch.manual_seed(0)
+    cfg = build(**kw).cfg
+    attn = Attention(cfg)
+    x = torch.randn(2, 33, cfg.hidden_size)
+    starts = torch.zeros(2, 33, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[0, [5, 6, 20]] = True
+    outs = []
+    for mask in (document_block_mask(starts), document_dense_mask(starts)):
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # eager flex warns that it is unfused
+            outs.append(attn(x, mask))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    causal = attn(x, None).detach()
+    assert (outs[0][0, 5:] - causal[0, 5:]).abs().max() > 1e-3  # the documents change the result: it can tell

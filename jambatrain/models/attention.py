@@ -1,7 +1,10 @@
 """Grouped-query causal self-attention through ``scaled_dot_product_attention``.
 
 No positional embedding by default (Jamba: the Mamba layers carry position); RoPE is an option
-for the paper's ablation. On CUDA, SDPA dispatches to flash attention for bf16/fp16 inputs.
+for the paper's ablation. On CUDA, SDPA dispatches to flash attention for bf16/fp16 inputs. Packed documents
+(``doc_starts``) on CUDA take FlexAttention with a block-sparse document-causal mask (``document_block_mask``):
+compiled, it skips the blocks across documents and never builds a (seq x seq) mask; elsewhere SDPA takes the
+dense boolean mask.
 """
 from __future__ import annotations
 
@@ -11,6 +14,47 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .layers import apply_rotary, rotary_cos_sin
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # torch < 2.5
+    BlockMask = create_block_mask = flex_attention = None
+_flex_compiled = None
+
+
+def flex_available() -> bool:
+    return flex_attention is not None
+
+
+def document_block_mask(doc_starts: torch.Tensor):
+    """FlexAttention BlockMask for packed documents: position q may attend kv when kv <= q in the same document.
+    doc_starts: bool (batch, seq), True where a document begins."""
+    doc = torch.cumsum(doc_starts.long(), dim=1)
+    B, L = doc.shape
+
+    def same_document_causal(b, h, q, kv):
+        return (doc[b, q] == doc[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_document_causal, B, None, L, L, device=doc.device, _compile=doc.is_cuda)
+
+
+def document_dense_mask(doc_starts: torch.Tensor) -> torch.Tensor:
+    """The same mask as a dense boolean (batch, 1, seq, seq) tensor, for SDPA."""
+    doc = torch.cumsum(doc_starts.long(), dim=1)
+    L = doc.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=doc.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def _flex(q, k, v, block_mask, gqa: bool):
+    """flex_attention, compiled into one fused kernel on CUDA (eager flex materialises the scores)."""
+    global _flex_compiled
+    fn = flex_attention
+    if q.is_cuda:
+        if _flex_compiled is None:
+            _flex_compiled = torch.compile(flex_attention)
+        fn = _flex_compiled
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -26,8 +70,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (batch, seq, hidden). attn_mask: optional boolean (batch, 1, seq, seq), True = may attend."""
+    def forward(self, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
+        """x: (batch, seq, hidden). attn_mask: optional boolean (batch, 1, seq, seq), True = may attend, or a
+        FlexAttention BlockMask (``document_block_mask``)."""
         b, l, _ = x.shape
         q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -38,6 +83,8 @@ class Attention(nn.Module):
         gqa = self.num_heads != self.num_kv_heads
         if attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif BlockMask is not None and isinstance(attn_mask, BlockMask):
+            out = _flex(q, k, v, attn_mask, gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import moe_backends, ssm_ops
+from . import attention, moe_backends, ssm_ops
 from .config import ModelConfig
 
 
@@ -50,7 +50,10 @@ def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool)
                                    "does not import, so Mamba layers run the reference scan, many times slower: build "
                                    "it with launch/build_kernels.sh (WHICH=reset), or set data.doc_mask=false")
     if any(cfg.is_attention_layer(i) for i in layers):
-        fp.paths["attention"] = "flash SDPA" if cuda and precision == "bf16" and not doc_mask else "SDPA"
+        if cuda and doc_mask and attention.flex_available():
+            fp.paths["attention"] = "flex attention (document mask)"
+        else:
+            fp.paths["attention"] = "flash SDPA" if cuda and precision == "bf16" and not doc_mask else "SDPA"
     fp.paths["rmsnorm"] = "triton" if cuda and k["rms_norm"] else "eager"
     if cfg.num_experts > 1:
         fast_ok = cuda and precision == "bf16"

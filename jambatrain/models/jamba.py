@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention
+from .attention import Attention, document_block_mask, document_dense_mask, flex_available
 from .config import ModelConfig
 from .fused_ops import cross_entropy_sum
 from .layers import RMSNorm, SwiGLU
@@ -135,14 +135,14 @@ class JambaLM(nn.Module):
                 doc_starts: torch.Tensor | None = None, return_logits: bool = True) -> LMOutput:
         """input_ids, labels: (batch, seq) int64; labels == -100 are ignored.
         doc_starts: optional bool (batch, seq), True where a packed document begins: attention is masked to
-        the document and the Mamba conv/scan state is reset there (reference path)."""
+        the document (FlexAttention on CUDA) and the Mamba conv/scan state is reset there."""
         x = self.embed_tokens(input_ids)
         attn_mask = reset = None
         if doc_starts is not None:
             reset = doc_starts.bool()
-            doc = torch.cumsum(reset.long(), dim=1)
-            causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
-            attn_mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+            if any(layer.is_attention for layer in self.layers):  # CUDA: block-sparse, no (seq x seq) mask
+                attn_mask = document_block_mask(reset) if x.is_cuda and flex_available() \
+                    else document_dense_mask(reset)
         aux = x.new_zeros((), dtype=torch.float32)
         z = x.new_zeros((), dtype=torch.float32)
         policy = self.cfg.activation_checkpointing if self.training and torch.is_grad_enabled() else "none"
