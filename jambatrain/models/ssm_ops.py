@@ -24,13 +24,14 @@ class _ScanKernelFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ext, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset):
-        u, delta = u.contiguous() if u.stride(-1) != 1 else u, delta.contiguous() if delta.stride(-1) != 1 else delta
+        u = u if u.stride(-1) == 1 else u.contiguous()
+        delta = delta if delta.stride(-1) == 1 else delta.contiguous()
         B = (B.unsqueeze(1) if B.dim() == 3 else B).contiguous()
         C = (C.unsqueeze(1) if C.dim() == 3 else C).contiguous()
         z = None if z is None else (z if z.stride(-1) == 1 else z.contiguous())
         extra = () if reset is None else (reset.to(u.dtype).contiguous(),)
         out, x, *rest = ext.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *extra)
-        ctx.ext, ctx.delta_softplus, ctx.has_z, ctx.has_reset = ext, delta_softplus, z is not None, bool(extra)
+        ctx.ext, ctx.delta_softplus, ctx.has_z = ext, delta_softplus, z is not None
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, x, out if z is not None else None, *extra)
         return rest[0] if z is not None else out
 
