@@ -41,15 +41,23 @@ def test_variants_toggle_exactly_their_switches_and_the_loss_runs():
         MambaMixer.kernel_layout, RMSNorm.fused = True, True
 
 
-def test_docs_variant_packs_documents_and_they_change_the_loss():
+def test_docs_variant_packs_documents_and_they_reach_the_model():
     cfg = throughput.load_cfg(os.path.join(REPO, "conf/model/tiny.yaml"), [])
+    torch.manual_seed(0)
     model = JambaLM(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 256), generator=torch.Generator().manual_seed(0))
     starts = throughput.doc_starts_like(ids, mean_len=32, seed=1)
     assert starts.dtype == torch.bool and starts[:, 0].all()
     assert 2 <= int(starts.sum(1).min()) and int(starts.sum(1).max()) <= 32  # ~8 documents per row
     assert torch.equal(starts, throughput.doc_starts_like(ids, mean_len=32, seed=1))  # seeded
-    with torch.no_grad():
-        packed = throughput.loss_fn("jambatrain", model, ids, starts)
-        plain = throughput.loss_fn("jambatrain", model, ids)
-    assert torch.isfinite(packed) and abs(packed.item() - plain.item()) > 1e-4
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("doc_starts")),
+                                           with_kwargs=True)
+    try:
+        with torch.no_grad():
+            packed = throughput.loss_fn("jambatrain", model, ids, starts)
+            plain = throughput.loss_fn("jambatrain", model, ids)
+    finally:
+        hook.remove()
+    assert seen[0] is starts and seen[1] is None  # the bench hands the documents to the model, and only then
+    assert torch.isfinite(packed) and packed.item() != plain.item()
