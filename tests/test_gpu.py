@@ -118,27 +118,13 @@ def test_scan_reset_kernel_vs_ref(dtype, tol_f, tol_b, L):
 def test_jamba_kernel_path_with_documents_matches_reference_fp32(monkeypatch):
     """Whole model with packed documents, fp32: the kernel path (scan-reset kernel, compiled document conv) and the
     reference path give the same logits and gradients; and it is the kernel path that ran."""
-    torch.manual_seed(0)
-    ref = JambaLM(_small_cfg()).to(DEV)
-    fast = copy.deepcopy(ref)
-    _set_impls(ref, "reference", "native")
-    _set_impls(fast, "auto", "native")
-    ids = torch.randint(0, 1024, (2, 512), device=DEV)
+    ref, fast, ids = _reference_and_fast("auto")
     docs = _doc_starts(2, 512, seed=1)
     calls = []
     orig = ssm_ops._ScanKernelFn.apply
     monkeypatch.setattr(ssm_ops._ScanKernelFn, "apply", lambda *a: calls.append(a[0]) or orig(*a))
-    o_fast = fast(ids, labels=ids, doc_starts=docs)
-    o_fast.loss.backward()
-    monkeypatch.undo()
+    _assert_same_function(fast, ref, ids, docs)
     assert calls and all(c is ssm_ops._scan_reset_ext for c in calls)
-    o_ref = ref(ids, labels=ids, doc_starts=docs)
-    o_ref.loss.backward()
-    assert rel(o_fast.logits, o_ref.logits) < 1e-4
-    g_ref = {n: p.grad for n, p in ref.named_parameters()}
-    bad = [(n, rel(p.grad, g_ref[n])) for n, p in fast.named_parameters()
-           if g_ref[n].norm() > 0 and rel(p.grad, g_ref[n]) > 1e-3]
-    assert not bad, bad
 
 
 @needs_conv
@@ -242,10 +228,30 @@ def _set_impls(model, mamba_impl, moe_impl):
             m.impl = moe_impl
 
 
-def _grads(model, ids):
-    out = model(ids, labels=ids)
+def _grads(model, ids, doc_starts=None):
+    out = model(ids, labels=ids, doc_starts=doc_starts)
     out.loss.backward()
     return out, {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def _reference_and_fast(fast_impl: str):
+    """Two copies of one small fp32 model: Mamba on the reference path / on ``fast_impl``; MoE native in both."""
+    torch.manual_seed(0)
+    ref = JambaLM(_small_cfg()).to(DEV)
+    fast = copy.deepcopy(ref)
+    _set_impls(ref, "reference", "native")
+    _set_impls(fast, fast_impl, "native")
+    return ref, fast, torch.randint(0, 1024, (2, 512), device=DEV)
+
+
+def _assert_same_function(fast, ref, ids, doc_starts=None):
+    """Logits to 1e-4 and every parameter gradient to 1e-3, relative per tensor."""
+    o_ref, g_ref = _grads(ref, ids, doc_starts)
+    o_fast, g_fast = _grads(fast, ids, doc_starts)
+    assert rel(o_fast.logits, o_ref.logits) < 1e-4
+    bad = [(n, rel(g_fast[n], g_ref[n])) for n in g_ref
+           if g_ref[n].norm() > 0 and rel(g_fast[n], g_ref[n]) > 1e-3]
+    assert not bad, bad
 
 
 @needs_scan
@@ -388,18 +394,8 @@ def test_few_bf16_train_steps_loss_falls():
 def test_jamba_kernel_path_matches_reference_fp32():
     """Whole model, fp32: the CUDA kernel path (scan, conv, kernel layout, fused norms) and the reference path give
     the same logits and gradients to 1e-3 relative per tensor."""
-    torch.manual_seed(0)
-    ref = JambaLM(_small_cfg()).to(DEV)
-    fast = copy.deepcopy(ref)
-    _set_impls(ref, "reference", "native")
-    _set_impls(fast, "cuda", "native")
-    ids = torch.randint(0, 1024, (2, 512), device=DEV)
-    o_ref, g_ref = _grads(ref, ids)
-    o_fast, g_fast = _grads(fast, ids)
-    assert rel(o_fast.logits, o_ref.logits) < 1e-4
-    bad = [(n, rel(g_fast[n], g_ref[n])) for n in g_ref
-           if g_ref[n].norm() > 0 and rel(g_fast[n], g_ref[n]) > 1e-3]
-    assert not bad, bad
+    ref, fast, ids = _reference_and_fast("cuda")
+    _assert_same_function(fast, ref, ids)
 
 
 @needs_scan
