@@ -13,13 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .fused_ops import maybe_compiled
 from .layers import apply_rotary, rotary_cos_sin
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except ImportError:  # torch < 2.5
     BlockMask = create_block_mask = flex_attention = None
-_flex_compiled = None
 
 
 def flex_available() -> bool:
@@ -48,13 +48,7 @@ def document_dense_mask(doc_starts: torch.Tensor) -> torch.Tensor:
 
 def _flex(q, k, v, block_mask, gqa: bool):
     """flex_attention, compiled into one fused kernel on CUDA (eager flex materialises the scores)."""
-    global _flex_compiled
-    fn = flex_attention
-    if q.is_cuda:
-        if _flex_compiled is None:
-            _flex_compiled = torch.compile(flex_attention)
-        fn = _flex_compiled
-    return fn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return maybe_compiled(flex_attention, q.is_cuda)(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
