@@ -26,7 +26,8 @@ pytestmark = [
 from jambatrain.models import JambaLM, ModelConfig  # noqa: E402
 from jambatrain.models import moe_backends, ssm_ops  # noqa: E402
 from jambatrain.models.attention import Attention  # noqa: E402
-from jambatrain.models.moe import MoE, experts_forward_native, route  # noqa: E402
+from jambatrain.models.moe import MoE, route  # noqa: E402
+from jambatrain.models.moe_backends import experts_forward_native  # noqa: E402
 
 needs_scan = pytest.mark.skipif(not ssm_ops.kernels_available()["selective_scan"],
                                 reason="mamba-ssm selective_scan kernel not importable (launch/build_kernels.sh)")

@@ -22,8 +22,9 @@ class FastPaths:
         return ", ".join(f"{k} {v}" for k, v in self.paths.items())
 
 
-def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool) -> FastPaths:
-    """device_type: "cuda" / "cpu"; precision: "bf16" / "fp32"; doc_mask: the data config's packed-document mask."""
+def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool, ep: int = 1) -> FastPaths:
+    """device_type: "cuda" / "cpu"; precision: "bf16" / "fp32"; doc_mask: the data config's packed-document mask;
+    ep: the expert-parallel size."""
     cuda = device_type == "cuda"
     k = ssm_ops.kernels_available()
     fp = FastPaths({})
@@ -56,20 +57,10 @@ def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool)
             fp.paths["attention"] = "flash SDPA" if cuda and precision == "bf16" and not doc_mask else "SDPA"
     fp.paths["rmsnorm"] = "triton" if cuda and k["rms_norm"] else "eager"
     if cfg.num_experts > 1:
-        fast_ok = cuda and precision == "bf16"
-        if fast_ok and cfg.moe_impl in ("auto", "megablocks") and moe_backends.megablocks_available():
-            fp.paths["moe"] = "megablocks"
-        elif fast_ok and cfg.moe_impl in ("auto", "grouped") and moe_backends.grouped_gemm_available():
-            fp.paths["moe"] = "grouped GEMM"
-        else:
-            fp.paths["moe"] = "native loop"
-            if cfg.moe_impl in ("megablocks", "grouped"):
-                need = "megablocks (launch/build_kernels.sh)" if cfg.moe_impl == "megablocks" else "torch grouped GEMM"
-                fp.errors.append(f"model.moe_impl={cfg.moe_impl} needs CUDA, parallel.precision=bf16 and {need}; "
-                                 "use model.moe_impl=auto")
-            elif cuda and cfg.moe_impl == "auto":
-                fp.warnings.append("MoE experts run the per-expert loop: the grouped-GEMM backends need "
-                                   "parallel.precision=bf16 and megablocks (launch/build_kernels.sh) or torch's "
-                                   "grouped GEMM")
+        moe = moe_backends.decide(cfg.moe_impl, device_type, precision == "bf16", cfg.hidden_size,
+                                  cfg.intermediate_size)
+        fp.paths["moe"] = moe_backends.REPORT_NAMES[moe.backend] + (f", expert parallel {ep}" if ep > 1 else "")
+        fp.errors += [moe.error] if moe.error else []
+        fp.warnings += [moe.warning] if moe.warning else []
     fp.paths["compile"] = "on" if cuda and cfg.compile_elementwise else "off"
     return fp

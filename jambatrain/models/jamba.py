@@ -56,6 +56,12 @@ def _numel(p: torch.Tensor) -> int:
     return getattr(p, "ds_numel", p.numel())
 
 
+def _per_expert(m: MoE) -> int:
+    """Parameters of one expert (gate, up, down), from the shape ZeRO-3 keeps when it partitions the tensor away."""
+    _, f, h = getattr(m.w_gate, "ds_shape", m.w_gate.shape)
+    return 3 * f * h
+
+
 def _ce_sum(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tensor, compiled: bool) -> torch.Tensor:
     return cross_entropy_sum(lm_head(h), labels, compiled)
 
@@ -125,9 +131,7 @@ class JambaLM(nn.Module):
         elif isinstance(m, RMSNorm):
             nn.init.ones_(m.weight)
         elif isinstance(m, MoE):
-            nn.init.normal_(m.w_gate, 0.0, std)
-            nn.init.normal_(m.w_up, 0.0, std)
-            nn.init.normal_(m.w_down, 0.0, out_std)
+            m.init_experts(std, out_std)
         elif isinstance(m, MambaMixer):
             m.reset_ssm_parameters()
 
@@ -171,15 +175,20 @@ class JambaLM(nn.Module):
         return LMOutput(logits if return_logits else None, loss, ce, aux, z)
 
     def num_params(self) -> int:
-        return sum(_numel(p) for p in self.parameters())  # parameters() dedups a tied head
+        """All parameters of the model, also the experts other expert-parallel ranks hold."""
+        total = sum(_numel(p) for p in self.parameters())  # parameters() dedups a tied head
+        for m in self.modules():
+            if isinstance(m, MoE):
+                lo, hi = m.expert_range
+                total += (m.num_experts - (hi - lo)) * _per_expert(m)
+        return total
 
     def num_active_params(self) -> int:
         """Parameters one token touches: only top-k of the E experts in each MoE layer count."""
         total = self.num_params()
         for m in self.modules():
             if isinstance(m, MoE):
-                per_expert = (_numel(m.w_gate) + _numel(m.w_up) + _numel(m.w_down)) // m.num_experts
-                total -= (m.num_experts - m.top_k) * per_expert
+                total -= (m.num_experts - m.top_k) * _per_expert(m)
         return total
 
     def expert_counts(self) -> list[torch.Tensor]:

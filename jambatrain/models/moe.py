@@ -6,7 +6,9 @@ without renormalising them. Losses, per MoE layer (the trainer averages over lay
     went to expert e, P_e = mean router probability of e; equals 1.0 when routing is uniform.
   router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2.
 Expert weights are stacked (E, ffn, hidden) tensors, the layout MegaBlocks' grouped dMoE uses, so the
-native and MegaBlocks backends share one parameter set.
+native and MegaBlocks backends share one parameter set. Under expert parallelism
+(``jambatrain.parallel.expert_parallel.apply``) a layer holds only the experts ``expert_range`` of that stack and
+``exchange`` sends each token's rows to the rank that owns its expert; at ep = 1 both are unset.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from . import moe_backends
 from .config import ModelConfig
-from .fused_ops import activation, silu_mul_ref
+from .fused_ops import activation
 
 
 @dataclass
@@ -41,26 +44,6 @@ def route(logits: torch.Tensor, top_k: int) -> Routing:
     return Routing(weights, experts, aux, z, counts)
 
 
-def experts_forward_native(x: torch.Tensor, routing: Routing, w_gate, w_up, w_down, act=silu_mul_ref) -> torch.Tensor:
-    """Dropless: sort the T*k assignments by expert, run each expert on exactly its tokens, scatter back."""
-    T, k = routing.experts.shape
-    flat_experts = routing.experts.flatten()
-    order = torch.argsort(flat_experts, stable=True)
-    token_of = order // k  # source token of each sorted assignment
-    counts = routing.counts.tolist()
-    xs = x[token_of]
-    outs = []
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            xe = xs[start:start + c]
-            h = act(xe @ w_gate[e].t(), xe @ w_up[e].t())
-            outs.append(h @ w_down[e])
-        start += c
-    y_sorted = torch.cat(outs, dim=0) * routing.weights.flatten()[order, None].to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, token_of, y_sorted)
-
-
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -72,20 +55,26 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(E, f, h))
         self.w_up = nn.Parameter(torch.empty(E, f, h))
         self.w_down = nn.Parameter(torch.empty(E, f, h))  # y = act @ w_down[e]
+        self.expert_range = (0, E)  # global ids [lo, hi) of the experts this rank holds
+        self.exchange = None  # expert parallelism: callable(rows, tokens_per_expert, expert_mlp) -> rows
         self.last_counts: torch.Tensor | None = None
+        self.last_backend: str | None = None  # the backend the last forward ran (tests hold the report to it)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         routing = route(self.router(x), self.top_k)
         self.last_counts = routing.counts.detach()
-        y = experts_forward(x, routing, self)
+        backend = moe_backends.select(self.impl, x, self.w_gate)
+        self.last_backend = backend.name
+        y = backend(x, routing, self.w_gate, self.w_up, self.w_down, self.act, exchange=self.exchange)
         return y.view(shape), routing
 
-
-def experts_forward(x, routing: Routing, moe: MoE) -> torch.Tensor:
-    """Backend dispatch point: the native loop here; GPU backends (grouped GEMM, MegaBlocks) in ``moe_backends``."""
-    from . import moe_backends
-
-    fn = moe_backends.select(moe.impl, x, moe.w_gate)
-    return fn(x, routing, moe.w_gate, moe.w_up, moe.w_down, moe.act)
+    @torch.no_grad()
+    def init_experts(self, std: float, out_std: float) -> None:
+        """Normal init of the whole (E, ffn, hidden) stack, of which this rank keeps ``expert_range``: the same
+        weights for every expert-parallel size (and the same random stream as without it)."""
+        lo, hi = self.expert_range
+        for w, s in ((self.w_gate, std), (self.w_up, std), (self.w_down, out_std)):
+            full = torch.empty((self.num_experts,) + tuple(w.shape[1:]), device=w.device, dtype=w.dtype)
+            w.copy_(nn.init.normal_(full, 0.0, s)[lo:hi])

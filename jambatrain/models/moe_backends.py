@@ -1,56 +1,189 @@
-"""Expert-computation backends behind one signature: fn(x, routing, w_gate, w_up, w_down) -> y.
+"""Expert computation: one decision of the backend (``decide``), and the backends behind one signature.
 
 All backends are dropless and compute, for every (token t, slot j) assignment to expert e = experts[t, j],
     y_t += weights[t, j] * (silu(x_t W_gate[e]^T) * (x_t W_up[e]^T)) @ W_down[e]
-with the stacked (E, ffn, hidden) weights of ``moe.MoE``.
+with the stacked (E, ffn, hidden) weights of ``moe.MoE``. Each backend is three pieces:
 
-  native   per-expert Python loop over the sorted assignments (any device/dtype; one host sync for the counts).
-  grouped  sort-by-expert permutation + three ``torch._grouped_mm`` calls (CUTLASS grouped GEMM on Hopper):
-           no host sync, no padding. CUDA, bf16, hidden and ffn multiples of 8.
-  megablocks  MegaBlocks' dMoE "grouped" data path (its CUDA sort/histogram and Triton gather/scatter
-           kernels) with the grouped GEMM done by ``grouped_gemm`` when installed, else by
-           ``torch._grouped_mm``. Needs the megablocks wheel (launch/build_kernels.sh).
+  permute     the T*k assignments gathered into rows grouped by expert, plus tokens per expert (E,)
+  expert_mlp  the SwiGLU experts on rows already grouped by expert (counts given)
+  unpermute   rows back to tokens, weighted by the router probabilities and summed over the k slots
 
-``select('auto', x)`` takes ``AUTO_CUDA`` (the backend that measured fastest on an H200, docs/benchmarks.md;
-megablocks, else grouped when megablocks does not import) for bf16 CUDA tensors, and ``native`` otherwise.
+Without expert parallelism a MoE layer is ``unpermute(expert_mlp(permute(x)))``. With it, the grouped rows are
+sent to the ranks that own their experts in between (``jambatrain.parallel.expert_parallel.exchange``), which
+runs ``expert_mlp`` on the local (E/ep, ffn, hidden) block: the same three pieces, so ep = 1 is today's path.
+
+  native      per-expert Python loop (any device/dtype; one host sync for the counts).
+  grouped     argsort permutation + three ``torch._grouped_mm`` calls (CUTLASS grouped GEMM on Hopper): no host
+              sync, no padding. CUDA, bf16, hidden and ffn multiples of 8.
+  megablocks  MegaBlocks' dMoE data path (its CUDA sort/histogram and Triton gather/scatter kernels) with the
+              grouped GEMM done by ``grouped_gemm`` when installed, else by ``torch._grouped_mm``. Needs the
+              megablocks wheel (launch/build_kernels.sh) and what ``grouped`` needs.
+
+``decide`` is the only place that chooses among them: the start-up report (``fast_paths.describe``) and the
+layer at run time (``select``) both call it.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .fused_ops import silu_mul_ref
-from .moe import experts_forward_native
 
 _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
-# The default for moe_impl=auto on CUDA in bf16, chosen with bench/throughput.py on an H200 (docs/benchmarks.md):
-# MegaBlocks' data path was ~2% faster per training step than "grouped" (231.8/232.5 vs 237.4/236.7 ms, 1.3b with
-# 16 experts); "grouped" is taken when megablocks does not import.
+# What `model.moe_impl=auto` prefers on CUDA in bf16 when more than one backend can run (docs/benchmarks.md has
+# the measurement); "grouped" is taken when megablocks does not import.
 AUTO_CUDA = "megablocks"
 
+REPORT_NAMES = {"native": "native loop", "grouped": "grouped GEMM", "megablocks": "megablocks"}
 
-def _sort_by_expert(routing):
-    """Permutation of the T*k assignments sorted by expert, their source tokens, and int32 end offsets."""
-    T, k = routing.experts.shape
+
+@dataclass(frozen=True)
+class MoEPath:
+    backend: str  # native | grouped | megablocks
+    error: str | None = None  # an implementation asked for by name that cannot run here
+    warning: str | None = None  # a slow path a CUDA run would take, with its fix
+
+
+def decide(impl: str, device_type: str, bf16: bool, hidden: int, ffn: int) -> MoEPath:
+    """The MoE backend for ``model.moe_impl=impl`` on a ``device_type`` run whose expert inputs and weights are
+    bf16 (``bf16``) with the given widths."""
+    fast_ok = (device_type == "cuda" and bf16 and hidden % 8 == 0 and ffn % 8 == 0 and grouped_gemm_available())
+    if impl == "auto":
+        if fast_ok:
+            return MoEPath("megablocks" if AUTO_CUDA == "megablocks" and megablocks_available() else "grouped")
+        warning = None
+        if device_type == "cuda":
+            warning = ("MoE experts run the per-expert loop: the grouped-GEMM backends need parallel.precision=bf16, "
+                       f"model.hidden_size and model.intermediate_size multiples of 8 (now {hidden}, {ffn}) and "
+                       "megablocks (launch/build_kernels.sh) or torch's grouped GEMM on sm80+")
+        return MoEPath("native", warning=warning)
+    if impl == "native":
+        return MoEPath("native")
+    if impl in ("grouped", "megablocks"):
+        if fast_ok and (impl == "grouped" or megablocks_available()):
+            return MoEPath(impl)
+        need = "megablocks (launch/build_kernels.sh)" if impl == "megablocks" else "torch grouped GEMM on sm80+"
+        return MoEPath("native", error=f"model.moe_impl={impl} needs CUDA, parallel.precision=bf16, hidden and ffn "
+                                       f"widths that are multiples of 8 and {need}; use model.moe_impl=auto")
+    return MoEPath("native", error=f"model.moe_impl={impl!r}: choose auto, native, grouped or megablocks")
+
+
+def decide_for(impl: str, x: torch.Tensor, w_gate: torch.Tensor) -> MoEPath:
+    """``decide`` for the tensors a layer actually holds at run time."""
+    bf16 = x.dtype == torch.bfloat16 and w_gate.dtype == torch.bfloat16
+    return decide(impl, x.device.type, bf16, w_gate.shape[2], w_gate.shape[1])
+
+
+# ---------------------------------------------------------------- the three pieces, per backend
+@dataclass
+class Permuted:
+    rows: torch.Tensor  # (T*k, hidden) assignments grouped by expert
+    tokens_per_expert: torch.Tensor  # (E,) int
+    undo: tuple  # what unpermute needs
+
+
+def _permute_torch(x: torch.Tensor, routing) -> Permuted:
+    k = routing.experts.shape[1]
     order = torch.argsort(routing.experts.flatten(), stable=True)
-    offs = torch.cumsum(routing.counts, 0, dtype=torch.int32)
-    return order, order // k, offs
+    token_of = order // k  # source token of each sorted assignment
+    # gather; its backward is an index_add_, not a sort
+    return Permuted(x.index_select(0, token_of), routing.counts, (order, token_of))
 
 
-def experts_forward_grouped(x: torch.Tensor, routing, w_gate, w_up, w_down, act=silu_mul_ref) -> torch.Tensor:
-    """Dropless grouped-GEMM experts: gather rows by expert, 3 grouped GEMMs, weighted scatter-add back."""
-    order, token_of, offs = _sort_by_expert(routing)
-    xs = x.index_select(0, token_of)  # (T*k, hidden), grouped by expert; backward is an index_add_, not a sort
-    g = _grouped_mm(xs, w_gate.transpose(1, 2), offs=offs)  # (T*k, ffn)
-    u = _grouped_mm(xs, w_up.transpose(1, 2), offs=offs)
-    h = act(g, u)
-    y = _grouped_mm(h, w_down, offs=offs)  # (T*k, hidden)
-    y = y * routing.weights.flatten().index_select(0, order)[:, None].to(y.dtype)
-    return torch.zeros_like(x).index_add_(0, token_of, y)
+def _unpermute_torch(x: torch.Tensor, rows: torch.Tensor, routing, undo) -> torch.Tensor:
+    order, token_of = undo
+    rows = rows * routing.weights.flatten().index_select(0, order)[:, None].to(rows.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of, rows)
 
 
+def _mlp_native(xs, tokens_per_expert, w_gate, w_up, w_down, act=silu_mul_ref, counts: list[int] | None = None):
+    counts = tokens_per_expert.tolist() if counts is None else counts
+    outs, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            xe = xs[start:start + c]
+            outs.append(act(xe @ w_gate[e].t(), xe @ w_up[e].t()) @ w_down[e])
+        start += c
+    if not outs:  # no rows (a rank that received no tokens): still a graph to every weight, so each gets a grad
+        return act(xs @ w_gate[0].t(), xs @ w_up[0].t()) @ w_down[0]
+    return torch.cat(outs, dim=0)
+
+
+def _mlp_grouped(xs, tokens_per_expert, w_gate, w_up, w_down, act=silu_mul_ref, counts=None):
+    offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+    h = act(_grouped_mm(xs, w_gate.transpose(1, 2), offs=offs), _grouped_mm(xs, w_up.transpose(1, 2), offs=offs))
+    return _grouped_mm(h, w_down, offs=offs)
+
+
+def _mlp_megablocks(xs, tokens_per_expert, w_gate, w_up, w_down, act=silu_mul_ref, counts=None):
+    _, gmm = _megablocks()
+    if counts is not None:  # already on the host (expert parallelism synced them): no second device->host copy
+        tokens_per_expert = torch.tensor(counts, dtype=torch.int64)
+    g = gmm(xs, w_gate, tokens_per_expert, trans_b=True)
+    u = gmm(xs, w_up, tokens_per_expert, trans_b=True)
+    return gmm(act(g, u), w_down, tokens_per_expert)
+
+
+def _permute_megablocks(x: torch.Tensor, routing) -> Permuted:
+    ops, _ = _megablocks()
+    E = routing.counts.shape[0]
+    k = routing.experts.shape[1]
+    top = routing.experts.flatten().int()
+    with torch.no_grad():
+        bin_ids, indices = ops.sort(top, max(1, (E - 1).bit_length()))
+        tokens_per_expert = ops.histogram(top, E)
+        bins = ops.inclusive_cumsum(tokens_per_expert, 0)
+        bins = bins.view(1) if not bins.dim() else bins
+    return Permuted(ops.gather(x, indices, bin_ids, bins, k), tokens_per_expert, (indices, bin_ids, bins, k))
+
+
+def _unpermute_megablocks(x, rows, routing, undo):
+    ops, _ = _megablocks()
+    indices, bin_ids, bins, k = undo
+    return ops.scatter(rows, indices, bin_ids, routing.weights.flatten().to(x.dtype), bins, k)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    permute: Callable
+    expert_mlp: Callable
+    unpermute: Callable
+
+    def __call__(self, x, routing, w_gate, w_up, w_down, act=silu_mul_ref, exchange=None) -> torch.Tensor:
+        """y for tokens x (T, hidden); ``exchange`` (expert parallelism) runs the experts on their owner ranks."""
+        p = self.permute(x, routing)
+        if exchange is None:
+            rows = self.expert_mlp(p.rows, p.tokens_per_expert, w_gate, w_up, w_down, act)
+        else:
+            rows = exchange(p.rows, p.tokens_per_expert,
+                            lambda xs, tpe, counts: self.expert_mlp(xs, tpe, w_gate, w_up, w_down, act, counts=counts))
+        return self.unpermute(x, rows, routing, p.undo)
+
+
+BACKENDS = {
+    "native": Backend("native", _permute_torch, _mlp_native, _unpermute_torch),
+    "grouped": Backend("grouped", _permute_torch, _mlp_grouped, _unpermute_torch),
+    "megablocks": Backend("megablocks", _permute_megablocks, _mlp_megablocks, _unpermute_megablocks),
+}
+experts_forward_native = BACKENDS["native"]
+experts_forward_grouped = BACKENDS["grouped"]
+experts_forward_megablocks = BACKENDS["megablocks"]
+
+
+def select(impl: str, x: torch.Tensor, w_gate: torch.Tensor) -> Backend:
+    """The backend ``decide`` picks for these tensors; an impossible explicit choice raises with the fix."""
+    path = decide_for(impl, x, w_gate)
+    if path.error:
+        raise RuntimeError(path.error)
+    return BACKENDS[path.backend]
+
+
+# ---------------------------------------------------------------- availability
 def grouped_gemm_available(device_index: int | None = None) -> bool:
     """torch has a grouped GEMM and the GPU (``device_index``, else the current one, if any is visible) is sm80+."""
     if _grouped_mm is None:
@@ -61,11 +194,9 @@ def grouped_gemm_available(device_index: int | None = None) -> bool:
 
 
 def grouped_supported(x: torch.Tensor, w_gate: torch.Tensor | None = None) -> bool:
-    if not x.is_cuda or x.dtype != torch.bfloat16:
-        return False
-    if w_gate is not None and (w_gate.dtype != torch.bfloat16 or w_gate.shape[1] % 8 or w_gate.shape[2] % 8):
-        return False
-    return grouped_gemm_available(x.device.index)
+    """Whether ``grouped`` can run on these tensors (``decide`` with moe_impl=grouped finds no error)."""
+    w = w_gate if w_gate is not None else x.new_empty((1, 8, 8))
+    return decide_for("grouped", x, w).error is None
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,7 +204,6 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-# ---------------------------------------------------------------- MegaBlocks
 _mb = None  # (megablocks.ops, gmm) once imported; False if the import failed
 
 
@@ -93,7 +223,7 @@ def _megablocks():
                     return gg_ops.gmm(a, b, batch_sizes.cpu(), trans_b=trans_b)
             except ImportError:
                 def gmm(a, b, batch_sizes, trans_b=False):
-                    offs = torch.cumsum(batch_sizes, 0, dtype=torch.int32)
+                    offs = torch.cumsum(batch_sizes.to(a.device), 0, dtype=torch.int32)
                     return _grouped_mm(a, b.transpose(1, 2) if trans_b else b, offs=offs)
             _mb = (mb_ops, gmm)
         except Exception:  # noqa: BLE001 - ImportError or a CUDA/triton error at import
@@ -103,47 +233,3 @@ def _megablocks():
 
 def megablocks_available() -> bool:
     return _megablocks() is not None
-
-
-def experts_forward_megablocks(x: torch.Tensor, routing, w_gate, w_up, w_down, act=silu_mul_ref) -> torch.Tensor:
-    """MegaBlocks ``ParallelDroplessMLP.grouped_forward_once`` with our weight layout."""
-    mb = _megablocks()
-    if mb is None:
-        raise RuntimeError("model.moe_impl=megablocks but megablocks does not import (build it with "
-                           "launch/build_kernels.sh, or use model.moe_impl=auto)")
-    ops, gmm = mb
-    E = w_gate.shape[0]
-    k = routing.experts.shape[1]
-    top = routing.experts.flatten().int()
-    with torch.no_grad():
-        bin_ids, indices = ops.sort(top, max(1, (E - 1).bit_length()))
-        tokens_per_expert = ops.histogram(top, E)
-        bins = ops.inclusive_cumsum(tokens_per_expert, 0)
-        bins = bins.view(1) if not bins.dim() else bins
-    xs = ops.gather(x, indices, bin_ids, bins, k)
-    g = gmm(xs, w_gate, tokens_per_expert, trans_b=True)
-    u = gmm(xs, w_up, tokens_per_expert, trans_b=True)
-    h = gmm(act(g, u), w_down, tokens_per_expert)
-    return ops.scatter(h, indices, bin_ids, routing.weights.flatten().to(x.dtype), bins, k)
-
-
-_BACKENDS = {
-    "native": experts_forward_native,
-    "grouped": experts_forward_grouped,
-    "megablocks": experts_forward_megablocks,
-}
-
-
-def select(impl: str, x, w_gate: torch.Tensor | None = None):
-    if impl == "auto":
-        if grouped_supported(x, w_gate):
-            if AUTO_CUDA == "megablocks" and megablocks_available():
-                return experts_forward_megablocks
-            return experts_forward_grouped
-        return experts_forward_native
-    if impl == "grouped" and not grouped_supported(x, w_gate):
-        raise RuntimeError("model.moe_impl=grouped needs bf16 CUDA tensors on sm80+ and torch._grouped_mm; "
-                           "use model.moe_impl=auto or native")
-    if impl in _BACKENDS:
-        return _BACKENDS[impl]
-    raise RuntimeError(f"model.moe_impl={impl!r} is not available: choose auto, native, grouped or megablocks")
