@@ -152,10 +152,11 @@ def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, war
         apply_variant(model, variant)
         from jambatrain.models.moe import MoE
 
-        impls = {m.impl for m in model.modules() if isinstance(m, MoE)}
+        moes = [m for m in model.modules() if isinstance(m, MoE)]
         info = {"variant": variant, "kernels": ssm_ops.kernels_available(),
-                "moe_backend": [moe_backends.select(i, torch.zeros(1, device="cuda", dtype=torch.bfloat16),
-                                                    None).__name__ for i in impls] or "none (dense)"}
+                "moe_backend": sorted({moe_backends.decide(m.impl, "cuda", m.w_gate.dtype == torch.bfloat16,
+                                                           cfg.hidden_size, cfg.intermediate_size).backend
+                                       for m in moes}) or "none (dense)"}
     else:
         model, info = build_hf(cfg)
     n_params = sum(p.numel() for p in model.parameters())
@@ -230,7 +231,8 @@ def profile_steps(kind, step, steps=2):
 # ------------------------------------------------------------------------------------------------ MoE
 def moe_bench(cfg: ModelConfig, tokens: int, E: int, k: int, iters: int = 10):
     """Expert computation alone, fwd+bwd, at the model's hidden/ffn sizes with near-uniform routing."""
-    from jambatrain.models.moe import experts_forward_native, route
+    from jambatrain.models.moe import route
+    from jambatrain.models.moe_backends import experts_forward_native
 
     h, f = cfg.hidden_size, cfg.intermediate_size
     g = torch.Generator(device="cuda").manual_seed(0)
