@@ -1,9 +1,26 @@
-"""Checkpoints: DeepSpeed engine state + everything else a bit-exact resume needs, saved together.
+"""Checkpoints: everything a resume needs, written so that a checkpoint is either complete or ignored.
 
-Layout: RUN_DIR/checkpoints/step_00000100/ holds DeepSpeed's files (model, ZeRO optimizer shards,
-scheduler), ``train_state.json`` (step, tokens, loader position, config digest) and ``rng_rank{R}.pt``
-per rank. ``checkpoints/latest`` is written by DeepSpeed only once all files of a tag exist, so a crash
-mid-save leaves the previous checkpoint as latest. Old tags are pruned only after a newer one completed.
+Layout: ``RUN_DIR/checkpoints/step_00000100/`` holds
+
+  train_state.json    step, tokens, loader position, model config, the writing run's parallel layout
+  rng_rank{R}.pt      every rank's RNG streams
+  params_r{R}_{k}.pt  (ZeRO 0-2, "portable") fp32 master weight + Adam moments of every parameter, whole tensors;
+                      experts stored under their global expert ids (one entry per [lo, hi) range), each dense
+                      parameter once; the writers are spread over the ranks
+  scheduler.pt        the LR scheduler and the Adam step count
+  (ZeRO-3)            DeepSpeed's partitioned model/optimizer files instead of params_* (same world size only)
+  manifest.json       written last: every file of the tag with its size, and where each parameter is
+
+The portable format does not depend on the topology: a run saved on (world 4, ep 2) resumes on (4, 4), (2, 1),
+(1, 1)... with the same weights and moments (tests/test_checkpoint_reshard.py); the trainer keeps the global
+batch by adjusting gradient accumulation.
+
+Commit protocol: the files are written into ``step_X.partial/`` and fsynced by the rank that wrote them; the
+ranks agree (a collective), rank 0 writes ``manifest.json``, renames the directory to ``step_X`` and fsyncs the
+parent; ``latest`` (a convenience for people and tools) is rewritten after that by write-temp + rename. Resume
+trusts no pointer: ``latest_tag`` scans for the newest tag whose manifest lists files that all exist with their
+sizes. A newer tag that is not complete is reported and left in place, never deleted; pruning keeps the newest
+complete tags and never touches a tag newer than the one written.
 """
 from __future__ import annotations
 
@@ -11,13 +28,18 @@ import json
 import os
 import random
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 
-from .data.loader import resume_geometry_problem
 from .parallel.distributed import barrier
+
+FORMAT = 2
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+FILE_BYTES = 2 << 30  # a writer starts a new params file past this size (bounds host memory during a save)
 
 
 @dataclass
@@ -26,19 +48,74 @@ class TrainState:
     tokens: int = 0  # training tokens consumed, all ranks
     loader: dict = field(default_factory=dict)
     model_config: dict = field(default_factory=dict)
-    parallel: dict = field(default_factory=dict)  # world_size and zero_stage of the run that wrote it
+    # the layout of the run that wrote it: world_size, zero_stage, expert_parallel_size, global_batch
+    parallel: dict = field(default_factory=dict)
 
 
 def ckpt_root(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
-def latest_tag(run_dir: str) -> str | None:
-    path = os.path.join(ckpt_root(run_dir), "latest")
-    if not os.path.isfile(path):
-        return None
-    tag = open(path).read().strip()
-    return tag if os.path.isfile(os.path.join(ckpt_root(run_dir), tag, "train_state.json")) else None
+# ---------------------------------------------------------------- which tags are complete
+def _tags(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        return []
+    return sorted((t for t in os.listdir(root) if t.startswith("step_") and "." not in t), reverse=True)
+
+
+def incomplete_reason(tag_dir: str) -> str | None:
+    """Why ``tag_dir`` is not a complete checkpoint (None: complete)."""
+    try:
+        with open(os.path.join(tag_dir, "manifest.json")) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as exc:
+        return f"no readable manifest.json ({type(exc).__name__})"
+    for rel, size in manifest["files"].items():
+        path = os.path.join(tag_dir, rel)
+        if not os.path.isfile(path):
+            return f"{rel} is missing"
+        if os.path.getsize(path) != size:
+            return f"{rel} has {os.path.getsize(path)} bytes, the manifest says {size}"
+    return None
+
+
+def latest_tag(run_dir: str, report: bool = False) -> str | None:
+    """The newest complete tag (None: none). ``report``: say which newer tags were passed over and why."""
+    root = ckpt_root(run_dir)
+    for tag in _tags(root):
+        reason = incomplete_reason(os.path.join(root, tag))
+        if reason is None:
+            return tag
+        if report:
+            print(f"jambatrain: WARNING: checkpoint {os.path.join(root, tag)} is incomplete ({reason}); it is left "
+                  "in place and an older complete one is used", file=sys.stderr, flush=True)
+    return None
+
+
+def has_checkpoints(run_dir: str) -> bool:
+    """Whether the run dir holds any checkpoint directory at all, complete or not."""
+    root = ckpt_root(run_dir)
+    return os.path.isdir(root) and any(t.startswith("step_") for t in os.listdir(root))
+
+
+# ---------------------------------------------------------------- files
+def _fsync_write(path: str, write) -> int:
+    """Write through ``write(fileobj)`` to ``path`` via a temp file, fsync, rename; returns the size."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return os.path.getsize(path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _rng_state() -> dict:
@@ -56,30 +133,245 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save(engine, run_dir: str, state: TrainState, rank: int, keep: int) -> str:
+def _all_gather(obj):
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        out = [None] * tdist.get_world_size()
+        tdist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+# ---------------------------------------------------------------- fp32 masters and Adam moments
+def _torch_optimizer(engine):
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def _zero_wrapper(engine):
+    """DeepSpeed's ZeRO-1/2 or bf16 optimizer (which keep the fp32 masters apart from the model), else None."""
+    opt = engine.optimizer
+    return opt if hasattr(opt, "_lazy_init_hp_params_optimizer_state") else None
+
+
+def _link_optimizer_state(engine) -> None:
+    """DeepSpeed 0.19 links a parameter's view of the Adam state once, after the first parameter group's first
+    step, before later groups have state: re-link so every group's moments are reachable (private API, pinned)."""
+    z = _zero_wrapper(engine)
+    if z is not None:
+        z._hp_optimizer_states_linked = False
+        z._lazy_init_hp_params_optimizer_state()
+
+
+def _full_state(engine, p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """fp32 master and Adam moments of ``p``, whole (collectives over ``p``'s ZeRO group), on the CPU."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    if hasattr(p, "_hp_mapping"):  # ZeRO-1/2 or bf16 optimizer (None where p has no fragment on this rank)
+        vals = {"fp32": safe_get_full_fp32_param(p)}
+        for k in ADAM_KEYS:
+            vals[k] = safe_get_full_optimizer_state(p, k)
+    else:  # no ZeRO optimizer in between (ZeRO-0 in fp32): the parameter is the master
+        st = _torch_optimizer(engine).state.get(p, {})
+        vals = {"fp32": p.detach().float()}
+        for k in ADAM_KEYS:
+            vals[k] = st[k].detach().float() if k in st else torch.zeros_like(vals["fp32"])
+    return {k: v.detach().cpu() for k, v in vals.items()}
+
+
+def _adam_step(engine) -> float:
+    for st in _torch_optimizer(engine).state.values():
+        if "step" in st:
+            return float(st["step"])
+    return 0.0
+
+
+def _prepare_optimizer_state(engine, step: float) -> None:
+    """A fresh engine has no Adam state until its first step: create it (zeros, ``step``) so it can be filled."""
+    opt = _torch_optimizer(engine)
+    fused = bool(opt.defaults.get("fused"))
+    z = _zero_wrapper(engine)
+    flats = []
+    if z is not None:
+        flats = getattr(z, "single_partition_of_fp32_groups", None) or getattr(z, "fp32_groups_flat_partition")
+    else:
+        flats = [p for g in opt.param_groups for p in g["params"]]
+    for flat in flats:
+        opt.state[flat] = {"step": torch.tensor(step, dtype=torch.float32, device=flat.device if fused else "cpu"),
+                           "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+    if z is not None:
+        z._hp_optimizer_states_linked = False
+        z._lazy_init_hp_params_optimizer_state()
+
+
+def _set_full_state(engine, p: torch.Tensor, vals: dict[str, torch.Tensor]) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if hasattr(p, "_hp_mapping"):  # ZeRO-1/2 or bf16 optimizer (None where p has no fragment on this rank)
+        safe_set_full_fp32_param(p, vals["fp32"].to(p.device))
+        for k in ADAM_KEYS:
+            safe_set_full_optimizer_state(p, vals[k].to(p.device), k)
+    else:
+        st = _torch_optimizer(engine).state[p]
+        for k in ADAM_KEYS:
+            st[k].copy_(vals[k])
+    with torch.no_grad():
+        p.copy_(vals["fp32"].to(p.dtype))  # the working (possibly bf16) copy every rank computes with
+
+
+def _expert_range(model, name: str) -> tuple[int, int] | None:
+    """Global expert ids [lo, hi) held by parameter ``name`` (None: a dense parameter)."""
+    from .models.moe import MoE
+
+    owner, _, leaf = name.rpartition(".")
+    m = model.get_submodule(owner) if owner else model
+    return m.expert_range if isinstance(m, MoE) and leaf in ("w_gate", "w_up", "w_down") else None
+
+
+def _save_params(engine, model, tag_dir: str, rank: int, world: int, ep) -> tuple[dict, dict]:
+    """Every parameter's state, whole, written by one writer: dense parameters round-robin over all ranks,
+    expert blocks round-robin over the ranks of their expert-data-parallel group. Returns (this rank's files
+    with sizes, this rank's index entries {name: [[file, lo, hi], ...]})."""
+    _link_optimizer_state(engine)
+    files, index, buf, size, part = {}, {}, {}, 0, 0
+
+    def flush():
+        nonlocal buf, size, part
+        if buf:
+            rel = f"params_r{rank:05d}_{part:03d}.pt"
+            files[rel] = _fsync_write(os.path.join(tag_dir, rel), lambda f, b=buf: torch.save(b, f))
+            for key, (nm, lo, hi) in ((k, v["where"]) for k, v in buf.items()):
+                index.setdefault(nm, []).append([rel, lo, hi])
+            buf, size, part = {}, 0, part + 1
+
+    dense_i = expert_i = 0
+    for name, p in model.named_parameters():  # the same order on every rank: the gathers are collectives
+        vals = _full_state(engine, p)
+        rng = _expert_range(model, name)
+        if rng is None:
+            mine = dense_i % world == rank
+            dense_i += 1
+        else:
+            edp_size = world // (ep.size if ep else 1)
+            mine = expert_i % edp_size == (ep.edp_rank if ep else rank)
+            expert_i += 1
+        if mine:
+            lo, hi = rng if rng else (None, None)
+            buf[f"{name}@{lo}"] = {**vals, "where": (name, lo, hi)}
+            size += sum(v.numel() * v.element_size() for v in vals.values())
+            if size >= FILE_BYTES:
+                flush()
+    flush()
+    return files, index
+
+
+def _load_params(engine, model, tag_dir: str, manifest: dict) -> None:
+    """Fill every parameter of this rank from the portable files, whatever layout wrote them (files are
+    memory-mapped, so a rank reads the pages of the parts it needs)."""
+    cache: dict[str, dict] = {}
+
+    def entry(rel):
+        if rel not in cache:
+            cache[rel] = torch.load(os.path.join(tag_dir, rel), map_location="cpu", weights_only=True, mmap=True)
+        return cache[rel]
+
+    where = manifest["params"]
+    _prepare_optimizer_state(engine, manifest["adam_step"])
+    for name, p in model.named_parameters():
+        if name not in where:
+            raise RuntimeError(f"checkpoint {tag_dir} holds no {name}: it was written by another model")
+        rng = _expert_range(model, name)
+        if rng is None:
+            rel, _, _ = where[name][0]
+            vals = {k: v for k, v in entry(rel)[f"{name}@None"].items() if k != "where"}
+        else:
+            lo, hi = rng
+            pieces = sorted((a, rel) for rel, a, b in where[name] if a < hi and b > lo)
+            vals, covered = {k: [] for k in ("fp32",) + ADAM_KEYS}, lo
+            for a, rel in pieces:
+                e = entry(rel)[f"{name}@{a}"]
+                b = e["where"][2]
+                if max(lo, a) != covered:
+                    break
+                for k in vals:
+                    vals[k].append(e[k][max(lo, a) - a:min(hi, b) - a])
+                covered = min(hi, b)
+            if covered != hi:
+                raise RuntimeError(f"checkpoint {tag_dir}: experts [{lo}, {hi}) of {name} are not all there")
+            vals = {k: torch.cat(v) for k, v in vals.items()}
+        if tuple(vals["fp32"].shape) != tuple(p.shape):
+            raise RuntimeError(f"checkpoint {tag_dir}: {name} is {tuple(vals['fp32'].shape)}, the model has "
+                               f"{tuple(p.shape)}")
+        _set_full_state(engine, p, vals)
+
+
+# ---------------------------------------------------------------- save / load
+def save(engine, model, run_dir: str, state: TrainState, rank: int, keep: int, ep=None) -> str:
+    """Write checkpoint ``step_{state.step}`` by the commit protocol (module docstring); returns its directory."""
     tag = f"step_{state.step:08d}"
     root = ckpt_root(run_dir)
-    tag_dir = os.path.join(root, tag)
-    os.makedirs(tag_dir, exist_ok=True)
-    barrier()
-    torch.save(_rng_state(), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
+    final, partial = os.path.join(root, tag), os.path.join(root, tag + ".partial")
+    world = tdist.get_world_size() if tdist.is_initialized() else 1
     if rank == 0:
-        tmp = os.path.join(tag_dir, "train_state.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(asdict(state), f, indent=1)
-        os.replace(tmp, os.path.join(tag_dir, "train_state.json"))
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # a save that died before its commit
+        os.makedirs(partial)
     barrier()
-    engine.save_checkpoint(root, tag=tag)  # writes `latest` last, after every rank's shard is on disk
-    barrier()
+    files = {f"rng_rank{rank}.pt": _fsync_write(os.path.join(partial, f"rng_rank{rank}.pt"),
+                                                lambda f: torch.save(_rng_state(), f))}
+    index = {}
+    zero3 = state.parallel.get("zero_stage") == 3
+    if zero3:  # DeepSpeed's own partitioned format
+        engine.save_checkpoint(root, tag=tag + ".partial", save_latest=False)
+    else:
+        mine, index = _save_params(engine, model, partial, rank, world, ep)
+        files.update(mine)
+    everyone = _all_gather((files, index))  # also the agreement that every rank's files are on disk
     if rank == 0:
+        files, index = {}, {}
+        for f, ix in everyone:
+            files.update(f)
+            for name, where in ix.items():
+                index.setdefault(name, []).extend(where)
+        files["train_state.json"] = _fsync_write(os.path.join(partial, "train_state.json"),
+                                                 lambda f: f.write(json.dumps(asdict(state), indent=1).encode()))
+        if zero3:  # DeepSpeed's files, listed after every rank returned from its save
+            for dirpath, _, names in os.walk(partial):
+                for n in names:
+                    rel = os.path.relpath(os.path.join(dirpath, n), partial)
+                    files.setdefault(rel, os.path.getsize(os.path.join(dirpath, n)))
+        else:
+            # the schedule is a function of the step (optim.lr_at); its per-group state would tie the checkpoint to
+            # this run's optimizer groups, which expert parallelism splits differently per topology
+            sched = {"last_epoch": engine.lr_scheduler.last_epoch if engine.lr_scheduler else None}
+            files["scheduler.pt"] = _fsync_write(os.path.join(partial, "scheduler.pt"), lambda f: torch.save(sched, f))
+        manifest = {"format": FORMAT, "kind": "deepspeed-zero3" if zero3 else "portable", "step": state.step,
+                    "adam_step": _adam_step(engine) if not zero3 else None, "files": files, "params": index}
+        _fsync_write(os.path.join(partial, "manifest.json"), lambda f: f.write(json.dumps(manifest).encode()))
+        _fsync_dir(partial)
+        if os.path.isdir(final):  # an incomplete tag of the same step from an earlier attempt: set it aside
+            os.replace(final, final + f".incomplete-{os.getpid()}")
+        os.replace(partial, final)
+        _fsync_dir(root)
+        _fsync_write(os.path.join(root, "latest"), lambda f: f.write(tag.encode()))
         _prune(root, keep, current=tag)
-    return tag_dir
+    barrier()
+    return final
 
 
 def _prune(root: str, keep: int, current: str) -> None:
-    tags = sorted(t for t in os.listdir(root) if t.startswith("step_") and t != current)
-    for t in tags[: max(0, len(tags) - (keep - 1))]:
+    """Keep the ``keep`` newest complete tags up to ``current``; never a newer tag, never an incomplete one."""
+    complete = [t for t in _tags(root) if t <= current and incomplete_reason(os.path.join(root, t)) is None]
+    for t in complete[max(1, keep):]:
         shutil.rmtree(os.path.join(root, t), ignore_errors=True)
+
+
+def _set_schedule_step(s, last_epoch: int) -> None:
+    """Put a ``LambdaLR`` at ``last_epoch`` with the learning rate of every group set as its ``step`` would."""
+    s.last_epoch = last_epoch
+    lrs = [base * fn(last_epoch) for base, fn in zip(s.base_lrs, s.lr_lambdas)]
+    for group, lr in zip(s.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    s._last_lr = lrs
 
 
 def read_state(run_dir: str, tag: str) -> TrainState:
@@ -87,44 +379,71 @@ def read_state(run_dir: str, tag: str) -> TrainState:
         return TrainState(**json.load(f))
 
 
-def check_resumable(run_dir: str, tag: str, model_config: dict, world_size: int, zero_stage: int,
-                    micro_batch_size: int) -> list[str]:
-    """What makes checkpoint ``tag`` unloadable by this run, read from its train_state.json alone, so it is said
-    before any data is prepared or model built (each problem with its fix; empty when it can be resumed)."""
+def load(engine, model, run_dir: str, tag: str, rank: int) -> TrainState:
+    """Restore weights, optimizer, scheduler, RNG; returns the train state (``check_resumable`` vetted it)."""
+    tag_dir = os.path.join(ckpt_root(run_dir), tag)
+    state = read_state(run_dir, tag)
+    with open(os.path.join(tag_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    if manifest["kind"] == "deepspeed-zero3":
+        load_path, _ = engine.load_checkpoint(ckpt_root(run_dir), tag=tag)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    else:
+        _load_params(engine, model, tag_dir, manifest)
+        sched = torch.load(os.path.join(tag_dir, "scheduler.pt"), weights_only=True)
+        if engine.lr_scheduler is not None and sched["last_epoch"] is not None:
+            _set_schedule_step(engine.lr_scheduler, sched["last_epoch"])
+        engine.global_steps = state.step
+    rng_file = os.path.join(tag_dir, f"rng_rank{rank}.pt")
+    if os.path.isfile(rng_file):  # a rank the writing run did not have starts from its seed stream
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+# ---------------------------------------------------------------- what may resume
+def check_resumable(run_dir: str, tag: str, model_config: dict, world_size: int, zero_stage: int) -> list[str]:
+    """What makes checkpoint ``tag`` unloadable by this run, from its train_state.json and manifest alone, so it
+    is said before any data is prepared or model built (each problem with its fix; empty when it can resume)."""
     state = read_state(run_dir, tag)
     tag_dir = os.path.join(ckpt_root(run_dir), tag)
+    with open(os.path.join(tag_dir, "manifest.json")) as f:
+        kind = json.load(f)["kind"]
     problems = []
     diff = {k: (state.model_config.get(k), v) for k, v in model_config.items()
             if k in state.model_config and state.model_config[k] != v and k not in _RUNTIME_ONLY_KEYS}
     if diff:
         problems.append(f"checkpoint {tag_dir} was trained with a different model config (key: checkpoint vs "
                         f"now): {diff}. Use a new run dir (hydra.run.dir=...) or matching model overrides.")
-    saved_world = state.parallel.get("world_size", state.loader.get("dp_size"))
-    saved_stage = state.parallel.get("zero_stage", zero_stage)
-    if saved_world is not None and saved_world != world_size and max(saved_stage, zero_stage) >= 1:
-        problems.append(
-            f"checkpoint {tag_dir} was written by {saved_world} data-parallel ranks and ZeRO shards the optimizer "
-            f"state per rank; this run has {world_size}. Resume on {saved_world} ranks, or carry the weights (not "
-            "the optimizer state) into a new run dir: python -m jambatrain.export_hf RUN_DIR OUT, then "
-            "model.init_from=OUT")
-    elif state.loader:
-        geometry = resume_geometry_problem(state.loader, world_size, micro_batch_size)
-        if geometry:
-            problems.append(f"checkpoint {tag_dir}: {geometry}")
+    saved_world = state.parallel.get("world_size")
+    if kind == "deepspeed-zero3" and zero_stage != 3:
+        problems.append(f"checkpoint {tag_dir} was written by ZeRO-3 (DeepSpeed's partitioned format); this run has "
+                        f"parallel.zero_stage={zero_stage}. Resume with parallel.zero_stage=3 on {saved_world} ranks")
+    elif kind == "deepspeed-zero3" and saved_world != world_size:
+        problems.append(f"checkpoint {tag_dir} was written by ZeRO-3 on {saved_world} ranks, whose partitioned "
+                        f"format only loads on the same number; this run has {world_size}. Resume on {saved_world} "
+                        "ranks, or train with ZeRO-1/2, whose checkpoints load on any number of ranks")
+    elif kind != "deepspeed-zero3" and zero_stage == 3:
+        problems.append(f"checkpoint {tag_dir} was written by ZeRO-{state.parallel.get('zero_stage')}; loading it "
+                        "into ZeRO-3 is not supported: resume with parallel.zero_stage=1 or 2 (any world size)")
     return problems
 
 
-def load(engine, run_dir: str, tag: str, rank: int) -> TrainState:
-    """Restore engine + RNG + loader position (``check_resumable`` has vetted the checkpoint)."""
-    tag_dir = os.path.join(ckpt_root(run_dir), tag)
-    state = read_state(run_dir, tag)
-    load_path, _ = engine.load_checkpoint(ckpt_root(run_dir), tag=tag)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    rng_file = os.path.join(tag_dir, f"rng_rank{rank}.pt")
-    if os.path.isfile(rng_file):
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-    return state
+def resume_grad_accum(saved: dict, world_size: int, micro_batch_size: int, grad_accum_steps: int,
+                      ) -> tuple[int, str | None]:
+    """The gradient accumulation that keeps the checkpoint's global batch (sequences per optimizer step) on
+    ``world_size`` ranks: (steps, None), or (the configured steps, the problem with its fix) when it cannot."""
+    global_batch = saved.get("global_batch")
+    if not global_batch or micro_batch_size * grad_accum_steps * world_size == global_batch:
+        return grad_accum_steps, None
+    per_step = micro_batch_size * world_size
+    if global_batch % per_step == 0:
+        return global_batch // per_step, None
+    return grad_accum_steps, (
+        f"the checkpoint's global batch is {global_batch} sequences per step; {world_size} ranks x "
+        f"parallel.micro_batch_size={micro_batch_size} cannot make it with whole accumulation steps: choose a micro "
+        f"batch size m with {global_batch} divisible by m x {world_size}")
 
 
-_RUNTIME_ONLY_KEYS = ("mamba_impl", "moe_impl", "activation_checkpointing", "loss_chunk_tokens", "init_from", "name")
+_RUNTIME_ONLY_KEYS = ("mamba_impl", "moe_impl", "activation_checkpointing", "loss_chunk_tokens", "init_from", "name",
+                      "compile_elementwise")

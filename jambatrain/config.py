@@ -116,11 +116,16 @@ def problems(cfg: TrainConfig, world_size: int = 1) -> list[str]:
         p.append("parallel.micro_batch_size and parallel.grad_accum_steps must be >= 1")
     if par.expert_parallel_size < 1 or world_size % par.expert_parallel_size:
         p.append(f"parallel.expert_parallel_size={par.expert_parallel_size} must divide the world size {world_size}")
-    if par.expert_parallel_size > 1 and cfg.model.num_experts % par.expert_parallel_size:
+    if par.expert_parallel_size > 1 and cfg.model.num_experts > 1 and cfg.model.num_experts % par.expert_parallel_size:
         p.append(f"model.num_experts={cfg.model.num_experts} is not divisible by parallel.expert_parallel_size="
                  f"{par.expert_parallel_size}")
-    if par.expert_parallel_size > 1:
-        p.append("parallel.expert_parallel_size>1 needs the MegaBlocks backend, not in this build: set it to 1")
+    if par.expert_parallel_size > 1 and par.zero_stage == 3:
+        p.append(f"parallel.expert_parallel_size={par.expert_parallel_size} with parallel.zero_stage=3: DeepSpeed does "
+                 "not run expert-parallel (native MoE) layers under ZeRO-3; use parallel.zero_stage=1 or 2 with "
+                 "expert parallelism, or expert_parallel_size=1 with ZeRO-3")
+    if par.expert_parallel_size > 1 and cfg.model.num_experts <= 1:
+        p.append(f"parallel.expert_parallel_size={par.expert_parallel_size} but the model has no MoE layers "
+                 "(model.num_experts=1): set parallel.expert_parallel_size=1")
     for key, allowed in (("precision", ("auto", "bf16", "fp32")), ("backend", ("auto", "nccl", "gloo")),
                          ("device", ("auto", "cpu", "cuda"))):
         if getattr(par, key) not in allowed:

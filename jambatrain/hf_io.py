@@ -194,6 +194,9 @@ def load_hf_pretrained(model, path: str, strict: bool = True) -> None:
                          + "\n  ".join(bad) + "\nset these model.* fields to the checkpoint's values")
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers()))
+    # expert parallelism: a rank holds experts [lo, hi) of each stacked expert weight
+    held = {f"{n}.{w}": m.expert_range for n, m in model.named_modules() if hasattr(m, "expert_range")
+            for w in ("w_gate", "w_up", "w_down")}
     filled: dict[str, set] = {}
     unexpected = []
     for f in _weight_files(path):
@@ -209,6 +212,14 @@ def load_hf_pretrained(model, path: str, strict: bool = True) -> None:
                     if p is None:
                         unexpected.append(k)
                         continue
+                    if name in held:
+                        lo, hi = held[name]
+                        if e is None:
+                            v = v[lo:hi]
+                        elif not lo <= e < hi:
+                            continue  # another rank's expert
+                        else:
+                            e -= lo
                     dst = p if e is None else p[e]
                     if dst.shape != v.shape:
                         raise ValueError(f"{k} -> {name}{'' if e is None else f'[{e}]'}: checkpoint shape "

@@ -41,12 +41,34 @@ class Throughput:
         return {"tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world, "mfu": mfu}
 
 
-def moe_load_stats(counts: list[torch.Tensor]) -> dict:
-    """max/mean assignments per expert, averaged over MoE layers (1.0 = perfectly balanced)."""
+def moe_load_stats(counts: list[torch.Tensor], received: list[int] | None = None) -> dict:
+    """Expert load of the last micro batch, summed over all ranks: max/mean assignments per expert for each MoE
+    layer (``moe_load/layer{i}``; 1.0 = perfectly balanced) and their mean over layers. With expert parallelism
+    (``received``: rows this rank's experts got per layer), the max/mean over ranks of the rows received
+    (``ep_recv_max_over_mean``): the imbalance all-to-all and the expert GEMMs wait on. Collective: every rank
+    calls it at the same step."""
     if not counts:
         return {}
-    ratios = [(c.max() / c.float().mean().clamp(min=1e-9)).item() for c in counts]
-    return {"moe_max_over_mean_load": sum(ratios) / len(ratios)}
+    import torch.distributed as dist
+
+    load = torch.stack([c.float() for c in counts])  # (layers, experts)
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
+        dist.all_reduce(load)
+    ratios = (load.max(1).values / load.mean(1).clamp(min=1e-9)).tolist()
+    out = {"moe_max_over_mean_load": sum(ratios) / len(ratios)}
+    out.update({f"moe_load/layer{i}": r for i, r in enumerate(ratios)})
+    if received:
+        recv = torch.tensor(received, dtype=torch.float64, device=load.device)
+        top, total = recv.clone(), recv.clone()
+        if distributed:
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+            dist.all_reduce(total)
+        mean = total / (dist.get_world_size() if distributed else 1)
+        r = (top / mean.clamp(min=1e-9)).tolist()
+        out["ep_recv_max_over_mean"] = sum(r) / len(r)
+        out["ep_recv_tokens_max"] = max(top.tolist())
+    return out
 
 
 class MetricsLogger:

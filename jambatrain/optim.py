@@ -29,14 +29,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             continue
         leaf = name.rsplit(".", 1)[-1]
         (no_decay if p.dim() < 2 or leaf in NO_DECAY_NAMES else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, opt: OptimConfig, fused: bool) -> torch.optim.Optimizer:
-    """torch AdamW as DeepSpeed's client optimizer (no JIT-compiled DeepSpeed op; fused on CUDA)."""
+def build_optimizer(groups: list[dict], opt: OptimConfig, fused: bool) -> torch.optim.Optimizer:
+    """torch AdamW over ``groups`` as DeepSpeed's client optimizer (no JIT-compiled DeepSpeed op; fused on CUDA)."""
     kwargs = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2),
-                             eps=opt.eps, **kwargs)
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, **kwargs)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, opt: OptimConfig, max_steps: int):

@@ -23,8 +23,9 @@ from .config import TrainConfig, problems, register_schema, to_train_config
 from .metrics import MetricsLogger, Throughput, moe_load_stats
 from .models import JambaLM, ModelConfig
 from .models.fast_paths import describe as describe_fast_paths
-from .parallel import barrier, build_deepspeed_config, build_engine, init_distributed, reduce_mean
+from .parallel import barrier, build_deepspeed_config, build_engine, expert_parallel, init_distributed, reduce_mean
 from .parallel.deepspeed_setup import resolve_precision
+from .parallel.expert_parallel import ExpertParallel
 from .parallel.distributed import DistInfo, any_rank, export_submitit_env
 
 register_schema()
@@ -59,8 +60,9 @@ def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
     return data_dir
 
 
-def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict) -> JambaLM:
-    """ZeRO 0-2: built on the meta device, materialised on the target device, initialised. ZeRO-3: built
+def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict, ep: ExpertParallel | None = None) -> JambaLM:
+    """ZeRO 0-2: built on the meta device, sharded by expert (``ep``), materialised on the target device,
+    initialised (each rank keeps its experts of the same full init). ZeRO-3: built
     inside ``deepspeed.zero.Init`` so each rank only ever holds its partition (a 52B model never exists
     whole on one GPU), then initialised one module at a time, gathered, on rank 0 and re-partitioned."""
     if ds_config["zero_optimization"]["stage"] == 3:
@@ -79,7 +81,11 @@ def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict) -> JambaLM:
         return model
     with torch.device("meta"):
         model = JambaLM(mcfg)
+    if ep is not None:
+        expert_parallel.apply(model, ep)
     model.to_empty(device=dist.device)
+    if ep is not None:
+        expert_parallel.mark_expert_params(model, ep)  # to_empty made new parameter objects
     model.init_weights()
     if mcfg.init_from:
         from .hf_io import load_hf_pretrained
@@ -92,21 +98,31 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
     """Everything that can be refused before any data is prepared or model built: the config's cross-field
     problems, kernels asked for that cannot run here, and the checkpoint to resume. Returns the fast-path report
     and the tag to resume from (None: a fresh run)."""
-    paths = describe_fast_paths(cfg.model, dist.device.type, resolve_precision(cfg, dist.device), cfg.data.doc_mask)
+    paths = describe_fast_paths(cfg.model, dist.device.type, resolve_precision(cfg, dist.device), cfg.data.doc_mask,
+                                cfg.parallel.expert_parallel_size)
     errors = problems(cfg, dist.world_size) + paths.errors
     if errors:
         raise SystemExit("jambatrain: invalid configuration:\n  - " + "\n  - ".join(errors))
     tr = cfg.trainer
-    tag = checkpoint.latest_tag(run_dir)
+    tag = checkpoint.latest_tag(run_dir, report=dist.is_main)
     if tr.resume and tag is None:
         raise SystemExit(f"trainer.resume=true but {checkpoint.ckpt_root(run_dir)} has no complete checkpoint: "
                          "point hydra.run.dir at the run to resume, or drop trainer.resume")
     if tag is None or not (tr.resume or tr.auto_resume):
         return paths, None
-    errors = checkpoint.check_resumable(run_dir, tag, asdict(cfg.model), dist.world_size, cfg.parallel.zero_stage,
-                                       cfg.parallel.micro_batch_size)
+    errors = checkpoint.check_resumable(run_dir, tag, asdict(cfg.model), dist.world_size, cfg.parallel.zero_stage)
+    saved = checkpoint.read_state(run_dir, tag).parallel
+    gas, problem = checkpoint.resume_grad_accum(saved, dist.world_size, cfg.parallel.micro_batch_size,
+                                                cfg.parallel.grad_accum_steps)
+    errors += [problem] if problem else []
     if errors:
         raise SystemExit("jambatrain: cannot resume:\n  - " + "\n  - ".join(errors))
+    if gas != cfg.parallel.grad_accum_steps:
+        if dist.is_main:
+            print(f"jambatrain: the checkpoint was written by {saved.get('world_size')} ranks; keeping its global batch "
+                  f"of {saved['global_batch']} sequences with parallel.grad_accum_steps={gas} (configured "
+                  f"{cfg.parallel.grad_accum_steps})", flush=True)
+        cfg.parallel.grad_accum_steps = gas
     return paths, tag
 
 
@@ -124,11 +140,12 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
                               vocab_size=cfg.model.vocab_size, on_error=cfg.data.on_error,
                               pin_memory=dist.device.type == "cuda")  # async host-to-device copies
     ds_config = build_deepspeed_config(cfg, dist.world_size, dist.device)
-    model = build_model(cfg.model, dist, ds_config)
-    engine = build_engine(model, cfg, dist, ds_config)
+    ep = expert_parallel.create_groups(par.expert_parallel_size) if par.expert_parallel_size > 1 else None
+    model = build_model(cfg.model, dist, ds_config, ep)
+    engine = build_engine(model, cfg, dist, ds_config, ep)
     state = checkpoint.TrainState(model_config=asdict(cfg.model))
     if resume_tag is not None:
-        state = checkpoint.load(engine, run_dir, resume_tag, dist.rank)
+        state = checkpoint.load(engine, model, run_dir, resume_tag, dist.rank)
         loader.load_state_dict(state.loader)
         if dist.is_main:
             print(f"jambatrain: resumed from {run_dir}/checkpoints/{resume_tag} at step {state.step}", flush=True)
@@ -145,7 +162,7 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
         print(f"jambatrain: {cfg.model.name}: {model.num_params() / 1e6:,.1f}M parameters "
               f"({model.num_active_params() / 1e6:,.1f}M active), layers [{cfg.model.layer_pattern()}], "
               f"{meter.flops_per_token / 1e9:.3f} GFLOP/token (training); {dist.world_size} x {dist.device.type}, "
-              f"ZeRO-{par.zero_stage}, {ds_config['train_batch_size']} x {cfg.data.seq_len} tokens/step; "
+              f"ZeRO-{par.zero_stage}, expert parallel {par.expert_parallel_size}, {ds_config['train_batch_size']} x {cfg.data.seq_len} tokens/step; "
               f"{loader.batches_per_epoch // par.grad_accum_steps} steps/epoch from {data_dir}; run dir {run_dir}", flush=True)
         print(f"jambatrain: fast paths: {paths.summary()}", flush=True)
         for w in paths.warnings:
@@ -189,7 +206,8 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
             last = {"loss": ce, "aux_loss": aux, "z_loss": z, "lr": step_lr,
                     "grad_norm": _grad_norm(engine), "tokens": state.tokens, "epoch": loader.epoch,
                     "skipped_samples": loader.skipped,
-                    **meter.report(), **moe_load_stats(model.expert_counts()), **_memory(dist)}
+                    **meter.report(), **moe_load_stats(model.expert_counts(), model.expert_received()),
+                    **_memory(dist)}
             if not math.isfinite(ce):
                 raise SystemExit(f"jambatrain: loss became {ce} at step {state.step}; the last checkpoint is "
                                  "untouched. Lower optim.lr or check the data.")
@@ -208,8 +226,10 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
                                  "checkpoint; not saving it, the last checkpoint is untouched. Lower optim.lr or "
                                  "check the data and model.init_from.")
             state.loader = loader.state_dict()
-            state.parallel = {"world_size": dist.world_size, "zero_stage": par.zero_stage}
-            checkpoint.save(engine, run_dir, state, dist.rank, tr.keep_checkpoints)
+            state.parallel = {"world_size": dist.world_size, "zero_stage": par.zero_stage,
+                              "expert_parallel_size": par.expert_parallel_size,
+                              "global_batch": par.micro_batch_size * par.grad_accum_steps * dist.world_size}
+            checkpoint.save(engine, model, run_dir, state, dist.rank, tr.keep_checkpoints, ep)
         meter.exclude(time.perf_counter() - t_aside)
         if preempted:
             if dist.is_main:

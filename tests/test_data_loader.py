@@ -133,18 +133,45 @@ def test_resume_reads_only_the_needed_shards(data_dir, monkeypatch):
     assert rows_of(batch) == all_rows(data_dir)[28:32]
 
 
-def test_state_dict_geometry_checks(data_dir):
+def test_state_dict_checks_the_data_settings(data_dir):
     loader = TokenShardLoader(data_dir, "train", 2, 0, 2)
     take(loader, 4)
-    state = loader.state_dict()
-    with pytest.raises(ValueError, match="dp_size=2.*dp_size=3"):
-        TokenShardLoader(data_dir, "train", 2, 0, 3).load_state_dict(state)
     with pytest.raises(ValueError, match="seed"):
-        TokenShardLoader(data_dir, "train", 2, 0, 2, seed=9).load_state_dict(state)
-    boundary = {**state, "epoch": 2, "batch_in_epoch": 0}
+        TokenShardLoader(data_dir, "train", 2, 0, 2, seed=9).load_state_dict(loader.state_dict())
+    boundary = {**loader.state_dict(), "epoch": 2, "batch_in_epoch": 0}
     other = TokenShardLoader(data_dir, "train", 2, 2, 3)
-    other.load_state_dict(boundary)  # allowed at an epoch boundary
+    other.load_state_dict(boundary)
     assert other.epoch == 2 and other.batch_in_epoch == 0
+
+
+@pytest.mark.parametrize("before,after", [((2, 2), (3, 2)), ((2, 2), (1, 2)), ((3, 1), (2, 3)), ((1, 4), (2, 1))])
+def test_resume_on_another_geometry_mid_epoch_neither_repeats_nor_loses(data_dir, before, after):
+    """A job that comes back with another (data-parallel size, micro batch) mid-epoch reads each sample the first
+    geometry had not read, once; resharded twice in a row; and the next epoch is whole again."""
+    def run(geometry, state, batches=None):
+        dp, mb = geometry
+        seen, states = [], []
+        for r in range(dp):
+            loader = TokenShardLoader(data_dir, "train", mb, r, dp, seed=5)
+            if state is not None:
+                loader.load_state_dict(json.loads(json.dumps(state)))  # through a checkpoint's JSON
+            it, epoch, n = iter(loader), loader.epoch, 0
+            while loader.epoch == epoch and (batches is None or n < batches):
+                seen += rows_of(next(it))
+                n += 1
+            states.append(loader.state_dict())
+        assert all(s == states[0] for s in states)  # every rank saves the same loader state
+        return seen, states[0]
+
+    seen1, state = run(before, None, batches=2)
+    seen2, state = run(after, state, batches=1)
+    seen3, state = run(before, state)  # back to the first geometry, to the end of the epoch
+    used = seen1 + seen2 + seen3
+    assert len(used) == len(set(used)), "a sample was read twice in one epoch"
+    assert N_TRAIN - len(used) < 2 * max(before[0] * before[1], after[0] * after[1]), "samples were lost"
+    assert state["epoch"] == 1 and state["batch_in_epoch"] == 0 and state["segments"] is None
+    epoch1, _ = run(after, state)
+    assert len(epoch1) == N_TRAIN // (after[0] * after[1]) * after[0] * after[1]
 
 
 def test_val_loader_one_pass_per_iter(data_dir):

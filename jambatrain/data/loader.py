@@ -16,6 +16,11 @@ torch's DataLoader returns them round-robin, i.e. in order. The batch sequence
 therefore does not depend on ``num_workers`` and resuming only needs the
 batch number: the shard holding it is found from the manifest counts.
 
+A change of data-parallel size or micro batch mid-epoch (a job resumed on fewer nodes) keeps the epoch going
+without repeating or losing a sample: the samples not yet consumed (and not yet dropped) are kept as a list of
+``segments`` of the epoch stream, and the rest of that epoch is those segments, read as one stream and split
+between the new ranks the same way (its remainder dropped). Later epochs use the full stream again.
+
 A bad sample (corrupt/truncated tar, wrong dtype/shape, token id out of range,
 shard sha256 mismatch) raises ``ShardDataError``; with ``on_error="skip"`` it
 is replaced by the next valid sample of the epoch stream (so that sample
@@ -134,6 +139,8 @@ class _EpochPlan:
         self.counts = np.array([int(s["num_samples"]) for s in self.shards], dtype=np.int64)
         self.num_samples = int(self.counts.sum())
         self.batches_per_epoch = self.num_samples // (dp_size * micro_batch_size)
+        # the epoch the batch numbering starts in, and its remaining stream (None: the whole stream)
+        self.origin_epoch, self.origin_segments = 0, None
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
         self._perm_cache: OrderedDict = OrderedDict()
         self._shard_cache: OrderedDict = OrderedDict()
@@ -177,12 +184,28 @@ class _EpochPlan:
             self._shard_cache.move_to_end(shard)
         return self._shard_cache[shard]
 
+    def origin_batches(self) -> int:
+        """Batches per rank in the origin epoch (fewer than ``batches_per_epoch`` when it resumed part-way)."""
+        if self.origin_segments is None:
+            return self.batches_per_epoch
+        return segments_length(self.origin_segments) // (self.dp_size * self.batch)
+
+    def where(self, g: int) -> tuple[int, int, list | None]:
+        """(epoch, batch in that epoch's stream, that epoch's segments) of batch number ``g``."""
+        first = self.origin_batches()
+        if g < first:
+            return self.origin_epoch, g, self.origin_segments
+        e, b = divmod(g - first, self.batches_per_epoch)
+        return self.origin_epoch + 1 + e, b, None
+
     def make_batch(self, g: int) -> tuple[int, dict[str, torch.Tensor], int]:
         """Batch number ``g`` of this rank: ``(g, batch, number of skipped samples)``."""
-        epoch, b = divmod(g, self.batches_per_epoch)
-        base = (self.dp_rank * self.batches_per_epoch + b) * self.batch
+        epoch, b, segments = self.where(g)
+        per_rank = (self.origin_batches() if segments is not None else self.batches_per_epoch) * self.batch
+        base = self.dp_rank * per_rank + b * self.batch
         rows, skipped = [], 0
-        for position in range(base, base + self.batch):
+        for virtual in range(base, base + self.batch):
+            position = virtual if segments is None else segment_position(segments, virtual)
             for attempt in range(self.num_samples):
                 shard, offset = self.locate(epoch, (position + attempt) % self.num_samples)
                 tokens, bad = self._load(shard)
@@ -259,16 +282,18 @@ class TokenShardLoader:
 
     @property
     def epoch(self) -> int:
-        return self._position // self.batches_per_epoch
+        return self._plan.where(self._position)[0]
 
     @property
     def batch_in_epoch(self) -> int:
-        return self._position % self.batches_per_epoch
+        return self._plan.where(self._position)[1]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        stop = None if self.max_epochs is None else self.max_epochs * self.batches_per_epoch
+        p = self._plan
+        stop = None if self.max_epochs is None else \
+            p.origin_batches() + (self.max_epochs - p.origin_epoch - 1) * self.batches_per_epoch
         if stop is not None and self._position >= stop:
-            self._position = 0
+            self._position, p.origin_epoch, p.origin_segments = 0, 0, None
         stream = _BatchStream(self._plan, self._position, stop)
         if self.num_workers == 0:
             source = iter(stream)
@@ -286,39 +311,67 @@ class TokenShardLoader:
 
     def state_dict(self) -> dict:
         p = self._plan
-        return {"format": STATE_FORMAT, "split": self.split, "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch, "seed": p.seed, "shuffle": p.shuffle,
-                "dp_size": p.dp_size, "micro_batch_size": p.batch, "num_samples": self.num_samples,
-                "skipped": self.skipped}
+        epoch, b, segments = p.where(self._position)
+        return {"format": STATE_FORMAT, "split": self.split, "epoch": epoch, "batch_in_epoch": b,
+                "segments": segments, "seed": p.seed, "shuffle": p.shuffle, "dp_size": p.dp_size,
+                "micro_batch_size": p.batch, "num_samples": self.num_samples, "skipped": self.skipped}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Resume right after the last consumed batch of ``sd``.
-
-        Changing dp_size or micro_batch_size is allowed only at an epoch
-        boundary (``batch_in_epoch == 0``); otherwise ``ValueError``.
-        """
+        """Resume right after the last consumed batch of ``sd``, with this loader's data-parallel size and micro
+        batch (another geometry mid-epoch continues with the samples the old one had not consumed)."""
         p = self._plan
         for key, mine in (("format", STATE_FORMAT), ("split", self.split), ("seed", p.seed),
                           ("shuffle", p.shuffle), ("num_samples", self.num_samples)):
             if sd.get(key) != mine:
                 raise ValueError(f"loader state has {key}={sd.get(key)!r} but this loader has {mine!r}: "
                                  "resume with the same data and data settings")
-        problem = resume_geometry_problem(sd, p.dp_size, p.batch)
-        if problem:
-            raise ValueError(problem)
-        self._position = sd["epoch"] * self.batches_per_epoch + sd["batch_in_epoch"]
+        segments = sd.get("segments")
+        if (sd["dp_size"], sd["micro_batch_size"]) == (p.dp_size, p.batch) or sd["batch_in_epoch"] == 0:
+            p.origin_epoch, p.origin_segments, self._position = sd["epoch"], segments, sd["batch_in_epoch"]
+        else:
+            p.origin_epoch, p.origin_segments = sd["epoch"], remaining_segments(
+                segments or [[0, self.num_samples]], sd["dp_size"], sd["micro_batch_size"], sd["batch_in_epoch"])
+            self._position = 0
+        if p.origin_segments is not None and p.origin_batches() == 0:  # too little left for one batch
+            p.origin_epoch, p.origin_segments = p.origin_epoch + 1, None
         self.skipped = int(sd.get("skipped", 0))
 
 
-def resume_geometry_problem(sd: dict, dp_size: int, micro_batch_size: int) -> str | None:
-    """Why a loader state ``sd`` cannot resume with this data-parallel size and micro batch, or None. Changing
-    them is allowed only at an epoch boundary: mid-epoch, the batch numbering would no longer line up."""
-    if (sd["dp_size"], sd["micro_batch_size"]) == (dp_size, micro_batch_size) or sd["batch_in_epoch"] == 0:
-        return None
-    return (f"loader state was saved at batch {sd['batch_in_epoch']} of epoch {sd['epoch']} with "
-            f"dp_size={sd['dp_size']}, micro_batch_size={sd['micro_batch_size']}; this run has "
-            f"dp_size={dp_size}, micro_batch_size={micro_batch_size}. Mid-epoch resume needs the same values "
-            "(a checkpoint taken at an epoch boundary may change them)")
+def segments_length(segments: list) -> int:
+    return int(sum(b - a for a, b in segments))
+
+
+def segment_position(segments: list, virtual: int) -> int:
+    """Position in the epoch stream of position ``virtual`` of the stream made of ``segments``."""
+    for a, b in segments:
+        if virtual < b - a:
+            return a + virtual
+        virtual -= b - a
+    raise IndexError("position past the end of the segments")
+
+
+def remaining_segments(segments: list, dp_size: int, micro_batch_size: int, batch_in_epoch: int) -> list:
+    """The part of the stream ``segments`` not consumed after ``batch_in_epoch`` batches per rank of
+    ``dp_size`` ranks with ``micro_batch_size`` (rank r reads its contiguous slice from its start)."""
+    per_rank = (segments_length(segments) // (dp_size * micro_batch_size)) * micro_batch_size
+    used = batch_in_epoch * micro_batch_size
+    keep, start = [], 0  # in positions of the segment stream
+    for r in range(dp_size):
+        keep.append((start, r * per_rank))
+        start = r * per_rank + used
+    keep.append((start, segments_length(segments)))
+    out = []
+    for a, b in keep:  # each kept run of the segment stream, mapped through the segments
+        offset = 0
+        for s0, s1 in segments:
+            lo, hi = max(a, offset), min(b, offset + s1 - s0)
+            if lo < hi:
+                if out and out[-1][1] == s0 + lo - offset:
+                    out[-1][1] = s0 + hi - offset
+                else:
+                    out.append([s0 + lo - offset, s0 + hi - offset])
+            offset += s1 - s0
+    return out
 
 
 def make_val_loader(data_dir: str, micro_batch_size: int, dp_rank: int, dp_size: int,

@@ -193,3 +193,7 @@ class JambaLM(nn.Module):
 
     def expert_counts(self) -> list[torch.Tensor]:
         return [m.last_counts for m in self.modules() if isinstance(m, MoE) and m.last_counts is not None]
+
+    def expert_received(self) -> list[int]:
+        """Rows each MoE layer's local experts received in the last forward (expert parallelism; else empty)."""
+        return [m.ep_stats.received for m in self.modules() if isinstance(m, MoE) and hasattr(m, "ep_stats")]

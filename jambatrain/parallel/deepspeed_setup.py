@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from ..config import TrainConfig
-from ..optim import build_optimizer, build_scheduler
+from ..optim import build_optimizer, build_scheduler, param_groups
 from .distributed import DistInfo
+from .expert_parallel import ExpertParallel, split_param_groups
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -38,11 +39,16 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.devi
     }
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainConfig, dist: DistInfo, ds_config: dict):
-    """Wrap the model with DeepSpeed (ZeRO, bf16 with fp32 master weights, clipping, grad accumulation)."""
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, dist: DistInfo, ds_config: dict,
+                 ep: ExpertParallel | None = None):
+    """Wrap the model with DeepSpeed (ZeRO, bf16 with fp32 master weights, clipping, grad accumulation); with
+    expert parallelism the expert parameters get optimizer groups of their own (reduced over their EDP group)."""
     import deepspeed
 
-    optimizer = build_optimizer(model, cfg.optim, fused=dist.device.type == "cuda")
+    groups = param_groups(model, cfg.optim.weight_decay)
+    if ep is not None:
+        groups = split_param_groups(groups)
+    optimizer = build_optimizer(groups, cfg.optim, fused=dist.device.type == "cuda")
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.trainer.max_steps),
