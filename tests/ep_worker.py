@@ -1,0 +1,223 @@
+"""Worker for tests/test_expert_parallel.py, run by torchrun on CPU (gloo). Rank 0 prints ``RESULT <json>``.
+
+  dispatch             the EP MoE layer against one process holding all experts, for every ep dividing the world:
+                       outputs, input grads, router and expert grads; top-1 and top-2; an expert no token picks
+  step STAGE EP        one jambatrain model trained GAS x micro steps by the real engine (ZeRO-STAGE, expert
+                       parallel EP, clipping, grad accumulation) against one process on the same global batch
+  save STAGE EP DIR    train STEPS_A steps and write a checkpoint into DIR (jambatrain.checkpoint.save)
+  load STAGE EP DIR    a differently initialised engine loads DIR, trains STEPS_B steps; compared with one process
+                       that trained STEPS_A + STEPS_B steps. SKIP_MOMENTS=1 (negative control) drops the moments;
+                       SAVE_AFTER=DIR2 then writes a checkpoint into DIR2.
+The global batch is NS sequences per step whatever the world size: rank r takes sequences r*GAS .. (r+1)*GAS-1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from jambatrain import checkpoint
+from jambatrain.config import ParallelConfig, TrainConfig
+from jambatrain.models import JambaLM, ModelConfig
+from jambatrain.models.moe import MoE, route
+from jambatrain.models.moe_backends import experts_forward_native
+from jambatrain.optim import build_optimizer, build_scheduler, param_groups
+from jambatrain.parallel import build_deepspeed_config, build_engine, expert_parallel, init_distributed
+
+NS, SEQ, VOCAB = 4, 16, 64
+MODEL = ModelConfig(name="ep", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, attn_layer_period=4, attn_layer_offset=1,
+                    expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+                    mamba_d_state=4, mamba_d_conv=4, mamba_expand=2, mamba_impl="reference", moe_impl="native",
+                    compile_elementwise=False, router_aux_loss_coef=0.01, router_z_loss_coef=0.001)
+
+
+def max_err(a, b) -> float:
+    return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+# ---------------------------------------------------------------- dispatch
+def dispatch(rank: int, world: int) -> dict:
+    out = {}
+    H, F, E, T = 16, 24, 8, 12
+    for ep in [e for e in (1, 2, 4) if world % e == 0]:
+        info = expert_parallel.create_groups(ep) if ep > 1 else None
+        for k in (1, 2):
+            torch.manual_seed(0)  # the same full layer on every rank
+            cfg = ModelConfig(hidden_size=H, intermediate_size=F, num_experts=E, num_experts_per_tok=k,
+                              compile_elementwise=False, moe_impl="native")
+            full = MoE(cfg)
+            for w in (full.router.weight, full.w_gate, full.w_up, full.w_down):
+                torch.nn.init.normal_(w, 0, 0.3)
+            with torch.no_grad():  # feature 0 of every token is 1 (below): these weights act as router biases
+                full.router.weight[:, 0] = 0.0
+                full.router.weight[4:6, 0] = -100.0  # experts 4 and 5 get no token: at ep = 4, a rank receives none
+            # every rank's tokens, and the upstream gradient, from one generator: the reference sees them all
+            g = torch.Generator().manual_seed(123)
+            xs = [torch.randn(T + 3 * r, H, generator=g) for r in range(world)]  # uneven token counts per rank
+            for x in xs:
+                x[:, 0] = 1.0
+            gys = [torch.randn(T + 3 * r, H, generator=g) for r in range(world)]
+            layer = MoE(cfg)
+            layer.load_state_dict(full.state_dict())
+            if info is not None:
+                wrapper = torch.nn.Module()
+                wrapper.moe = layer
+                expert_parallel.apply(wrapper, info)
+            x = xs[rank].clone().requires_grad_()
+            y, _ = layer(x)
+            (y * gys[rank]).sum().backward()
+            # the reference: the same weights, every rank's tokens in one process (router as on each rank)
+            ref = MoE(cfg)
+            ref.load_state_dict(full.state_dict())
+            errs = {"y": 0.0, "x_grad": 0.0}
+            for r in range(world):
+                xr = xs[r].clone().requires_grad_()
+                yr, _ = ref(xr)
+                (yr * gys[r]).sum().backward()
+                if r == rank:
+                    errs["y"], errs["x_grad"] = max_err(y, yr), max_err(x.grad, xr.grad)
+            lo, hi = layer.expert_range
+            for name in ("w_gate", "w_up", "w_down"):
+                grad = getattr(layer, name).grad.clone()
+                if info is not None:  # summed over the ranks holding the same experts
+                    dist.all_reduce(grad, group=info.edp_group)
+                else:
+                    dist.all_reduce(grad)
+                errs[name] = max_err(grad, getattr(ref, name).grad[lo:hi]) / getattr(ref, name).grad.abs().max().item()
+            errs["empty_expert_grad"] = max([getattr(layer, n).grad[e - lo].abs().max().item() for n in
+                                             ("w_gate", "w_up", "w_down") for e in (4, 5) if lo <= e < hi] or [0.0])
+            errs["received"] = layer.ep_stats.received if info is not None else None
+            gathered = [None] * world
+            dist.all_gather_object(gathered, errs)
+            out[f"ep{ep}_top{k}"] = gathered
+    return out
+
+
+# ---------------------------------------------------------------- engine steps
+def batch(i: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + i)
+    ids = torch.randint(0, VOCAB, (1, SEQ + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def train_config(stage: int, ep: int, gas: int) -> TrainConfig:
+    cfg = TrainConfig(model=MODEL, parallel=ParallelConfig(zero_stage=stage, micro_batch_size=1, grad_accum_steps=gas,
+                                                           expert_parallel_size=ep, device="cpu", precision="fp32"))
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip, cfg.optim.weight_decay = 1e-2, 0, 0.05, 0.1
+    return cfg
+
+
+def build(stage: int, ep: int, seed: int, dist_info):
+    world = dist.get_world_size()
+    cfg = train_config(stage, ep, NS // world)
+    ds = build_deepspeed_config(cfg, world, torch.device("cpu"))
+    ds["zero_optimization"].update(reduce_bucket_size=200, allgather_bucket_size=200)  # many buckets
+    info = expert_parallel.create_groups(ep) if ep > 1 else None
+    model = fresh_model(seed, info)
+    return build_engine(model, cfg, dist_info, ds, info), model, info, cfg
+
+
+def fresh_model(seed: int, info=None) -> JambaLM:
+    """As the trainer builds it: on the meta device, sharded by expert, materialised, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = JambaLM(MODEL)
+    if info is not None:
+        expert_parallel.apply(model, info)
+    model.to_empty(device="cpu")
+    if info is not None:
+        expert_parallel.mark_expert_params(model, info)
+    model.init_weights()
+    return model
+
+
+def run_steps(engine, first: int, steps: int) -> list[float]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gas = NS // world
+    norms = []
+    for s in range(first, first + steps):
+        for m in range(gas):
+            ids, labels = batch(rank * gas + m, s)
+            engine.backward(engine(input_ids=ids, labels=labels).loss)
+            engine.step()
+        norms.append(float(engine.get_global_grad_norm()))
+    return norms
+
+
+def reference(steps: int, cfg: TrainConfig) -> tuple[JambaLM, list[float]]:
+    """One process, all experts, the whole global batch; the same loss, clipping and AdamW."""
+    model = fresh_model(0)
+    opt = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim, fused=False)
+    sched = build_scheduler(opt, cfg.optim, cfg.trainer.max_steps)
+    norms = []
+    for s in range(steps):
+        opt.zero_grad()
+        for i in range(NS):
+            ids, labels = batch(i, s)
+            (model(input_ids=ids, labels=labels).loss / NS).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip).item())
+        opt.step()
+        sched.step()
+    return model, norms
+
+
+def compare(model, ref, engine=None, ref_opt_state=None) -> dict:
+    """Largest |difference| of every parameter against the reference's (this rank's experts of it)."""
+    errs = {}
+    refs = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        r = refs[name]
+        rng = checkpoint._expert_range(model, name)
+        if rng is not None:
+            r = r[rng[0]:rng[1]]
+        errs[name] = max_err(p, r)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, max(errs.values()))
+    return {"max_param_err": max(gathered), "worst": max(errs, key=errs.get)}
+
+
+def main() -> None:
+    dist_info = init_distributed(ParallelConfig(device="cpu"))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mode = sys.argv[1]
+    if mode == "dispatch":
+        result = dispatch(rank, world)
+    else:
+        stage, ep = int(sys.argv[2]), int(sys.argv[3])
+        if mode == "step":
+            engine, model, _, cfg = build(stage, ep, 0, dist_info)
+            norms = run_steps(engine, 0, 2)
+            ref, ref_norms = reference(2, cfg)
+            result = {**compare(model, ref), "norms": norms, "ref_norms": ref_norms}
+        elif mode == "save":
+            engine, model, info, cfg = build(stage, ep, 0, dist_info)
+            a = int(os.environ.get("STEPS_A", "2"))
+            run_steps(engine, 0, a)
+            st = checkpoint.TrainState(step=a, parallel={"world_size": world, "zero_stage": stage,
+                                                         "expert_parallel_size": ep, "global_batch": NS})
+            checkpoint.save(engine, model, sys.argv[4], st, rank, keep=3, ep=info)
+            result = {"saved": sorted(os.listdir(os.path.join(sys.argv[4], "checkpoints", f"step_{a:08d}")))}
+        else:  # load
+            engine, model, info, cfg = build(stage, ep, 7, dist_info)  # another init: everything must come from disk
+            tag = checkpoint.latest_tag(sys.argv[4])
+            if os.environ.get("SKIP_MOMENTS"):
+                checkpoint.ADAM_KEYS = ()  # negative control: moments not restored (stay zero)
+            state = checkpoint.load(engine, model, sys.argv[4], tag, rank)
+            b = int(os.environ.get("STEPS_B", "1"))
+            run_steps(engine, state.step, b)
+            ref, _ = reference(state.step + b, cfg)
+            result = {**compare(model, ref), "resumed_at": state.step}
+            if os.environ.get("SAVE_AFTER"):  # for the bit-exact comparison with an uninterrupted run
+                st = checkpoint.TrainState(step=state.step + b, parallel=state.parallel)
+                checkpoint.save(engine, model, os.environ["SAVE_AFTER"], st, rank, keep=3, ep=info)
+    if rank == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
