@@ -105,6 +105,10 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
         raise SystemExit("jambatrain: invalid configuration:\n  - " + "\n  - ".join(errors))
     tr = cfg.trainer
     tag = checkpoint.latest_tag(run_dir, report=dist.is_main)
+    if tag is None and checkpoint.has_checkpoints(run_dir):
+        raise SystemExit(f"jambatrain: {checkpoint.ckpt_root(run_dir)} holds checkpoint directories but none is "
+                         "complete (see the warnings above); not starting again from step 0 over them. Move them "
+                         "aside to start afresh, or point hydra.run.dir at a new directory")
     if tr.resume and tag is None:
         raise SystemExit(f"trainer.resume=true but {checkpoint.ckpt_root(run_dir)} has no complete checkpoint: "
                          "point hydra.run.dir at the run to resume, or drop trainer.resume")

@@ -1,4 +1,4 @@
-"""check_resumable: what makes a checkpoint unloadable, told from its train_state.json before any work."""
+"""Checkpoint bookkeeping without an engine: which tag is complete, what may resume, the global batch kept."""
 from __future__ import annotations
 
 import json
@@ -9,18 +9,25 @@ from jambatrain import checkpoint
 from jambatrain.models import ModelConfig
 
 
-def _write(run_dir, model_config, world_size=2, zero_stage=2, with_parallel=True, batch_in_epoch=10):
-    tag_dir = os.path.join(run_dir, "checkpoints", "step_00000010")
+def _write(run_dir, model_config, step=10, world_size=2, zero_stage=2, kind="portable", global_batch=8,
+           files=None):
+    """A tag as the commit protocol leaves it: its files, then manifest.json listing them with their sizes."""
+    tag = f"step_{step:08d}"
+    tag_dir = os.path.join(run_dir, "checkpoints", tag)
     os.makedirs(tag_dir)
-    loader = {"dp_size": world_size, "micro_batch_size": 4, "epoch": 0, "batch_in_epoch": batch_in_epoch}
-    state = checkpoint.TrainState(step=10, loader=loader,
-                                  model_config=model_config,
-                                  parallel={"world_size": world_size, "zero_stage": zero_stage} if with_parallel else {})
+    state = checkpoint.TrainState(step=step, model_config=model_config,
+                                  parallel={"world_size": world_size, "zero_stage": zero_stage,
+                                            "global_batch": global_batch})
     with open(os.path.join(tag_dir, "train_state.json"), "w") as f:
         json.dump(asdict(state), f)
-    with open(os.path.join(run_dir, "checkpoints", "latest"), "w") as f:
-        f.write("step_00000010")
-    return "step_00000010"
+    listed = {"train_state.json": os.path.getsize(os.path.join(tag_dir, "train_state.json"))}
+    for name, data in (files or {"params_r00000_000.pt": b"x" * 100}).items():
+        with open(os.path.join(tag_dir, name), "wb") as f:
+            f.write(data)
+        listed[name] = len(data)
+    with open(os.path.join(tag_dir, "manifest.json"), "w") as f:
+        json.dump({"format": checkpoint.FORMAT, "kind": kind, "step": step, "files": listed, "params": {}}, f)
+    return tag
 
 
 def test_same_setup_resumes_and_runtime_fields_may_change(tmp_path):
@@ -29,32 +36,68 @@ def test_same_setup_resumes_and_runtime_fields_may_change(tmp_path):
     assert checkpoint.latest_tag(str(tmp_path)) == tag
     runtime = {**cfg, "mamba_impl": "reference", "moe_impl": "native", "activation_checkpointing": "full",
                "loss_chunk_tokens": 1024, "name": "b"}
-    assert checkpoint.check_resumable(str(tmp_path), tag, runtime, world_size=2, zero_stage=2,
-                                       micro_batch_size=4) == []
+    assert checkpoint.check_resumable(str(tmp_path), tag, runtime, world_size=2, zero_stage=2) == []
 
 
 def test_architecture_change_is_refused_with_the_keys(tmp_path):
     cfg = asdict(ModelConfig(num_hidden_layers=8))
     tag = _write(str(tmp_path), cfg)
-    (problem,) = checkpoint.check_resumable(str(tmp_path), tag, {**cfg, "hidden_size": 8192}, 2, 2, 4)
+    (problem,) = checkpoint.check_resumable(str(tmp_path), tag, {**cfg, "hidden_size": 8192}, 2, 2)
     assert "'hidden_size': (4096, 8192)" in problem and "hydra.run.dir" in problem
 
 
-def test_world_size_change_is_refused_under_zero_only(tmp_path):
+def test_portable_checkpoints_resume_on_any_world_size_and_zero_1_2_but_zero3_is_pinned(tmp_path):
     cfg = asdict(ModelConfig())
     tag = _write(str(tmp_path / "z2"), cfg, world_size=16, zero_stage=2)
-    (problem,) = checkpoint.check_resumable(str(tmp_path / "z2"), tag, cfg, world_size=8, zero_stage=2,
-                                            micro_batch_size=4)
-    assert "written by 16 data-parallel ranks" in problem and "this run has 8" in problem
-    assert "export_hf" in problem and "model.init_from" in problem
-    # plain data parallel (weights replicated): another size is fine at an epoch boundary ...
-    tag = _write(str(tmp_path / "z0"), cfg, world_size=16, zero_stage=0, batch_in_epoch=0)
-    assert checkpoint.check_resumable(str(tmp_path / "z0"), tag, cfg, 8, 0, micro_batch_size=4) == []
-    # ... but mid-epoch the data position would not line up (nor with another micro batch)
-    tag = _write(str(tmp_path / "z0mid"), cfg, world_size=16, zero_stage=0)
-    (problem,) = checkpoint.check_resumable(str(tmp_path / "z0mid"), tag, cfg, 8, 0, micro_batch_size=4)
-    assert "Mid-epoch resume needs the same values" in problem
-    assert len(checkpoint.check_resumable(str(tmp_path / "z0mid"), tag, cfg, 16, 0, micro_batch_size=2)) == 1
-    # checkpoints from before train_state recorded `parallel`: the loader's dp_size stands in
-    tag = _write(str(tmp_path / "old"), cfg, world_size=4, with_parallel=False)
-    assert len(checkpoint.check_resumable(str(tmp_path / "old"), tag, cfg, 2, 1, micro_batch_size=4)) == 1
+    for world, stage in ((8, 2), (16, 1), (1, 0)):
+        assert checkpoint.check_resumable(str(tmp_path / "z2"), tag, cfg, world, stage) == []
+    (problem,) = checkpoint.check_resumable(str(tmp_path / "z2"), tag, cfg, 16, 3)
+    assert "zero_stage=1 or 2" in problem
+    tag = _write(str(tmp_path / "z3"), cfg, world_size=16, zero_stage=3, kind="deepspeed-zero3")
+    assert checkpoint.check_resumable(str(tmp_path / "z3"), tag, cfg, 16, 3) == []
+    (problem,) = checkpoint.check_resumable(str(tmp_path / "z3"), tag, cfg, 8, 3)
+    assert "on 16 ranks" in problem and "this run has 8" in problem
+    (problem,) = checkpoint.check_resumable(str(tmp_path / "z3"), tag, cfg, 16, 2)
+    assert "parallel.zero_stage=3" in problem
+
+
+def test_global_batch_is_kept_by_grad_accumulation():
+    saved = {"global_batch": 32}
+    assert checkpoint.resume_grad_accum(saved, 4, 8, 1) == (1, None)  # same layout
+    assert checkpoint.resume_grad_accum(saved, 2, 8, 1) == (2, None)  # half the ranks: accumulate twice
+    assert checkpoint.resume_grad_accum(saved, 1, 4, 1) == (8, None)  # another micro batch too
+    gas, problem = checkpoint.resume_grad_accum(saved, 3, 8, 1)
+    assert gas == 1 and "global batch is 32" in problem and "micro batch size" in problem
+    assert checkpoint.resume_grad_accum({}, 3, 8, 2) == (2, None)  # nothing recorded: as configured
+
+
+def test_newest_complete_tag_wins_and_incomplete_ones_are_left_in_place(tmp_path, capsys):
+    run = str(tmp_path)
+    cfg = asdict(ModelConfig())
+    _write(run, cfg, step=10)
+    newer = _write(run, cfg, step=20)
+    os.remove(os.path.join(run, "checkpoints", newer, "manifest.json"))  # a save that died before its commit
+    truncated = _write(run, cfg, step=30, files={"params_r00000_000.pt": b"y" * 50})
+    with open(os.path.join(run, "checkpoints", truncated, "params_r00000_000.pt"), "wb") as f:
+        f.write(b"y" * 7)  # a shard cut short after the manifest was written
+    os.makedirs(os.path.join(run, "checkpoints", "step_00000040.partial"))  # never committed
+    with open(os.path.join(run, "checkpoints", "latest"), "w") as f:
+        f.write("step_00000030")  # a pointer file is not trusted
+    assert checkpoint.latest_tag(run, report=True) == "step_00000010"
+    err = capsys.readouterr().err
+    assert "step_00000030 is incomplete (params_r00000_000.pt has 7 bytes, the manifest says 50)" in err
+    assert "step_00000020 is incomplete (no readable manifest.json" in err
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == [
+        "latest", "step_00000010", "step_00000020", "step_00000030", "step_00000040.partial"]
+
+
+def test_prune_keeps_the_newest_complete_tags_and_never_newer_or_incomplete_ones(tmp_path):
+    run = str(tmp_path)
+    cfg = asdict(ModelConfig())
+    for step in (10, 20, 30, 40):
+        _write(run, cfg, step=step)
+    broken = _write(run, cfg, step=25)
+    os.remove(os.path.join(run, "checkpoints", broken, "manifest.json"))
+    checkpoint._prune(os.path.join(run, "checkpoints"), keep=2, current="step_00000030")
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step_00000020", "step_00000025",
+                                                                     "step_00000030", "step_00000040"]
