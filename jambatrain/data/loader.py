@@ -55,11 +55,12 @@ def decode_shard(path: str, entry: dict, seq_len: int, vocab_size: int,
     """
     tokens, bad, problem, first_bad = read_shard(path, entry, seq_len, vocab_size, verify_checksum)
     for i in range(first_bad, int(entry["num_samples"])):
-        bad[i] = problem.replace("{key}", _key_of(entry, i))
+        bad[i] = problem.replace("{key}", sample_key(entry, i))
     return tokens, bad
 
 
-def _key_of(entry: dict, offset: int) -> str:
+def sample_key(entry: dict, offset: int) -> str:
+    """The ``__key__`` of sample ``offset`` of a shard (``#offset`` for a manifest without first indices)."""
     first = entry.get("first_index")
     return f"{first + offset:010d}" if first is not None else f"#{offset}"
 
@@ -89,8 +90,8 @@ def read_shard(path: str, entry: dict, seq_len: int, vocab_size: int,
         if got >= n:
             raise ShardDataError(f"shard {path} holds more than the {n} samples its manifest lists: "
                                  "the manifest is from another build; rebuild the shards")
-        first = entry.get("first_index")
-        problem = _sample_problem(sample, _key_of(entry, got) if first is not None else None, seq_len, vocab_size)
+        expected = sample_key(entry, got) if entry.get("first_index") is not None else None
+        problem = _sample_problem(sample, expected, seq_len, vocab_size)
         if problem:
             bad[got] = f"shard {path}: sample {sample['__key__']}: {problem}"
         else:
