@@ -185,13 +185,14 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
         window_steps += par.grad_accum_steps
         if state.step % tr.log_every == 0 or state.step == tr.max_steps:
             # the ranks' skipped samples are summed in the same all-reduce as the losses
-            ce, aux, z, skips = reduce_mean(torch.cat([window / window_steps, loader.uncounted_skips(dist.device)]))
+            ce, aux, z, skips = reduce_mean(torch.cat([window / window_steps,
+                                                       loader.uncounted_skips(dist.device)]))
             window.zero_()
             window_steps = 0
             skips = loader.count_skips(skips * dist.world_size)
             if skips and dist.is_main:
-                print(f"jambatrain: step {state.step}: {skips} bad samples skipped since the last log step, "
-                      f"{loader.skipped} in all (data.on_error=skip; the warnings name them)", flush=True)
+                print(f"jambatrain: step {state.step}: {loader.skipped} bad samples skipped so far, all ranks "
+                      f"(+{skips}; data.on_error=skip, the warnings name them)", flush=True)
             last = {"loss": ce, "aux_loss": aux, "z_loss": z, "lr": step_lr,
                     "grad_norm": _grad_norm(engine), "tokens": state.tokens, "epoch": loader.epoch,
                     "skipped_samples": loader.skipped,

@@ -241,21 +241,21 @@ def test_skips_of_rank_1_are_counted_logged_checkpointed_and_survive_resume(trai
 
     run = str(tmp_path / "run")
     common = ["data.prepare=none", f"data.dir={data}", "data.shuffle=false", "data.on_error=skip", "logger=none",
-              "trainer.log_every=2", "trainer.save_every=4"]
+              "trainer.log_every=4", "trainer.save_every=2"]  # step 2's checkpoint falls between log steps
     p = run_train(train_env, run, "trainer.max_steps=4", *common)
-    assert expected(4) == [0, 16]  # old code: 0 logged, 0 checkpointed
-    assert [r["skipped_samples"] for r in metrics(run)] == [8, 16]
+    assert expected(2) == [0, 8] and expected(4) == [0, 16]  # old code: 0 logged, 0 checkpointed
+    assert [(r["step"], r["skipped_samples"]) for r in metrics(run)] == [(4, 16)]
+    for step, skipped in ((2, 8), (4, 16)):
+        state = json.load(open(os.path.join(run, "checkpoints", f"step_{step:08d}", "train_state.json")))
+        assert state["loader"]["skipped"] == skipped, step
     out = p.stdout + p.stderr
     assert f"{name} has" in out and "its samples will be skipped" in out
     assert f"rank 1 skipped a bad sample (data.on_error=skip): shard {path}: sha256 differs" in out
-    assert "step 2: 8 bad samples skipped since the last log step, 8 in all" in p.stdout
-    assert "step 4: 8 bad samples skipped since the last log step, 16 in all" in p.stdout
-    state = json.load(open(os.path.join(run, "checkpoints", "step_00000004", "train_state.json")))
-    assert state["loader"]["skipped"] == 16
-    with open(os.path.join(run, "metrics.jsonl"), "a") as f:  # an attempt that died after logging step 6
-        f.write(json.dumps({"step": 6, "loss": 1.0, "skipped_samples": 24}) + "\n")
+    assert "step 4: 16 bad samples skipped so far, all ranks (+8; " in p.stdout
+    with open(os.path.join(run, "metrics.jsonl"), "a") as f:  # an attempt that died after logging step 8
+        f.write(json.dumps({"step": 8, "loss": 1.0, "skipped_samples": 32}) + "\n")
     run_train(train_env, run, "trainer.max_steps=6", *common)
-    assert [(r["step"], r["skipped_samples"]) for r in metrics(run)] == [(2, 8), (4, 16), (6, 24)]
+    assert [(r["step"], r["skipped_samples"]) for r in metrics(run)] == [(4, 16), (6, 24)]
     assert expected(6) == [0, 24]
     assert [json.loads(line)["loss"] for line in open(os.path.join(run, "metrics.superseded.jsonl"))] == [1.0]
 

@@ -265,7 +265,8 @@ class TokenShardLoader:
     """Iterable over ``{"input_ids", "labels"}`` LongTensor(B, seq_len) batches of one DP rank.
 
     Iterates epoch after epoch forever (or ``max_epochs``, after which a new
-    ``iter()`` starts over). ``state_dict()`` is identical on all ranks.
+    ``iter()`` starts over). ``state_dict()`` is identical on all ranks once ``count_skips()`` has summed the
+    ranks' skipped samples (the trainer does it at log steps and before a checkpoint).
     """
 
     def __init__(self, data_dir: str, split: str, micro_batch_size: int, dp_rank: int, dp_size: int,
