@@ -122,6 +122,21 @@ def find_tokenizer(run_cfg: dict, run_dir: str | None) -> str | None:
     return None
 
 
+def check_tokenizer(tokenizer: str, run_cfg: dict) -> None:
+    """Refuse a tokenizer whose sha256 differs from the manifest of the shards the run trained on (the run
+    config's data.dir), or from a manifest.json next to the tokenizer."""
+    from .data.shards import MANIFEST, read_manifest, tokenizer_problem
+
+    data_dir = (run_cfg.get("data") or {}).get("dir")
+    for d in ([os.path.expanduser(data_dir)] if isinstance(data_dir, str) else []) + [os.path.dirname(tokenizer)]:
+        if os.path.isfile(os.path.join(d, MANIFEST)):
+            problem = tokenizer_problem(d, read_manifest(d, check_files=False, check_tokenizer=False), path=tokenizer)
+            if problem:
+                raise SystemExit(f"export_hf: not shipping the tokenizer: {problem}. Or pass --tokenizer with the "
+                                 "original file, or --no-tokenizer")
+            return
+
+
 def consolidated_state_dict(root: str, tag: str) -> dict:
     """fp32 state dict with the JambaLM's own parameter names, from a DeepSpeed checkpoint of any ZeRO stage."""
     import torch
@@ -183,6 +198,8 @@ def export(src: str, out_dir: str, tokenizer: str | None = None, tag: str | None
                                 ".hydra/config.yaml with a `model:` section above it; pass --config FILE")
     if tokenizer is None and find_tok:
         tokenizer = find_tokenizer(run_cfg, os.path.dirname(os.path.dirname(run_config)) if run_config else None)
+    if tokenizer is not None:  # before the (slow) consolidation: never ship a tokenizer the model was not trained on
+        check_tokenizer(tokenizer, run_cfg)
     print(f"export_hf: checkpoint {os.path.join(root, tag)}, model config from {source}, tokenizer {tokenizer}",
           file=sys.stderr)
     sd = consolidated_state_dict(root, tag)

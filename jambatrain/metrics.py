@@ -1,4 +1,7 @@
-"""Run metrics: throughput, MFU, MoE load; written to RUN_DIR/metrics.jsonl and W&B on rank 0 only."""
+"""Run metrics: throughput, MFU, MoE load; written to RUN_DIR/metrics.jsonl and W&B on rank 0 only.
+
+After a restart from step k, metrics.jsonl holds one row per step: the rows past k of the attempt that died are
+moved to metrics.superseded.jsonl (``MetricsLogger.resume_at``)."""
 from __future__ import annotations
 
 import json
@@ -89,6 +92,35 @@ class MetricsLogger:
                                         dir=run_dir, mode=cfg.logger.wandb_mode, config=config_dict,
                                         tags=list(cfg.logger.tags), resume="allow",
                                         id=_stable_run_id(run_dir))
+
+    def resume_at(self, step: int) -> int:
+        """Keep one row per step after a restart from ``step`` (0: a fresh start): the rows past it, logged by an
+        attempt whose steps are about to be redone, move to metrics.superseded.jsonl (appended, nothing is lost;
+        as is a line torn by a crash). Returns how many rows moved."""
+        if not self.enabled:
+            return 0
+        self.file.close()
+        keep, moved = [], []
+        with open(self.path) as f:
+            for line in filter(str.strip, f):
+                try:
+                    row_step = json.loads(line)["step"]
+                except (ValueError, KeyError, TypeError):
+                    row_step = None
+                (keep if isinstance(row_step, int) and row_step <= step else moved).append(line.rstrip("\n") + "\n")
+        if moved:
+            with open(os.path.join(os.path.dirname(self.path), "metrics.superseded.jsonl"), "a") as f:
+                f.writelines(moved)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp = f"{self.path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        self.file = open(self.path, "a", buffering=1)
+        return len(moved)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:

@@ -47,7 +47,7 @@ def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
 
             prepare_default_corpus(data_dir, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len)
         barrier()
-    manifest = read_manifest(data_dir)
+    manifest = read_manifest(data_dir, check_files=cfg.data.on_error == "raise")  # skip: the loader warns per shard
     if manifest["seq_len"] != cfg.data.seq_len:
         raise SystemExit(f"data.seq_len={cfg.data.seq_len} but the shards in {data_dir} hold sequences of "
                          f"{manifest['seq_len']} tokens: set data.seq_len={manifest['seq_len']} or rewrite the shards")
@@ -161,6 +161,7 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
         with open(os.path.join(run_dir, "run_info.json"), "w") as f:
             json.dump(config_dict["runtime"], f, indent=1)
     logger = MetricsLogger(cfg, run_dir, dist.is_main, config_dict)
+    logger.resume_at(state.step)  # rows an earlier attempt logged past the checkpoint move aside: one row per step
     meter = Throughput(_train_flops_per_token(cfg), _peak_flops(cfg, dist), dist.world_size)
     if dist.is_main:
         print(f"jambatrain: {cfg.model.name}: {model.num_params() / 1e6:,.1f}M parameters "
@@ -204,9 +205,15 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
                 prof = None
         window_steps += par.grad_accum_steps
         if state.step % tr.log_every == 0 or state.step == tr.max_steps:
-            ce, aux, z = reduce_mean(window / window_steps)
+            # the ranks' skipped samples are summed in the same all-reduce as the losses
+            ce, aux, z, skips = reduce_mean(torch.cat([window / window_steps,
+                                                       loader.uncounted_skips(dist.device)]))
             window.zero_()
             window_steps = 0
+            skips = loader.count_skips(skips * dist.world_size)
+            if skips and dist.is_main:
+                print(f"jambatrain: step {state.step}: {loader.skipped} bad samples skipped so far, all ranks "
+                      f"(+{skips}; data.on_error=skip, the warnings name them)", flush=True)
             last = {"loss": ce, "aux_loss": aux, "z_loss": z, "lr": step_lr,
                     "grad_norm": _grad_norm(engine), "tokens": state.tokens, "epoch": loader.epoch,
                     "skipped_samples": loader.skipped,
@@ -229,6 +236,8 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
                 raise SystemExit(f"jambatrain: a non-finite loss or gradient norm before step {state.step}'s "
                                  "checkpoint; not saving it, the last checkpoint is untouched. Lower optim.lr or "
                                  "check the data and model.init_from.")
+            if not loader.skips_counted:  # a save between log steps: every rank takes this branch alike
+                loader.count_skips(reduce_mean(loader.uncounted_skips(dist.device))[0] * dist.world_size)
             state.loader = loader.state_dict()
             state.parallel = {"world_size": dist.world_size, "zero_stage": par.zero_stage,
                               "expert_parallel_size": par.expert_parallel_size,
@@ -253,7 +262,7 @@ def evaluate(engine, cfg: TrainConfig, dist: DistInfo, data_dir: str) -> float:
 
     engine.eval()
     val = make_val_loader(data_dir, cfg.parallel.micro_batch_size, dist.rank, dist.world_size,
-                          vocab_size=cfg.model.vocab_size)
+                          vocab_size=cfg.model.vocab_size, on_error=cfg.data.on_error)
     losses = []
     for i, batch in enumerate(val):
         if i >= cfg.trainer.eval_batches:

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -291,3 +292,79 @@ def test_checksum_mismatch_and_missing_shard(data_dir, tmp_path):
     os.remove(path)
     with pytest.raises(ShardDataError, match=r"train-000004.tar listed in .* is missing"):
         TokenShardLoader(flipped, "train", 2, 0, 1)
+
+
+def truncate_shard(samples):
+    return tar_bytes(samples)[: 3 * 1024 + 700]  # three whole samples, then a cut inside the 4th
+
+
+def test_truncated_or_missing_shard_is_skipped_under_skip(data_dir, tmp_path, capfd):
+    """A shard cut short (manifest untouched, as in the field) is refused at construction with on_error=raise,
+    and with on_error=skip every sample of it is skipped (a warning names the shard) instead of failing."""
+    bad = damage(data_dir, str(tmp_path / "trunc"), 0, truncate_shard, fix_manifest=False)
+    with pytest.raises(ShardDataError, match=r"train-000000.tar has \d+ bytes.*data.on_error=skip"):
+        TokenShardLoader(bad, "train", 2, 0, 1)
+    loader, rows = one_epoch(bad, on_error="skip")
+    assert "train-000000.tar has" in capfd.readouterr().err
+    good = all_rows(data_dir)
+    assert loader.skipped == 8 and len(rows) == N_TRAIN and not set(rows) & set(good[:8])
+    os.remove(os.path.join(bad, "train-000004.tar"))  # a missing shard: the same
+    loader, rows = one_epoch(bad, on_error="skip")
+    assert loader.skipped == 8 + 4 and len(rows) == N_TRAIN and not set(rows) & set(good[:8] + good[32:])
+
+
+def test_skip_warnings_name_shard_and_sample_and_are_rate_limited(data_dir, tmp_path, capfd, monkeypatch):
+    bad = damage(data_dir, str(tmp_path / "trunc"), 0, truncate_shard)  # samples 3..7 unreadable
+    warnings = loader_mod._RateLimitedWarnings(burst=3, interval=3600)
+    monkeypatch.setattr(loader_mod, "_SKIP_WARNINGS", warnings)
+    loader, _ = one_epoch(bad, on_error="skip")
+    lines = [line for line in capfd.readouterr().err.splitlines() if "skipped a bad sample" in line]
+    assert loader.skipped == 5 and len(lines) == 3, lines
+    for key, line in zip((3, 4, 5), lines):
+        assert f"rank 0 skipped a bad sample (data.on_error=skip): shard {bad}/train-000000.tar: sample " \
+               f"{key:010d}: " in line and "read 3 of 8" in line
+    warnings.interval = 0  # the next warning says how many were held back
+    one_epoch(bad, on_error="skip")
+    lines = [line for line in capfd.readouterr().err.splitlines() if "skipped a bad sample" in line]
+    assert "sample 0000000003" in lines[0] and "(2 more skipped since the last warning)" in lines[0]
+
+
+def test_skip_count_is_summed_over_ranks_and_checkpointed(data_dir, tmp_path):
+    """Rank 1 alone reads the damaged shard: once the ranks' uncounted skips are summed (train.py does it in
+    the all-reduce of its logged metrics), every rank's state_dict holds the run's total, and a resume keeps it."""
+    bad = damage(data_dir, str(tmp_path / "trunc"), 3, truncate_shard)  # rank 1's slice: samples 16..31
+    loaders = [TokenShardLoader(bad, "train", 2, rank, 2, shuffle=False, on_error="skip") for rank in (0, 1)]
+    for loader in loaders:
+        take(loader, loader.batches_per_epoch)
+    assert [lo.skipped for lo in loaders] == [0, 5] and not loaders[0].skips_counted
+    total = sum(lo.uncounted_skips() for lo in loaders)
+    assert [lo.count_skips(total) for lo in loaders] == [5, 5]
+    assert [lo.state_dict()["skipped"] for lo in loaders] == [5, 5] and loaders[0].skips_counted
+    resumed = TokenShardLoader(bad, "train", 2, 0, 2, shuffle=False, on_error="skip")
+    resumed.load_state_dict(loaders[0].state_dict())
+    assert resumed.skipped == 5 and resumed.uncounted_skips().item() == 0 and resumed.skips_counted
+
+
+def test_verify_cli_names_every_problem(data_dir, tmp_path):
+    def verify(path, *args):
+        return subprocess.run([sys.executable, "-m", "data_prep.verify", path, *args], capture_output=True,
+                              text=True, timeout=120, cwd=str(Path(__file__).resolve().parents[1]))
+
+    good = verify(data_dir)
+    assert good.returncode == 0 and "verify: OK: 7 shards, 46 samples" in good.stdout, good.stdout + good.stderr
+    assert verify(data_dir, "--vocab-size", "10").returncode == 1  # the model's vocabulary is smaller
+    bad = damage(data_dir, str(tmp_path / "bad"), 0, truncate_shard, fix_manifest=False)
+    damage(bad, str(tmp_path / "bad2"), 2, set_sample(3, np.full(SEQ + 1, VOCAB, dtype=np.int32)))
+    bad = str(tmp_path / "bad2")
+    path = os.path.join(bad, "train-000004.tar")
+    data = bytearray(open(path, "rb").read())
+    data[700] ^= 1  # a token byte of sample 0: the tar still parses, only the checksum tells
+    open(path, "wb").write(bytes(data))
+    result = verify(bad)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1 and "verify: 4 problems in 7 shards, 46 samples" in result.stderr
+    assert any("train-000000.tar has" in line and "truncated" in line for line in lines), lines
+    assert any("train-000000.tar: sample 0000000003:" in line and "read 3 of 8" in line for line in lines), lines
+    assert any("train-000002.tar: sample 0000000019: token id 1000 outside" in line for line in lines), lines
+    assert any("train-000004.tar: sha256 differs" in line for line in lines), lines
+    assert len(lines) == 4, lines  # the truncated shard: its size and its first unreadable sample, once each

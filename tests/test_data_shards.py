@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing as mp
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -241,3 +242,60 @@ def test_clis(corpus, tmp_path):
                  "--out", str(tmp_path / "s"), "--seq-len", "16", "--samples-per-shard", "100")
     assert result.returncode == 0, result.stderr
     assert "train:" in result.stdout and read_manifest(str(tmp_path / "s"))["vocab_size"] == 400
+
+
+def flip_byte(path, offset=700):
+    data = bytearray(Path(path).read_bytes())
+    data[offset] ^= 1  # same size: a size check alone keeps the file
+    Path(path).write_bytes(bytes(data))
+
+
+def test_rerun_repairs_a_bit_flipped_shard(corpus, tokenizer, built, tmp_path):
+    ref_dir, ref = built
+    out = tmp_path / "flip"
+    shutil.copytree(ref_dir, out)
+    flip_byte(out / "train-000001.tar")
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert build(corpus, tokenizer, out, num_workers=1) == ref
+    assert file_sha256(str(out / "train-000001.tar")) == ref["splits"]["train"]["shards"][1]["sha256"]
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert after["train-000000.tar"] == before["train-000000.tar"]  # the good ones are not rewritten
+    assert after["train-000002.tar"] == before["train-000002.tar"]
+
+
+def test_replaced_tokenizer_is_refused_and_not_exported(corpus, tokenizer, built, tmp_path):
+    from jambatrain.export_hf import export
+
+    ref_dir, ref = built
+    out = tmp_path / "tok"
+    shutil.copytree(ref_dir, out)
+    (out / "tokenizer.model").write_bytes((out / "tokenizer.model").read_bytes() + b"\n")
+    fix = r"tokenizer .*tok/tokenizer.model has sha256 \w+\.\.\. but .*manifest.json says \w+\.\.\.: .*Put back"
+    with pytest.raises(ShardDataError, match=fix):
+        read_manifest(str(out))
+    with pytest.raises(ShardDataError, match=fix):
+        TokenShardLoader(str(out), "train", 1, 0, 1)
+    # export_hf refuses to ship it, before reading the checkpoint or creating the export dir
+    tag = tmp_path / "run" / "checkpoints" / "step_00000001"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"not read")
+    (tmp_path / "run" / "config.yaml").write_text(json.dumps({"model": {}, "data": {"dir": str(out)}}))
+    with pytest.raises(SystemExit, match="not shipping the tokenizer: " + fix):
+        export(str(tag), str(tmp_path / "hf"), config=str(tmp_path / "run" / "config.yaml"))
+    assert not (tmp_path / "hf").exists()
+    assert build(corpus, tokenizer, out, num_workers=1) == ref  # re-running write_shards puts the original back
+    assert read_manifest(str(out)) == ref
+
+
+@pytest.mark.slow
+def test_default_corpus_repairs_a_damaged_shard_and_tokenizer(tmp_path):
+    out = str(tmp_path / "default")
+    manifest = prepare_default_corpus(out, vocab_size=VOCAB, seq_len=SEQ, max_files=15, samples_per_shard=50)
+    tok = Path(out) / "tokenizer.model"
+    sha = file_sha256(str(tok))
+    flip_byte(Path(out) / "train-000001.tar")
+    assert prepare_default_corpus(out, vocab_size=VOCAB, seq_len=SEQ, max_files=15, samples_per_shard=50) == manifest
+    assert file_sha256(str(Path(out) / "train-000001.tar")) == manifest["splits"]["train"]["shards"][1]["sha256"]
+    tok.write_bytes(b"garbage")
+    assert prepare_default_corpus(out, vocab_size=VOCAB, seq_len=SEQ, max_files=15, samples_per_shard=50) == manifest
+    assert file_sha256(str(tok)) == sha  # retrained: the training is deterministic

@@ -204,18 +204,66 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits(train_env, tmp_path):
     assert tag == f"step_{last:08d}" and last >= 3
 
 
+def corpus_copy(train_env, tmp_path):
+    """A private copy of the embedded corpus (built through a 1-step run if no test built it yet)."""
+    src = os.path.join(train_env["JAMBATRAIN_CACHE"], "stdlib_py_v4096_s256")
+    if not os.path.isdir(src):
+        run_train(train_env, str(tmp_path / "warm"), "trainer.max_steps=1", "logger=none", nproc=1)
+    shutil.copytree(src, str(tmp_path / "data"))
+    return str(tmp_path / "data")
+
+
+def test_skips_of_rank_1_are_counted_logged_checkpointed_and_survive_resume(train_env, tmp_path):
+    """data.on_error=skip on 2 ranks with a truncated shard that only rank 1 reads: the run goes on, the skip
+    warnings name shard and sample, and the count in metrics.jsonl, on the console and in the checkpoint is the
+    sum over both ranks (what the loaders of the two ranks skip on their own). The resume (after an attempt
+    that logged steps past the checkpoint) continues that count and keeps one metrics row per step."""
+    from jambatrain.data import TokenShardLoader
+
+    data = corpus_copy(train_env, tmp_path)
+    manifest = json.load(open(os.path.join(data, "manifest.json")))
+    probe = TokenShardLoader(data, "train", 4, 1, 2, shuffle=False)
+    counts = [s["num_samples"] for s in manifest["splits"]["train"]["shards"]]
+    start = probe.batches_per_epoch * 4  # rank 1's slice of the unshuffled stream starts here
+    shard = next(i for i in range(len(counts)) if sum(counts[: i + 1]) > start)
+    assert sum(counts[: shard + 1]) - start >= 6 * 4  # rank 1 reads only this shard in 6 steps, rank 0 never
+    name = manifest["splits"]["train"]["shards"][shard]["name"]
+    path = os.path.join(data, name)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+    def expected(batches):
+        loaders = [TokenShardLoader(data, "train", 4, r, 2, shuffle=False, on_error="skip") for r in (0, 1)]
+        for lo in loaders:
+            for _, _ in zip(range(batches), lo):
+                pass
+        return [lo.skipped for lo in loaders]
+
+    run = str(tmp_path / "run")
+    common = ["data.prepare=none", f"data.dir={data}", "data.shuffle=false", "data.on_error=skip", "logger=none",
+              "trainer.log_every=4", "trainer.save_every=2"]  # step 2's checkpoint falls between log steps
+    p = run_train(train_env, run, "trainer.max_steps=4", *common)
+    assert expected(2) == [0, 8] and expected(4) == [0, 16]  # old code: 0 logged, 0 checkpointed
+    assert [(r["step"], r["skipped_samples"]) for r in metrics(run)] == [(4, 16)]
+    for step, skipped in ((2, 8), (4, 16)):
+        state = json.load(open(os.path.join(run, "checkpoints", f"step_{step:08d}", "train_state.json")))
+        assert state["loader"]["skipped"] == skipped, step
+    out = p.stdout + p.stderr
+    assert f"{name} has" in out and "its samples will be skipped" in out
+    assert f"rank 1 skipped a bad sample (data.on_error=skip): shard {path}: sha256 differs" in out
+    assert "step 4: 16 bad samples skipped so far, all ranks (+8; " in p.stdout
+    with open(os.path.join(run, "metrics.jsonl"), "a") as f:  # an attempt that died after logging step 8
+        f.write(json.dumps({"step": 8, "loss": 1.0, "skipped_samples": 32}) + "\n")
+    run_train(train_env, run, "trainer.max_steps=6", *common)
+    assert [(r["step"], r["skipped_samples"]) for r in metrics(run)] == [(4, 16), (6, 24)]
+    assert expected(6) == [0, 24]
+    assert [json.loads(line)["loss"] for line in open(os.path.join(run, "metrics.superseded.jsonl"))] == [1.0]
+
+
 def test_corrupt_shard_mid_run_names_it_and_keeps_the_checkpoint(train_env, tmp_path):
     """A shard corrupted after a checkpoint was written: the run stops with the shard named and the fix, and
     the checkpoint it would resume from is untouched."""
-    import glob
-    import shutil
-
-    src = glob.glob(os.path.join(train_env["JAMBATRAIN_CACHE"], "stdlib_py_v4096_s256"))
-    if not src:  # this test ran first: build the corpus through a 1-step run
-        run_train(train_env, str(tmp_path / "warm"), "trainer.max_steps=1", "logger=none", nproc=1)
-        src = glob.glob(os.path.join(train_env["JAMBATRAIN_CACHE"], "stdlib_py_v4096_s256"))
-    data = str(tmp_path / "data")
-    shutil.copytree(src[0], data)
+    data = corpus_copy(train_env, tmp_path)
     run = str(tmp_path / "run")
     common = ["data.prepare=none", f"data.dir={data}", "logger=none", "trainer.save_every=2", "data.shuffle=false"]
     run_train(train_env, run, "trainer.max_steps=2", *common, nproc=1)

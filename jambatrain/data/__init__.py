@@ -10,6 +10,7 @@ _EXPORTS = {
     "TokenShardLoader": "loader", "make_val_loader": "loader",
     "ShardDataError": "shards", "read_manifest": "shards", "write_shards": "shards",
     "write_synthetic_shards": "shards",
+    "verify_data_dir": "verify",
     "file_sha256": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
 }
 __all__ = sorted(_EXPORTS)

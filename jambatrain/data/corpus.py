@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 import sysconfig
 
-from jambatrain.data.shards import MANIFEST, ShardDataError, read_manifest, write_shards
+from jambatrain.data.shards import (MANIFEST, ShardDataError, damaged_shards, read_manifest, tokenizer_problem,
+                                    write_shards)
 from jambatrain.data.tokenizer import train_tokenizer
 
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
@@ -40,23 +42,30 @@ def prepare_default_corpus(out_dir: str, vocab_size: int = 4096, seq_len: int = 
                            tokenizer_max_chars: int = 6_000_000, model_type: str = "bpe") -> dict:
     """Train a tokenizer on the stdlib and write its shards to ``out_dir``; return the manifest.
 
-    Idempotent (returns the manifest at once when the build is complete) and
-    safe when several processes call it: they serialize on ``out_dir/.prepare.lock``.
+    Idempotent (returns the manifest at once when the build is complete and every shard and the tokenizer
+    match their sha256; damaged ones are rebuilt) and safe when several processes call it: they serialize
+    on ``out_dir/.prepare.lock``.
     """
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, ".prepare.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            tokenizer = os.path.join(out_dir, "tokenizer.model")
             if os.path.isfile(os.path.join(out_dir, MANIFEST)):
-                manifest = read_manifest(out_dir)
+                manifest = read_manifest(out_dir, check_files=False, check_tokenizer=False)
                 if manifest["seq_len"] != seq_len or manifest["vocab_size"] != vocab_size:
                     raise ShardDataError(
                         f"{out_dir} holds a default corpus with seq_len={manifest['seq_len']}, vocab_size="
                         f"{manifest['vocab_size']}; requested seq_len={seq_len}, vocab_size={vocab_size}: "
                         "use another directory or delete this one")
-                return manifest
+                if problem := tokenizer_problem(out_dir, manifest):  # retrained below: the training is deterministic
+                    print(f"prepare_default_corpus: {problem}; retraining it", file=sys.stderr)
+                    if os.path.isfile(tokenizer):
+                        os.remove(tokenizer)
+                elif not damaged_shards(out_dir, manifest):
+                    return manifest
+                # else write_shards re-verifies every shard and rewrites the damaged ones
             files = stdlib_documents(max_files)
-            tokenizer = os.path.join(out_dir, "tokenizer.model")
             if not os.path.isfile(tokenizer):
                 train_tokenizer(files, tokenizer[: -len(".model")], vocab_size, model_type=model_type,
                                 num_threads=num_workers, max_chars=tokenizer_max_chars)

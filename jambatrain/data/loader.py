@@ -22,9 +22,12 @@ without repeating or losing a sample: the samples not yet consumed (and not yet 
 between the new ranks the same way (its remainder dropped). Later epochs use the full stream again.
 
 A bad sample (corrupt/truncated tar, wrong dtype/shape, token id out of range,
-shard sha256 mismatch) raises ``ShardDataError``; with ``on_error="skip"`` it
-is replaced by the next valid sample of the epoch stream (so that sample
-appears twice) and counted in ``skipped``.
+shard sha256 mismatch, missing shard) raises ``ShardDataError``; with
+``on_error="skip"`` it is replaced by the next valid sample of the epoch stream
+(so that sample appears twice), a rate-limited warning names shard and sample,
+and it is counted in ``skipped``. Each rank counts its own skips; the trainer
+sums them over ranks at log steps (``uncounted_skips``/``count_skips``), so the
+``skipped`` of ``state_dict()`` is the run's total over all ranks.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
+import time
 from collections import OrderedDict
 from typing import Iterator
 
@@ -40,7 +45,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from jambatrain.data.shards import ShardDataError, read_manifest
+from jambatrain.data.shards import REPAIR_HINT, ShardDataError, read_manifest, shard_file_problem
 
 STATE_FORMAT = 1
 
@@ -50,23 +55,39 @@ def decode_shard(path: str, entry: dict, seq_len: int, vocab_size: int,
     """Read a whole shard with webdataset's tar iterator.
 
     Returns ``(tokens, bad)``: tokens is ``(num_samples, seq_len + 1)`` int32,
-    ``bad`` maps sample offsets to an error message naming file and key.
+    ``bad`` maps sample offsets to an error message naming file and key (an
+    unreadable file or a sha256 mismatch makes every sample bad).
     """
-    n, first = int(entry["num_samples"]), entry.get("first_index")
+    tokens, bad, problem, first_bad = read_shard(path, entry, seq_len, vocab_size, verify_checksum)
+    for i in range(first_bad, int(entry["num_samples"])):
+        bad[i] = problem.replace("{key}", sample_key(entry, i))
+    return tokens, bad
+
+
+def sample_key(entry: dict, offset: int) -> str:
+    """The ``__key__`` of sample ``offset`` of a shard (``#offset`` for a manifest without first indices)."""
+    first = entry.get("first_index")
+    return f"{first + offset:010d}" if first is not None else f"#{offset}"
+
+
+def read_shard(path: str, entry: dict, seq_len: int, vocab_size: int,
+               verify_checksum: bool = True) -> tuple[np.ndarray, dict[int, str], str | None, int]:
+    """``decode_shard`` with shard-level damage reported once: ``(tokens, bad, problem, first_bad)``, where
+    ``bad`` holds the per-sample problems and every sample from ``first_bad`` on is unusable because of
+    ``problem`` (a message with a ``{key}`` placeholder; None and ``num_samples`` when the shard is whole)."""
+    n = int(entry["num_samples"])
     tokens = np.zeros((n, seq_len + 1), dtype=np.int32)
     bad: dict[int, str] = {}
-
-    def key_of(offset: int) -> str:
-        return f"{first + offset:010d}" if first is not None else f"#{offset}"
-
+    fix = "rebuild the shards (re-run python -m data_prep.write_shards; it rewrites damaged shards)"
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
-        raise ShardDataError(f"cannot read shard {path} ({exc}): rebuild the shards") from exc
+        return tokens, bad, f"cannot read shard {path} ({exc}) [sample {{key}}]: {fix}", 0
     if verify_checksum and "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        msg = f"shard {path}: sha256 differs from the manifest (file corrupt or replaced): rebuild the shards"
-        return tokens, {i: f"{msg} [sample {key_of(i)}]" for i in range(n)}
+        what = "truncated" if "bytes" in entry and len(data) < entry["bytes"] else "corrupt or replaced"
+        return (tokens, bad, f"shard {path}: sha256 differs from the manifest (file {what}) [sample {{key}}]: "
+                f"{fix}", 0)
     got = 0
 
     def check(sample: dict) -> None:
@@ -74,7 +95,8 @@ def decode_shard(path: str, entry: dict, seq_len: int, vocab_size: int,
         if got >= n:
             raise ShardDataError(f"shard {path} holds more than the {n} samples its manifest lists: "
                                  "the manifest is from another build; rebuild the shards")
-        problem = _sample_problem(sample, key_of(got) if first is not None else None, seq_len, vocab_size)
+        expected = sample_key(entry, got) if entry.get("first_index") is not None else None
+        problem = _sample_problem(sample, expected, seq_len, vocab_size)
         if problem:
             bad[got] = f"shard {path}: sample {sample['__key__']}: {problem}"
         else:
@@ -101,10 +123,10 @@ def decode_shard(path: str, entry: dict, seq_len: int, vocab_size: int,
         reason = "shard truncated"
         if current is not None:
             check(current)
-    for i in range(got, n):
-        bad[i] = (f"shard {path}: sample {key_of(i)}: {reason}: read {got} of {n} samples; "
-                  "rebuild the shards (python -m data_prep.write_shards)")
-    return tokens, bad
+    if got == n:
+        return tokens, bad, None, n
+    return (tokens, bad, f"shard {path}: sample {{key}}: {reason}: read {got} of {n} samples; "
+            "rebuild the shards (python -m data_prep.write_shards)", got)
 
 
 def _sample_problem(sample: dict, expected_key: str | None, seq_len: int, vocab_size: int) -> str | None:
@@ -125,6 +147,28 @@ def _sample_problem(sample: dict, expected_key: str | None, seq_len: int, vocab_
                 "retokenize or raise model.vocab_size")
     sample["tokens.npy"] = arr
     return None
+
+
+class _RateLimitedWarnings:
+    """Prints the first ``burst`` warnings to stderr, then at most one per ``interval`` seconds with the number
+    held back (per process: each DataLoader worker has its own)."""
+
+    def __init__(self, burst: int = 10, interval: float = 60.0):
+        self.burst, self.interval = burst, interval
+        self.printed, self.held, self.last = 0, 0, 0.0
+
+    def warn(self, message: str) -> None:
+        now = time.monotonic()
+        if self.printed >= self.burst and now - self.last < self.interval:
+            self.held += 1
+            return
+        if self.held:
+            message += f" ({self.held} more skipped since the last warning)"
+        print(message, file=sys.stderr, flush=True)
+        self.printed, self.held, self.last = self.printed + 1, 0, now
+
+
+_SKIP_WARNINGS = _RateLimitedWarnings()
 
 
 class _EpochPlan:
@@ -214,7 +258,10 @@ class _EpochPlan:
                     break
                 if self.on_error == "raise":
                     raise ShardDataError(bad[offset])
-                skipped += attempt == 0  # count each bad sample once, not every failed replacement
+                if attempt == 0:  # count each bad sample once, not every failed replacement
+                    skipped += 1
+                    _SKIP_WARNINGS.warn(f"jambatrain: WARNING: rank {self.dp_rank} skipped a bad sample "
+                                        f"(data.on_error=skip): {bad[offset]}")
             else:
                 raise ShardDataError(f"no valid sample left in split {self.split!r} of {self.data_dir}")
         data = torch.from_numpy(np.stack(rows).astype(np.int64))
@@ -241,7 +288,8 @@ class TokenShardLoader:
     """Iterable over ``{"input_ids", "labels"}`` LongTensor(B, seq_len) batches of one DP rank.
 
     Iterates epoch after epoch forever (or ``max_epochs``, after which a new
-    ``iter()`` starts over). ``state_dict()`` is identical on all ranks.
+    ``iter()`` starts over). ``state_dict()`` is identical on all ranks once ``count_skips()`` has summed the
+    ranks' skipped samples (the trainer does it at log steps and before a checkpoint).
     """
 
     def __init__(self, data_dir: str, split: str, micro_batch_size: int, dp_rank: int, dp_size: int,
@@ -253,7 +301,14 @@ class TokenShardLoader:
         if not 0 <= dp_rank < dp_size or micro_batch_size < 1 or num_workers < 0:
             raise ValueError(f"bad loader geometry: dp_rank={dp_rank} dp_size={dp_size} "
                              f"micro_batch_size={micro_batch_size} num_workers={num_workers}")
-        manifest = read_manifest(data_dir)
+        manifest = read_manifest(data_dir, check_files=False)
+        if split in manifest["splits"]:  # a missing or truncated shard: refused now, or all its samples skipped
+            for entry in manifest["splits"][split]["shards"]:
+                if (problem := shard_file_problem(data_dir, entry)) and on_error == "raise":
+                    raise ShardDataError(f"{problem}: {REPAIR_HINT}, or pass data.on_error=skip to skip its samples")
+                if problem and dp_rank == 0:
+                    print(f"jambatrain: WARNING: {problem}: its samples will be skipped (data.on_error=skip); "
+                          f"{REPAIR_HINT}", file=sys.stderr, flush=True)
         if seq_len is not None and manifest["seq_len"] != seq_len:
             raise ShardDataError(f"shards in {data_dir} have seq_len={manifest['seq_len']} but seq_len={seq_len} "
                                  "was requested: rebuild the shards with that seq_len or change data.seq_len")
@@ -277,8 +332,35 @@ class TokenShardLoader:
         self.num_samples = self._plan.num_samples
         self.batches_per_epoch = self._plan.batches_per_epoch
         self.dropped_per_epoch = self.num_samples - dp_size * micro_batch_size * self.batches_per_epoch
-        self.skipped = 0
+        self._skips_counted = 0  # skipped samples of all ranks up to the last count_skips() (or the checkpoint)
+        self._skips_uncounted = 0  # skipped by this rank since then
+        self._counted_at = 0  # self._position at the last count_skips()
         self._position = 0  # batches consumed so far, over all epochs
+
+    @property
+    def skipped(self) -> int:
+        """Bad samples skipped: all ranks' up to the last ``count_skips()`` plus this rank's since then (with one
+        rank, or right after ``count_skips()``, the exact total of the run)."""
+        return self._skips_counted + self._skips_uncounted
+
+    def uncounted_skips(self, device=None) -> torch.Tensor:
+        """This rank's skipped samples not yet in the total, as a 1-element float32 tensor on ``device``: sum it
+        over the ranks (e.g. inside the all-reduce of the logged metrics) and pass the sum to ``count_skips``."""
+        return torch.tensor([float(self._skips_uncounted)], device=device)
+
+    def count_skips(self, total) -> int:
+        """Add ``total`` (the sum over ranks of ``uncounted_skips()``) to the run's count; return it (an int)."""
+        n = int(round(float(total)))
+        self._skips_counted += n
+        self._skips_uncounted = 0
+        self._counted_at = self._position
+        return n
+
+    @property
+    def skips_counted(self) -> bool:
+        """No batch read since the last ``count_skips()``: the same answer on every rank (they read in step), so
+        ranks can agree to skip the all-reduce of an extra count (e.g. before a checkpoint)."""
+        return self._position == self._counted_at
 
     @property
     def epoch(self) -> int:
@@ -304,7 +386,7 @@ class TokenShardLoader:
             if g != self._position:
                 raise RuntimeError(f"loader produced batch {g}, expected {self._position} (worker order broken)")
             self._position += 1
-            self.skipped += skipped
+            self._skips_uncounted += skipped
             if self.pin_memory and self.num_workers == 0:  # DataLoader pins for the worker path
                 batch = {k: v.pin_memory() for k, v in batch.items()}
             yield batch
@@ -334,7 +416,8 @@ class TokenShardLoader:
             self._position = 0
         if p.origin_segments is not None and p.origin_batches() == 0:  # too little left for one batch
             p.origin_epoch, p.origin_segments = p.origin_epoch + 1, None
-        self.skipped = int(sd.get("skipped", 0))
+        self._counted_at = self._position
+        self._skips_counted, self._skips_uncounted = int(sd.get("skipped", 0)), 0
 
 
 def segments_length(segments: list) -> int:

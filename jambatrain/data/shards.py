@@ -16,7 +16,9 @@ window is dropped. Document ``i`` goes to the val split iff
 Resuming: ``progress.json`` records every finished shard with the (document,
 token offset) where the next shard starts, so a re-run tokenizes only from
 the first unfinished shard on; an existing shard file with the same bytes is
-never rewritten. Shards are written to a temporary name and renamed.
+never rewritten. Shards are written to a temporary name and renamed. A re-run on
+a complete build re-verifies every shard (and the tokenizer copy) by sha256 and
+rewrites the build from the first damaged shard on: that is how shards are repaired.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import sys
 from collections import deque
 from typing import Callable, Iterable, Iterator
 
@@ -41,6 +44,8 @@ MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 SPLITS = ("train", "val")
 BUILD_HINT = "python -m data_prep.write_shards --inputs GLOB --tokenizer TOK.model --out {dir} --seq-len N"
+REPAIR_HINT = ("re-run the write_shards command that built them (it re-verifies every shard and rewrites the bad "
+               "ones; python -m data_prep.default_corpus for the built-in corpus)")
 
 
 class ShardDataError(ValueError):
@@ -184,12 +189,51 @@ def tokenize_documents(docs: Iterable[tuple[int, str]], tokenizer_path: str, num
         yield from pool.imap(_encode, block, chunksize=max(1, len(block) // (8 * num_workers)))
 
 
+def shard_file_problem(data_dir: str, entry: dict, checksum: bool = False) -> str | None:
+    """Why the file of manifest entry ``entry`` is unusable (missing, wrong size, with ``checksum`` a sha256
+    that differs from the manifest), or None."""
+    path = os.path.join(data_dir, entry["name"])
+    if not os.path.isfile(path):
+        return f"shard {path} listed in {os.path.join(data_dir, MANIFEST)} is missing"
+    if "bytes" in entry and os.path.getsize(path) != entry["bytes"]:
+        return (f"shard {path} has {os.path.getsize(path)} bytes, {os.path.join(data_dir, MANIFEST)} says "
+                f"{entry['bytes']}: it is truncated or was replaced")
+    if checksum and "sha256" in entry and file_sha256(path) != entry["sha256"]:
+        return f"shard {path}: sha256 differs from the manifest (file corrupt or replaced)"
+    return None
+
+
+def damaged_shards(data_dir: str, manifest: dict) -> list[str]:
+    """One message per shard of ``manifest`` whose file is missing or differs from its sha256 (reads them all)."""
+    return [problem for info in manifest["splits"].values() for entry in info["shards"]
+            if (problem := shard_file_problem(data_dir, entry, checksum=True))]
+
+
+def tokenizer_problem(data_dir: str, manifest: dict, path: str | None = None) -> str | None:
+    """Why the tokenizer (``path``, default the data dir's copy) is not the one the shards were tokenized with
+    (its sha256 differs from the manifest's, or it is missing), or None. Synthetic data has no tokenizer."""
+    info = manifest.get("tokenizer")
+    if not isinstance(info, dict) or not info.get("sha256"):
+        return None
+    path = path or os.path.join(data_dir, info.get("path", "tokenizer.model"))
+    source = f" (it was copied from {info['source']})" if info.get("source") else ""
+    if not os.path.isfile(path):
+        return (f"tokenizer {path} listed in {os.path.join(data_dir, MANIFEST)} is missing: copy back the "
+                f"tokenizer the shards were built with{source}, or rebuild the shards")
+    sha = file_sha256(path)
+    if sha != info["sha256"]:
+        return (f"tokenizer {path} has sha256 {sha[:12]}... but {os.path.join(data_dir, MANIFEST)} says "
+                f"{info['sha256'][:12]}...: it was replaced after the shards were tokenized. Put back the "
+                f"tokenizer the shards were built with{source}, or re-run write_shards with the new tokenizer "
+                "into a fresh --out directory")
+    return None
+
+
 def _valid_prefix(out_dir: str, shards: list[dict]) -> list[dict]:
     """The leading shards whose files exist with the recorded sha256."""
     good = []
     for entry in shards:
-        path = os.path.join(out_dir, entry["name"])
-        if not os.path.isfile(path) or file_sha256(path) != entry["sha256"] or "next" not in entry:
+        if "next" not in entry or shard_file_problem(out_dir, entry, checksum=True):
             break
         good.append(entry)
     return good
@@ -243,10 +287,15 @@ def write_shards(inputs: list[str] | str, tokenizer_path: str, out_dir: str, seq
         raise ShardDataError(f"{out_dir} holds shards built with other settings ({previous.get('config')}, "
                              f"now {config}): use another --out directory or pass --overwrite")
     if previous is not None and os.path.isfile(manifest_path):
-        try:
-            return read_manifest(out_dir)
-        except ShardDataError:
-            pass  # some shard is missing or damaged: resume from the first bad one
+        try:  # every shard re-verified by sha256: a bit flip keeps a file's size
+            problems = damaged_shards(out_dir, read_manifest(out_dir, check_files=False, check_tokenizer=False))
+            problems += filter(None, [tokenizer_problem(out_dir, previous)])
+        except (ShardDataError, KeyError, TypeError) as exc:
+            problems = [f"{manifest_path}: {exc}"]
+        if not problems:
+            return previous
+        for problem in problems:  # resume from the first bad shard; identical later files are kept
+            print(f"write_shards: {problem}: rewriting it", file=sys.stderr)
     for stale in glob.glob(os.path.join(out_dir, ".*.tmp")):
         os.remove(stale)
     if os.path.isfile(manifest_path):
@@ -310,8 +359,12 @@ def manifest_summary(manifest: dict) -> str:
                      f"{info['num_tokens']} tokens" for split, info in manifest["splits"].items())
 
 
-def read_manifest(data_dir: str, check_files: bool = True) -> dict:
-    """Load and validate ``data_dir/manifest.json``; raise ``ShardDataError`` naming the problem."""
+def read_manifest(data_dir: str, check_files: bool = True, check_tokenizer: bool = True) -> dict:
+    """Load and validate ``data_dir/manifest.json``; raise ``ShardDataError`` naming the problem.
+
+    ``check_files``: every shard exists with its recorded size (no checksums: the loader verifies each
+    shard's sha256 when it reads it). ``check_tokenizer``: the data dir's tokenizer copy has the manifest's
+    sha256 (a replaced tokenizer would silently mismatch the token ids)."""
     path = os.path.join(data_dir, MANIFEST)
     rebuild = f"rebuild with {BUILD_HINT.format(dir=data_dir)}"
     if not os.path.isfile(path):
@@ -341,12 +394,9 @@ def read_manifest(data_dir: str, check_files: bool = True) -> dict:
         if sum(counts) != total:
             raise ShardDataError(f"{path}: split {split!r} says {total} samples but its shards hold "
                                  f"{sum(counts)}: {rebuild}")
-        for name, entry in zip(names, info["shards"]):
-            file = os.path.join(data_dir, name)
-            if check_files and not os.path.isfile(file):
-                raise ShardDataError(f"shard {file} listed in {path} is missing: re-run the same "
-                                     "write_shards command to rewrite missing shards, or " + rebuild)
-            if check_files and "bytes" in entry and os.path.getsize(file) != entry["bytes"]:
-                raise ShardDataError(f"shard {file} has {os.path.getsize(file)} bytes, {path} says "
-                                     f"{entry['bytes']}: it is truncated or was replaced; " + rebuild)
+        for entry in info["shards"] if check_files else ():
+            if problem := shard_file_problem(data_dir, entry):
+                raise ShardDataError(f"{problem}: {REPAIR_HINT}, or {rebuild}")
+    if check_tokenizer and (problem := tokenizer_problem(data_dir, manifest)):
+        raise ShardDataError(problem)
     return manifest

@@ -1,0 +1,43 @@
+"""Check a shard directory up front: every problem the loader would meet mid-run, found before training.
+
+Per shard: listed file present with its size and sha256, a readable tar holding the listed samples in order,
+each sample an int32 array of ``seq_len + 1`` token ids in ``[0, vocab_size)``; and the tokenizer copy with the
+manifest's sha256. ``python -m data_prep.verify DIR`` prints one line per problem and a summary.
+"""
+from __future__ import annotations
+
+import os
+
+from jambatrain.data.loader import read_shard, sample_key
+from jambatrain.data.shards import ShardDataError, read_manifest, shard_file_problem, tokenizer_problem
+
+
+def verify_data_dir(data_dir: str, vocab_size: int | None = None) -> tuple[list[str], dict]:
+    """``(problems, counts)``: one message per problem (a whole-shard problem once, not per sample) and the
+    numbers of shards and samples checked. ``vocab_size`` (default the manifest's) bounds the token ids."""
+    try:
+        manifest = read_manifest(data_dir, check_files=False, check_tokenizer=False)
+    except ShardDataError as exc:
+        return [str(exc)], {"shards": 0, "samples": 0}
+    vocab = vocab_size or manifest["vocab_size"]
+    problems = [p for p in [tokenizer_problem(data_dir, manifest)] if p]
+    shards = samples = 0
+    for info in manifest["splits"].values():
+        for entry in info["shards"]:
+            shards += 1
+            samples += int(entry["num_samples"])
+            path = os.path.join(data_dir, entry["name"])
+            problem = shard_file_problem(data_dir, entry, checksum=True)
+            if problem:
+                problems.append(problem)
+            if not os.path.isfile(path):
+                continue
+            try:  # decoded even when the checksum differs: name the samples that are unusable
+                _, bad, whole, first_bad = read_shard(path, entry, manifest["seq_len"], vocab, verify_checksum=False)
+            except ShardDataError as exc:
+                problems.append(str(exc))
+                continue
+            problems.extend(bad[i] for i in sorted(bad))
+            if whole:
+                problems.append(whole.replace("{key}", sample_key(entry, first_bad)))
+    return problems, {"shards": shards, "samples": samples}
