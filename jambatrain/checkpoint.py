@@ -304,6 +304,22 @@ def _load_params(engine, model, tag_dir: str, manifest: dict) -> None:
         _set_full_state(engine, p, vals)
 
 
+def portable_state_dict(tag_dir: str) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a portable checkpoint as one state dict, experts whole (E, ffn, hidden)."""
+    with open(os.path.join(tag_dir, "manifest.json")) as f:
+        where = json.load(f)["params"]
+    files: dict[str, dict] = {}
+    sd = {}
+    for name, parts in where.items():
+        pieces = []
+        for rel, lo, _ in sorted(parts, key=lambda p: -1 if p[1] is None else p[1]):
+            if rel not in files:
+                files[rel] = torch.load(os.path.join(tag_dir, rel), map_location="cpu", weights_only=True, mmap=True)
+            pieces.append(files[rel][f"{name}@{lo}"]["fp32"])
+        sd[name] = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    return sd
+
+
 # ---------------------------------------------------------------- save / load
 def save(engine, model, run_dir: str, state: TrainState, rank: int, keep: int, ep=None) -> str:
     """Write checkpoint ``step_{state.step}`` by the commit protocol (module docstring); returns its directory."""

@@ -30,24 +30,24 @@ from .models.config import ModelConfig
 
 
 def resolve_checkpoint(src: str, tag: str | None = None) -> tuple[str, str]:
-    """(checkpoint root, tag) for a run dir, a checkpoint root or a single checkpoint dir."""
+    """(checkpoint root, tag) for a run dir, a checkpoint root or a single checkpoint dir; without ``tag``, the
+    newest complete checkpoint (the one a resume would take, never a half-written one)."""
+    from .checkpoint import _tags, incomplete_reason
+
     src = os.path.abspath(src)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"{src} is not a directory")
-    if glob.glob(os.path.join(src, "*model_states.pt")):  # a tag dir
+    if os.path.isfile(os.path.join(src, "manifest.json")):  # a tag dir
         return os.path.dirname(src), os.path.basename(src)
-    root = src
-    if not os.path.isfile(os.path.join(root, "latest")) and os.path.isdir(os.path.join(src, "checkpoints")):
-        root = os.path.join(src, "checkpoints")
+    root = os.path.join(src, "checkpoints") if os.path.isdir(os.path.join(src, "checkpoints")) else src
     if tag is None:
-        latest = os.path.join(root, "latest")
-        if not os.path.isfile(latest):
-            raise FileNotFoundError(f"no DeepSpeed checkpoint at {src}: expected RUN_DIR/checkpoints/latest, "
-                                    "CKPT_ROOT/latest or a step_XXXXXXXX dir with *model_states.pt (or pass --tag)")
-        with open(latest) as f:
-            tag = f.read().strip()
-    if not os.path.isdir(os.path.join(root, tag)):
-        raise FileNotFoundError(f"checkpoint {os.path.join(root, tag)} does not exist")
+        tag = next((t for t in _tags(root) if incomplete_reason(os.path.join(root, t)) is None), None)
+        if tag is None:
+            raise FileNotFoundError(f"no complete checkpoint at {src}: expected RUN_DIR/checkpoints/step_XXXXXXXX, "
+                                    "CKPT_ROOT/step_XXXXXXXX or a step dir, each with its manifest.json (or pass --tag)")
+    reason = incomplete_reason(os.path.join(root, tag))
+    if reason:
+        raise FileNotFoundError(f"checkpoint {os.path.join(root, tag)} is not complete ({reason})")
     return root, tag
 
 
@@ -138,27 +138,20 @@ def check_tokenizer(tokenizer: str, run_cfg: dict) -> None:
 
 
 def consolidated_state_dict(root: str, tag: str) -> dict:
-    """fp32 state dict with the JambaLM's own parameter names, from a DeepSpeed checkpoint of any ZeRO stage."""
-    import torch
+    """fp32 state dict with the JambaLM's own parameter names (all experts), from a checkpoint of any layout."""
+    import json
+
+    from .checkpoint import portable_state_dict
 
     ckpt = os.path.join(root, tag)
-    optim = [f for f in glob.glob(os.path.join(ckpt, "*optim_states.pt")) if "zero_pp_rank" in os.path.basename(f)]
-    if optim:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with open(os.path.join(ckpt, "manifest.json")) as f:
+        if json.load(f)["kind"] == "portable":
+            return portable_state_dict(ckpt)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # ZeRO-3: DeepSpeed's files
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(root, tag)
-    else:  # ZeRO stage 0: the whole module is in the model-states file
-        files = sorted(glob.glob(os.path.join(ckpt, "mp_rank_*_model_states.pt")))
-        if not files:
-            raise FileNotFoundError(f"{ckpt}: no *model_states.pt")
-        if len(files) > 1:
-            raise ValueError(f"{ckpt}: {len(files)} model-parallel ranks; jambatrain writes one (no tensor "
-                             "parallelism), so this checkpoint is not one of ours")
-        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-        sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     from .hf_convert import _strip_prefix
 
-    return _strip_prefix(dict(sd))
+    return _strip_prefix(dict(get_fp32_state_dict_from_zero_checkpoint(root, tag)))
 
 
 def check_state_dict(sd: dict, cfg: ModelConfig) -> None:
