@@ -20,7 +20,6 @@ Load the result with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` / ``AutoT
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys

@@ -7,7 +7,9 @@ device (no memory, no GPU), checks the config for that many GPUs, and prints:
   * parameters (total / active), layer pattern, training FLOPs per token, tokens per optimizer step;
   * model-state memory per GPU under ZeRO 0 (plain data parallel), 1, 2 and 3 with bf16 weights, fp32 master weights and fp32 Adam
     moments (the ZeRO paper's accounting: 2 + 2 + 12 bytes per parameter, the sharded part divided by the GPU
-    count), and for ZeRO-3 the largest module one GPU gathers whole;
+    count), with the config's expert parallelism ``ep`` (each GPU holds 1/ep of the experts; their gradients and
+    optimizer state are sharded over the gpus/ep GPUs holding the same experts; ZeRO-3 rows take ep = 1, the only
+    ep it runs with), and for ZeRO-3 the largest module one GPU gathers whole;
   * the time to train ``--tokens`` at ``--mfu`` of ``--peak`` FLOP/s per GPU.
 Activations are not estimated: they depend on the kernels and recomputation; docs/benchmarks.md has measured peaks.
 """
@@ -22,13 +24,17 @@ import torch
 GB = 1e9
 
 
-def model_state_bytes(num_params: int, zero_stage: int, gpus: int) -> dict[str, float]:
-    """Per-GPU bytes of bf16 weights, bf16 gradients and fp32 optimizer state (master + Adam m, v)."""
-    weights, grads, optim = 2.0 * num_params, 2.0 * num_params, 12.0 * num_params
+def model_state_bytes(dense: int, zero_stage: int, gpus: int, experts: int = 0, ep: int = 1) -> dict[str, float]:
+    """Per-GPU bytes of bf16 weights, bf16 gradients and fp32 optimizer state (master + Adam m, v) for ``dense``
+    replicated parameters and ``experts`` expert parameters split over ``ep`` GPUs (each block's gradients and
+    optimizer state then sharded over the gpus / ep GPUs holding it, as ZeRO does over the expert-data-parallel
+    group): a GPU's share of a sharded state is (dense + experts) / gpus either way."""
+    held = dense + experts / ep  # what one GPU holds unsharded
+    spread = (dense + experts) / gpus  # one GPU's share when sharded
     shard = {0: (False, False, False), 1: (False, False, True), 2: (False, True, True), 3: (True, True, True)}
     w_s, g_s, o_s = shard[zero_stage]
-    out = {"weights": weights / (gpus if w_s else 1), "grads": grads / (gpus if g_s else 1),
-           "optimizer": optim / (gpus if o_s else 1)}
+    out = {"weights": 2.0 * (spread if w_s else held), "grads": 2.0 * (spread if g_s else held),
+           "optimizer": 12.0 * (spread if o_s else held)}
     out["total"] = sum(out.values())
     return out
 
@@ -47,13 +53,18 @@ def plan(cfg, gpus: int, tokens: float, mfu: float, peak: float) -> dict:
     with torch.device("meta"):
         model = JambaLM(cfg.model)
     n, active = model.num_params(), model.num_active_params()
+    experts = sum(p.numel() for name, p in model.named_parameters() if name.endswith(("w_gate", "w_up", "w_down")))
     par = cfg.parallel
+    ep = par.expert_parallel_size
     tokens_per_step = par.micro_batch_size * par.grad_accum_steps * cfg.data.seq_len * gpus
     flops = flops_per_token(cfg.model, cfg.data.seq_len)["training"]
     tokens_per_s = mfu * peak * gpus / flops
     return {"params": n, "active_params": active, "layer_pattern": cfg.model.layer_pattern(),
             "flops_per_token": flops, "tokens_per_step": tokens_per_step,
-            "model_state_gb": {s: {k: v / GB for k, v in model_state_bytes(n, s, gpus).items()} for s in (0, 1, 2, 3)},
+            "expert_params": experts, "expert_parallel_size": ep,
+            "model_state_gb": {s: {k: v / GB for k, v in model_state_bytes(n - experts, s, gpus, experts,
+                                                                           1 if s == 3 else ep).items()}
+                               for s in (0, 1, 2, 3)},
             "zero3_largest_gathered_gb": 2.0 * largest_gathered_params(model) / GB,
             "tokens_per_s": tokens_per_s, "days": tokens / tokens_per_s / 86400, "steps": math.ceil(tokens / tokens_per_step),
             "problems": problems(cfg, world_size=gpus), "zero_stage": par.zero_stage}
@@ -89,7 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"layers [{p['layer_pattern']}]")
     print(f"  {p['flops_per_token'] / 1e9:.1f} GFLOP/token (training); {p['tokens_per_step']:,} tokens per optimizer "
           f"step on {args.gpus} GPUs")
-    print("  model states per GPU (bf16 weights + bf16 grads + fp32 master/Adam), GB; activations come on top:")
+    print(f"  model states per GPU (bf16 weights + bf16 grads + fp32 master/Adam), GB, expert parallel "
+          f"{p['expert_parallel_size']} (ZeRO-3: 1); {p['expert_params'] / 1e9:.2f}B of the parameters are experts; "
+          "activations come on top:")
     for s, m in p["model_state_gb"].items():
         mark = "  <- this config" if s == p["zero_stage"] else ""
         print(f"    ZeRO-{s}: {m['total']:8.1f}  (weights {m['weights']:.1f}, grads {m['grads']:.1f}, "

@@ -15,6 +15,27 @@ def test_model_state_bytes_follow_the_zero_accounting():
     assert z3["total"] == pytest.approx(16 * n / gpus)
 
 
+def test_expert_parallel_divides_the_experts_and_shards_their_states_over_the_rest():
+    dense, experts, gpus = 1_000, 8_000, 8
+    for ep in (1, 2, 4, 8):
+        z1, z2 = (plan.model_state_bytes(dense, s, gpus, experts, ep) for s in (1, 2))
+        assert z1["weights"] == z2["weights"] == 2 * (dense + experts / ep)  # each GPU holds 1/ep of the experts
+        assert z1["grads"] == 2 * (dense + experts / ep)
+        assert z2["grads"] == pytest.approx(2 * (dense + experts) / gpus)  # sharded over the EDP group of gpus/ep
+        assert z1["optimizer"] == z2["optimizer"] == pytest.approx(12 * (dense + experts) / gpus)
+    assert plan.model_state_bytes(dense, 0, gpus, experts, 4)["total"] == 16 * (dense + experts / 4)
+
+
+def test_jamba_v0_1_ep8_zero2_on_8_gpus(tmp_path):
+    p = plan.main(["--gpus", "8", "experiment=jamba_v0_1", f"data.dir={tmp_path}", "parallel.zero_stage=2",
+                   "parallel.expert_parallel_size=8"])
+    E = 16 * 16 * 3 * 14336 * 4096  # 16 MoE layers x 16 experts x 3 matrices
+    assert p["expert_params"] == E and p["problems"] == []
+    dense = p["params"] - E
+    assert p["model_state_gb"][2]["weights"] == pytest.approx(2 * (dense + E / 8) / 1e9)
+    assert p["model_state_gb"][2]["total"] < p["model_state_gb"][3]["total"] + 2 * dense / 1e9 * 2
+
+
 def test_jamba_v0_1_on_64_gpus(capsys, tmp_path):
     p = plan.main(["--gpus", "64", "--tokens", "250e9", "--mfu", "0.3", "experiment=jamba_v0_1",
                    f"data.dir={tmp_path}"])
@@ -37,5 +58,5 @@ def test_too_few_gpus_for_the_model_states_is_said(capsys, tmp_path):
 
 
 def test_a_config_that_cannot_run_on_that_many_gpus_is_reported(capsys):
-    p = plan.main(["--gpus", "4", "experiment=tiny_cpu", "parallel.expert_parallel_size=2"])
+    p = plan.main(["--gpus", "4", "experiment=tiny_cpu", "parallel.expert_parallel_size=3"])
     assert p["problems"] and "PROBLEM:" in capsys.readouterr().out
