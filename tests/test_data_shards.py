@@ -278,7 +278,9 @@ def test_replaced_tokenizer_is_refused_and_not_exported(corpus, tokenizer, built
     # export_hf refuses to ship it, before reading the checkpoint or creating the export dir
     tag = tmp_path / "run" / "checkpoints" / "step_00000001"
     tag.mkdir(parents=True)
-    (tag / "mp_rank_00_model_states.pt").write_bytes(b"not read")
+    (tag / "params_r00000_000.pt").write_bytes(b"not read")
+    (tag / "manifest.json").write_text(json.dumps({"kind": "portable", "files": {"params_r00000_000.pt": 8},
+                                                   "params": {}}))
     (tmp_path / "run" / "config.yaml").write_text(json.dumps({"model": {}, "data": {"dir": str(out)}}))
     with pytest.raises(SystemExit, match="not shipping the tokenizer: " + fix):
         export(str(tag), str(tmp_path / "hf"), config=str(tmp_path / "run" / "config.yaml"))
