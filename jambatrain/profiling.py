@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 
 CLASSES = [  # first match wins; matched against the lower-cased kernel / op name
+    # expert parallelism's token exchange (NCCL runs all-to-all as grouped send/recv kernels)
+    ("all-to-all", ("alltoall", "all_to_all", "sendrecv")),
+    ("collectives", ("nccl", "allreduce", "all_reduce", "allgather", "all_gather", "reduce_scatter", "gloo:")),
     ("scan", ("selective_scan", "linear_scan")),
     ("conv", ("causal_conv1d", "conv_depthwise", "conv1d", "convolution")),
     ("attention", ("flash", "fmha", "sdpa", "attention")),

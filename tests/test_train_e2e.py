@@ -177,15 +177,17 @@ def test_multirun_through_the_submitit_launcher_runs_each_job_on_two_ranks(train
 
 def test_profiling_writes_a_trace_per_rank_and_the_table(train_env, tmp_path):
     """trainer.profile_at: the chosen step is profiled on every rank (a Chrome trace each), rank 0 prints the
-    time-by-op-class table, and that step is left out of the logged tokens/s."""
+    time-by-op-class table (with expert parallelism's all-to-all as a class of its own), and that step is left out
+    of the logged tokens/s."""
     run_dir = str(tmp_path / "prof")
     p = run_train(train_env, run_dir, "trainer.max_steps=3", "trainer.profile_at=2", "trainer.profile_steps=1",
-                  "trainer.log_every=3", "trainer.save_every=0", "logger=none")
+                  "trainer.log_every=3", "trainer.save_every=0", "logger=none", "parallel.expert_parallel_size=2")
     traces = sorted(os.listdir(os.path.join(run_dir, "profile")))
     assert traces == ["steps2-2_rank0.json", "steps2-2_rank1.json"]
     with open(os.path.join(run_dir, "profile", traces[0])) as f:
         assert len(json.load(f)["traceEvents"]) > 100
     assert "time by class over 1 steps" in p.stdout and "gemm" in p.stdout and "aten::mm" in p.stdout
+    assert "all-to-all" in p.stdout
     assert metrics(run_dir)[-1]["tokens_per_s"] > 0
 
 
