@@ -114,11 +114,11 @@ def problems(cfg: TrainConfig, world_size: int = 1) -> list[str]:
         p.append(f"parallel.zero_stage={par.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
     if par.micro_batch_size < 1 or par.grad_accum_steps < 1:
         p.append("parallel.micro_batch_size and parallel.grad_accum_steps must be >= 1")
-    if par.expert_parallel_size < 1 or world_size % par.expert_parallel_size:
-        p.append(f"parallel.expert_parallel_size={par.expert_parallel_size} must divide the world size {world_size}")
-    if par.expert_parallel_size > 1 and cfg.model.num_experts > 1 and cfg.model.num_experts % par.expert_parallel_size:
-        p.append(f"model.num_experts={cfg.model.num_experts} is not divisible by parallel.expert_parallel_size="
-                 f"{par.expert_parallel_size}")
+    E, ep = cfg.model.num_experts, par.expert_parallel_size
+    fits = [d for d in range(1, world_size + 1) if world_size % d == 0 and (E <= 1 or E % d == 0)]
+    if ep < 1 or world_size % ep or (E > 1 and E % ep):
+        p.append(f"parallel.expert_parallel_size={ep} must divide both the world size ({world_size} ranks) and "
+                 f"model.num_experts ({E}): choose one of {fits}")
     if par.expert_parallel_size > 1 and par.zero_stage == 3:
         p.append(f"parallel.expert_parallel_size={par.expert_parallel_size} with parallel.zero_stage=3: DeepSpeed does "
                  "not run expert-parallel (native MoE) layers under ZeRO-3; use parallel.zero_stage=1 or 2 with "

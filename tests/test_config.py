@@ -90,6 +90,24 @@ def test_cross_field_problems_name_the_key_and_fix(tmp_path):
     assert any("does not exist" in p and "write_shards" in p for p in problems(cfg))
 
 
+@pytest.mark.parametrize("overrides,world,expected", [
+    (["parallel.expert_parallel_size=2"], 4, None),
+    (["parallel.expert_parallel_size=4"], 4, None),
+    (["parallel.expert_parallel_size=3"], 6, "must divide both the world size (6 ranks) and model.num_experts (4): "
+                                            "choose one of [1, 2]"),
+    (["parallel.expert_parallel_size=8"], 8, "choose one of [1, 2, 4]"),
+    (["parallel.expert_parallel_size=2", "parallel=zero3"], 2, "parallel.zero_stage=3: DeepSpeed does not run"),
+    (["parallel.expert_parallel_size=2", "model.num_experts=1"], 2, "the model has no MoE layers"),
+])
+def test_expert_parallel_rules_are_one_message_each_with_the_fix(overrides, world, expected):
+    cfg = to_train_config(_compose(["experiment=tiny_cpu", *overrides]))
+    found = [p for p in problems(cfg, world_size=world) if "expert_parallel_size" in p]
+    if expected is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and expected in found[0], found
+
+
 def test_deepspeed_config_is_generated_from_the_hydra_config(tmp_path):
     cfg = to_train_config(_compose(["experiment=tiny_cpu", "parallel.zero_stage=1", "parallel.grad_accum_steps=3",
                                     "optim.grad_clip=0.5"]))

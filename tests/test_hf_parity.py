@@ -384,3 +384,28 @@ def test_export_cli_from_deepspeed_checkpoint(tmp_path, launch, stage):
     text = "def foo(x):\n    return  os.getcwd()"
     assert tok_hf(text, add_special_tokens=False).input_ids == sp.encode(text)
     assert hf.config.eos_token_id == 2 and hf.config.bos_token_id == 1 and hf.config.pad_token_id is None
+
+
+@pytest.mark.parametrize("ep_size,ep_rank", [(2, 0), (2, 1), (4, 3)])
+def test_load_hf_pretrained_into_an_expert_parallel_rank(tmp_path, ep_size, ep_rank):
+    """model.init_from under expert parallelism: each rank takes its own experts of the HF checkpoint (fused or
+    per-expert layout), everything else whole."""
+    from jambatrain.parallel import expert_parallel
+
+    cfg = tiny(num_experts=4, num_experts_per_tok=2)
+    src = randomize(JambaLM(cfg), seed=11).eval()
+    E = cfg.num_experts
+    out = str(tmp_path / "hf")
+    save_hf_pretrained(src, cfg, out, dtype="float32")
+    dst = JambaLM(cfg)
+    info = expert_parallel.ExpertParallel(size=ep_size, rank=ep_rank, group=None, edp_group=None, edp_rank=0,
+                                          group_name=f"ep_size_{ep_size}")
+    expert_parallel.apply(dst, info)
+    load_hf_pretrained(dst, out)
+    lo, hi = ep_rank * E // ep_size, (ep_rank + 1) * E // ep_size
+    mine = dict(dst.named_parameters())
+    for k, v in src.named_parameters():
+        if k.endswith(("w_gate", "w_up", "w_down")):
+            assert torch.equal(mine[k], v[lo:hi]), k
+        else:
+            assert torch.equal(mine[k], v), k
