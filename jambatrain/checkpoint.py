@@ -50,6 +50,8 @@ class TrainState:
     model_config: dict = field(default_factory=dict)
     # the layout of the run that wrote it: world_size, zero_stage, expert_parallel_size, global_batch
     parallel: dict = field(default_factory=dict)
+    skipped_steps: int = 0  # optimizer steps skipped as bad (step_guard.py), whole run
+    guard: dict = field(default_factory=dict)  # the step guard's running loss mean
 
 
 def ckpt_root(run_dir: str) -> str:
@@ -166,8 +168,8 @@ def _full_state(engine, p: torch.Tensor) -> dict[str, torch.Tensor]:
     """fp32 master and Adam moments of ``p``, whole (collectives over ``p``'s ZeRO group), on the CPU."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    if hasattr(p, "_hp_mapping"):  # ZeRO-1/2 or bf16 optimizer (None where p has no fragment on this rank)
-        vals = {"fp32": safe_get_full_fp32_param(p)}
+    if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):  # ZeRO-1/2, bf16 optimizer (mapping None where p has no
+        vals = {"fp32": safe_get_full_fp32_param(p)}  # fragment on this rank), ZeRO-3
         for k in ADAM_KEYS:
             vals[k] = safe_get_full_optimizer_state(p, k)
     else:  # no ZeRO optimizer in between (ZeRO-0 in fp32): the parameter is the master

@@ -70,6 +70,12 @@ class TrainerConfig:
     # RUN/profile/, a time-by-op-class table on rank 0; those steps are left out of tokens/s and MFU
     profile_at: int = 0
     profile_steps: int = 2
+    # bad steps (jambatrain/step_guard.py): a step whose loss on any rank is non-finite, or above
+    # skip_spike_factor x the running mean of the good steps' losses (after skip_spike_warmup good steps; 0: no spike
+    # check), is skipped on every rank; max_skipped_steps skips in a row stop the run (0: never)
+    skip_spike_factor: float = 5.0
+    skip_spike_warmup: int = 20
+    max_skipped_steps: int = 10
 
 
 @dataclass

@@ -26,6 +26,7 @@ from .models.fast_paths import describe as describe_fast_paths
 from .parallel import barrier, build_deepspeed_config, build_engine, expert_parallel, init_distributed, reduce_mean
 from .parallel.deepspeed_setup import resolve_precision
 from .parallel.expert_parallel import ExpertParallel
+from .step_guard import StepGuard
 from .parallel.distributed import DistInfo, any_rank, export_submitit_env
 
 register_schema()
@@ -181,6 +182,9 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
     window = torch.zeros(3, dtype=torch.float32, device=dist.device)
     window_steps = 0
     prof = None
+    guard = StepGuard(engine, tr.skip_spike_factor, tr.skip_spike_warmup, tr.max_skipped_steps)
+    guard.load_state_dict(state.guard)
+    save_due = False
     while state.step < tr.max_steps:
         if tr.profile_at and state.step + 1 == tr.profile_at:
             prof = _Profile(dist, run_dir, state.step + 1, tr.profile_steps)
@@ -188,14 +192,15 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
             prof.step_start()
         engine.train()
         step_lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
-        for _ in range(par.grad_accum_steps):
-            batch = next(batches)
-            out = engine(input_ids=batch["input_ids"].to(dist.device, non_blocking=True),
-                         labels=batch["labels"].to(dist.device, non_blocking=True),
-                         doc_starts=_doc_starts(batch, cfg, dist), return_logits=False)
-            engine.backward(out.loss)
-            engine.step()
-            window += torch.stack([out.ce_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()]).float()
+        losses, skipped = train_step(engine, batches, guard, cfg, dist)
+        if skipped:
+            state.skipped_steps += 1
+            if dist.is_main:
+                print(f"jambatrain: step {state.step + 1} skipped ({skipped}): no update, weights, optimizer and "
+                      f"LR schedule unchanged; {state.skipped_steps} skipped so far", flush=True)
+        else:
+            window += losses
+            window_steps += par.grad_accum_steps
         state.step += 1
         state.tokens += tokens_per_step
         meter.add(tokens_per_step)
@@ -203,8 +208,7 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
             meter.exclude(prof.step_end(state.step), tokens_per_step)
             if state.step == prof.last_step:
                 prof = None
-        window_steps += par.grad_accum_steps
-        if state.step % tr.log_every == 0 or state.step == tr.max_steps:
+        if (state.step % tr.log_every == 0 or state.step == tr.max_steps) and window_steps:
             # the ranks' skipped samples are summed in the same all-reduce as the losses
             ce, aux, z, skips = reduce_mean(torch.cat([window / window_steps,
                                                        loader.uncounted_skips(dist.device)]))
@@ -216,7 +220,7 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
                       f"(+{skips}; data.on_error=skip, the warnings name them)", flush=True)
             last = {"loss": ce, "aux_loss": aux, "z_loss": z, "lr": step_lr,
                     "grad_norm": _grad_norm(engine), "tokens": state.tokens, "epoch": loader.epoch,
-                    "skipped_samples": loader.skipped,
+                    "skipped_samples": loader.skipped, "skipped_steps": state.skipped_steps,
                     **meter.report(), **moe_load_stats(model.expert_counts(), model.expert_received()),
                     **_memory(dist)}
             if not math.isfinite(ce):
@@ -231,7 +235,12 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
         if tr.eval_every and state.step % tr.eval_every == 0:
             logger.log(state.step, {"val_loss": evaluate(engine, cfg, dist, data_dir)})
         preempted = stop.agreed()
-        if tr.save_every and (state.step % tr.save_every == 0 or state.step == tr.max_steps or preempted):
+        save_due = save_due or bool(tr.save_every and (state.step % tr.save_every == 0 or state.step == tr.max_steps
+                                                        or preempted))
+        if save_due and guard.in_a_row:  # never checkpoint inside a streak of skipped steps: the weights may be
+            save_due = not preempted  # what made them spike; a preempted run resumes from the last good one
+        elif save_due:
+            save_due = False
             if any_rank(_diverged(window, engine)):  # never let a checkpoint of NaN weights prune good ones
                 raise SystemExit(f"jambatrain: a non-finite loss or gradient norm before step {state.step}'s "
                                  "checkpoint; not saving it, the last checkpoint is untouched. Lower optim.lr or "
@@ -239,6 +248,7 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
             if not loader.skips_counted:  # a save between log steps: every rank takes this branch alike
                 loader.count_skips(reduce_mean(loader.uncounted_skips(dist.device))[0] * dist.world_size)
             state.loader = loader.state_dict()
+            state.guard = guard.state_dict()
             state.parallel = {"world_size": dist.world_size, "zero_stage": par.zero_stage,
                               "expert_parallel_size": par.expert_parallel_size,
                               "global_batch": par.micro_batch_size * par.grad_accum_steps * dist.world_size}
@@ -246,7 +256,8 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
         meter.exclude(time.perf_counter() - t_aside)
         if preempted:
             if dist.is_main:
-                saved = f"checkpointed step {state.step}" if tr.save_every else "no checkpoint (save_every=0)"
+                saved = f"checkpointed step {state.step}" if tr.save_every and not guard.in_a_row else \
+                    "no checkpoint (save_every=0, or inside a streak of skipped steps)"
                 print(f"jambatrain: stop signal received, {saved}", flush=True)
             break
     if pbar is not None:
@@ -254,6 +265,32 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
     logger.close()
     barrier()
     return {"step": state.step, **last}
+
+
+def train_step(engine, batches, guard: StepGuard, cfg: TrainConfig, dist: DistInfo) -> tuple[torch.Tensor, str | None]:
+    """One optimizer step: ``grad_accum_steps`` micro batches forward and backward, then the update, which
+    ``guard`` skips on every rank when a rank's loss is non-finite or spikes (DeepSpeed also skips a step whose
+    gradients are non-finite). Returns the summed (ce, aux, z) losses on the device, and why the step was skipped
+    (None: applied). One host sync (the guard's), none per micro batch."""
+    gas = cfg.parallel.grad_accum_steps
+    losses = torch.zeros(4, dtype=torch.float32, device=dist.device)  # total loss, ce, aux, z
+    skipped_before = engine.skipped_steps
+    reason = None
+    for i in range(gas):
+        batch = next(batches)
+        out = engine(input_ids=batch["input_ids"].to(dist.device, non_blocking=True),
+                     labels=batch["labels"].to(dist.device, non_blocking=True),
+                     doc_starts=_doc_starts(batch, cfg, dist), return_logits=False)
+        engine.backward(out.loss)
+        losses += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach(),
+                               out.z_loss.detach()]).float()
+        if i == gas - 1:  # before the step that applies (or skips) the update
+            reason = guard.check(losses[0], gas)
+        engine.step()
+    skipped = guard.after_step(skipped_before, guard.last_loss)
+    if skipped and reason is None:
+        reason = "non-finite gradients"
+    return losses[1:], reason if skipped else None
 
 
 @torch.no_grad()

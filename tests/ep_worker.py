@@ -8,6 +8,9 @@
   load STAGE EP DIR    a differently initialised engine loads DIR, trains STEPS_B steps; compared with one process
                        that trained STEPS_A + STEPS_B steps. SKIP_MOMENTS=1 (negative control) drops the moments;
                        SAVE_AFTER=DIR2 then writes a checkpoint into DIR2.
+  guard STAGE EP       the step guard through the trainer's train_step: a NaN loss on rank 1, then a loss spike on
+                       rank 0, are skipped on both ranks (weights, Adam state and LR schedule unchanged); the next
+                       clean step applies; max_skipped_steps skips in a row stop the run
 The global batch is NS sequences per step whatever the world size: rank r takes sequences r*GAS .. (r+1)*GAS-1.
 """
 from __future__ import annotations
@@ -180,6 +183,73 @@ def compare(model, ref, engine=None, ref_opt_state=None) -> dict:
     return {"max_param_err": max(gathered), "worst": max(errs, key=errs.get)}
 
 
+def guard_case(stage: int, ep: int, dist_info) -> dict:
+    import dataclasses
+
+    from jambatrain.step_guard import StepGuard
+    from jambatrain.train import train_step
+
+    rank = dist.get_rank()
+    engine, model, _, cfg = build(stage, ep, 0, dist_info)
+    cfg.data.doc_mask = False
+    gas = cfg.parallel.grad_accum_steps
+    poison = {"factor": None, "rank": None}
+
+    def hook(module, args, out):
+        if poison["factor"] is not None and rank == poison["rank"]:
+            return dataclasses.replace(out, loss=out.loss * poison["factor"])
+        return out
+
+    model.register_forward_hook(hook)
+    guard = StepGuard(engine, spike_factor=5.0, spike_warmup=1, max_skipped=3)
+    step = [0]
+
+    def batches():
+        while True:
+            for m in range(gas):
+                ids, labels = batch(rank * gas + m, step[0])
+                yield {"input_ids": ids, "labels": labels}
+            step[0] += 1
+
+    it = batches()
+    def snapshot():  # fp32 masters and Adam moments, whole (collectives: every rank calls it)
+        checkpoint._link_optimizer_state(engine)
+        return {n: {k: v.clone() for k, v in checkpoint._full_state(engine, p).items()}
+                for n, p in model.named_parameters()}
+
+    def same(a, b):
+        diff = [(n, k, a[n][k].flatten()[:3].tolist(), b[n][k].flatten()[:3].tolist()) for n in a for k in a[n]
+                if not torch.equal(a[n][k], b[n][k])]
+        if diff and os.environ.get("DEBUG"):
+            print("DIFF", rank, len(diff), diff[:3], flush=True)
+        return not diff
+
+    out = {}
+    for s in range(2):  # two good steps: the running mean exists
+        _, reason = train_step(engine, it, guard, cfg, dist_info)
+        assert reason is None, reason
+    for name, factor, who in (("nan", float("nan"), 1), ("spike", 100.0, 0)):
+        before, sched = snapshot(), engine.lr_scheduler.last_epoch
+        poison.update(factor=factor, rank=who)
+        _, reason = train_step(engine, it, guard, cfg, dist_info)
+        poison.update(factor=None)
+        out[name] = {"reason": reason, "unchanged": same(before, snapshot()),
+                     "sched_unchanged": engine.lr_scheduler.last_epoch == sched, "skipped": engine.skipped_steps}
+    before = snapshot()
+    _, reason = train_step(engine, it, guard, cfg, dist_info)
+    out["clean"] = {"reason": reason, "changed": not same(before, snapshot())}
+    poison.update(factor=float("inf"), rank=1)
+    try:
+        for _ in range(3):
+            train_step(engine, it, guard, cfg, dist_info)
+        out["stopped"] = None
+    except SystemExit as exc:
+        out["stopped"] = str(exc)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, out)
+    return {"ranks": gathered}
+
+
 def main() -> None:
     dist_info = init_distributed(ParallelConfig(device="cpu"))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -188,7 +258,9 @@ def main() -> None:
         result = dispatch(rank, world)
     else:
         stage, ep = int(sys.argv[2]), int(sys.argv[3])
-        if mode == "step":
+        if mode == "guard":
+            result = guard_case(stage, ep, dist_info)
+        elif mode == "step":
             engine, model, _, cfg = build(stage, ep, 0, dist_info)
             norms = run_steps(engine, 0, 2)
             ref, ref_norms = reference(2, cfg)

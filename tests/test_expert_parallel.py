@@ -93,3 +93,18 @@ def test_same_topology_resume_is_bit_exact(saved_at_4_2, tmp_path):
         for key in a:
             for k in ("fp32", "exp_avg", "exp_avg_sq"):
                 assert torch.equal(a[key][k], b[key][k]), (f, key, k)
+
+
+@pytest.mark.parametrize("stage,ep", [(0, 1), (1, 1), (2, 2), (3, 1)])
+def test_bad_steps_are_skipped_on_every_rank_and_a_streak_stops_the_run(stage, ep):
+    """Through the trainer's train_step: a NaN loss on rank 1, then a loss spike on rank 0, skip the update on both
+    ranks under every ZeRO stage (fp32 masters, Adam moments and the LR schedule unchanged, the skip counted); the
+    next clean step applies; three skips in a row stop the run with the message."""
+    ranks = worker(2, "guard", stage, ep)["ranks"]
+    for r, out in enumerate(ranks):
+        for case, reason in (("nan", "loss nan"), ("spike", "loss spike")):
+            assert out[case]["unchanged"] and out[case]["sched_unchanged"], (stage, r, case, out)
+            assert reason in ranks[1 if case == "nan" else 0][case]["reason"]
+        assert (out["nan"]["skipped"], out["spike"]["skipped"]) == (1, 2)
+        assert out["clean"]["reason"] is None and out["clean"]["changed"]
+        assert "3 optimizer steps in a row were skipped" in out["stopped"]

@@ -1,0 +1,123 @@
+"""Bad steps are skipped, not applied: a non-finite loss (or gradient) on any rank, or a loss spike, leaves the
+weights, the optimizer state and the LR schedule as they were, on every rank.
+
+Each optimizer step the trainer hands ``StepGuard.check`` the summed loss of the step's micro batches (a device
+tensor; one host sync per optimizer step, none per micro step); the ranks agree over the gloo control group, and
+a step found bad is skipped inside the DeepSpeed optimizer through the same path DeepSpeed takes for an fp16
+overflow (gradients dropped, no update, no scheduler step, ``engine.skipped_steps`` counted). DeepSpeed's ZeRO-1/2
+optimizer also skips by itself when a gradient is non-finite; those skips are counted the same way. After
+``trainer.max_skipped_steps`` skips in a row the run stops, its last checkpoint (from before the streak) intact.
+
+How the skip reaches each DeepSpeed optimizer (DeepSpeed 0.19, pinned):
+  ZeRO-1/2      ``check_overflow`` (called every step with ``check_grad_overflow``) also reports the forced skip
+  ZeRO-3        ``_overflow_check_and_loss_scale_update`` also checks bf16/fp32 gradients (DeepSpeed checks only
+                fp16) and reports the forced skip
+  bf16, ZeRO-0  ``step`` drops the gradients and reports overflow, as it does for a non-finite norm
+  fp32, ZeRO-0  the torch optimizer's ``step`` is not run; ``overflow`` tells the engine not to step the schedule
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .parallel.distributed import any_rank
+
+
+class StepGuard:
+    def __init__(self, engine, spike_factor: float, spike_warmup: int, max_skipped: int):
+        self.engine = engine
+        self.spike_factor, self.spike_warmup, self.max_skipped = spike_factor, spike_warmup, max_skipped
+        self.mean: float | None = None  # running mean of the good steps' losses
+        self.good_steps = 0
+        self.in_a_row = 0
+        self.forced = 0  # steps this guard skipped (DeepSpeed's own skips are in engine.skipped_steps)
+        self.last_loss: float | None = None  # this rank's mean loss of the last checked step
+        self._skip_next = False
+        self._install(engine.optimizer)
+
+    # ------------------------------------------------------------ deciding
+    def check(self, step_loss: torch.Tensor, micro_steps: int) -> str | None:
+        """Before the step's ``engine.step()``: why this step must be skipped on all ranks (None: apply it).
+        ``step_loss``: the sum of this step's micro-batch losses on this rank."""
+        loss = self.last_loss = float(step_loss) / micro_steps
+        reason = None
+        if not math.isfinite(loss):
+            reason = f"loss {loss}"
+        elif (self.spike_factor and self.mean is not None and self.good_steps >= self.spike_warmup
+              and loss > self.spike_factor * self.mean):
+            reason = f"loss spike {loss:.4g} > {self.spike_factor:g} x running mean {self.mean:.4g}"
+        bad = any_rank(reason is not None)
+        self._skip_next = bad
+        if bad:
+            self.forced += 1
+            return reason or "a bad loss on another rank"
+        return None
+
+    def after_step(self, skipped_before: int, loss: float | None) -> bool:
+        """After the step's ``engine.step()``: whether the step was skipped (forced or by DeepSpeed); updates the
+        streak and the running mean. Raises SystemExit past ``max_skipped`` skips in a row."""
+        self._skip_next = False
+        skipped = self.engine.skipped_steps > skipped_before
+        if skipped:
+            self.in_a_row += 1
+            if self.max_skipped and self.in_a_row >= self.max_skipped:
+                raise SystemExit(f"jambatrain: {self.in_a_row} optimizer steps in a row were skipped (non-finite or "
+                                 "spiking loss or gradients); stopping with the last checkpoint intact. Lower "
+                                 "optim.lr, raise optim.warmup_steps, or check the data (data_prep.verify)")
+        else:
+            self.in_a_row = 0
+            if loss is not None and math.isfinite(loss):
+                self.good_steps += 1
+                self.mean = loss if self.mean is None else 0.9 * self.mean + 0.1 * loss
+        return skipped
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "good_steps": self.good_steps}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.mean, self.good_steps = sd.get("mean"), sd.get("good_steps", 0)
+
+    # ------------------------------------------------------------ skipping inside DeepSpeed's optimizer
+    def _install(self, opt) -> None:
+        guard = self
+        if hasattr(opt, "check_grad_overflow") and hasattr(opt, "check_overflow"):  # ZeRO-1/2
+            opt.check_grad_overflow = True
+            original = opt.check_overflow
+
+            def check_overflow(*args, **kwargs):
+                original(*args, **kwargs)
+                opt.overflow = opt.overflow or guard._skip_next
+
+            opt.check_overflow = check_overflow
+        elif hasattr(opt, "_overflow_check_and_loss_scale_update"):  # ZeRO-3
+            def overflow_check(update_scale=True):
+                opt.overflow = False
+                opt.check_overflow()  # bf16/fp32 gradients too
+                opt.overflow = opt.overflow or guard._skip_next
+                if not update_scale:
+                    return opt.overflow
+                return opt._loss_scale_update_and_overflow_cleanup()
+
+            opt._overflow_check_and_loss_scale_update = overflow_check
+        elif hasattr(opt, "clear_hp_grads"):  # DeepSpeed's bf16 optimizer (ZeRO-0)
+            original = opt.step
+
+            def step(*args, **kwargs):
+                if not guard._skip_next:
+                    return original(*args, **kwargs)
+                opt.overflow = True
+                opt._global_grad_norm = float("inf")
+                opt.clear_hp_grads()
+                opt.clear_lp_grads()
+
+            opt.step = step
+        else:  # the torch optimizer itself (ZeRO-0, fp32); the engine zeroes the gradients after it
+            original = opt.step
+
+            def step(*args, **kwargs):
+                opt.overflow = guard._skip_next
+                if not guard._skip_next:
+                    return original(*args, **kwargs)
+
+            opt.step = step
