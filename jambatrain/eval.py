@@ -82,7 +82,7 @@ def val_metrics(model, cfg: TrainConfig, loader, device: torch.device, max_batch
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(total[1].item())}
 
 
-def default_lengths(seq_len: int, count: int = 4, smallest: int = 64) -> list[int]:
+def default_lengths(seq_len: int, count: int = 4, smallest: int = 16) -> list[int]:
     """``count`` lengths up to ``seq_len``: seq_len / 2^(count-1) ... seq_len (none below ``smallest`` unless
     seq_len is)."""
     lengths = sorted({max(min(smallest, seq_len), seq_len >> k) for k in range(count)})
