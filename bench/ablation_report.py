@@ -69,19 +69,33 @@ def variant(out: str, run: str) -> dict:
                                           "passkey_first_token_acc", "passkey")}}
 
 
+def _cells(v: dict) -> dict[tuple[int, int], float]:
+    return {(int(k[1:].split("_N")[0]), int(k.split("_N")[1])): a for k, a in (v.get("mqar") or {}).items()}
+
+
+def common_pairs(vs: list[dict]) -> int | None:
+    """The largest number of pairs evaluated at every context length (4 x pairs <= length): recall vs length is
+    read at that fixed difficulty."""
+    cells = [c for v in vs for c in _cells(v)]
+    lengths = {n for n, _ in cells}
+    shared = [p for p in {p for _, p in cells} if all((n, p) in cells for n in lengths)]
+    return max(shared) if shared else None
+
+
 def _fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
 def table(vs: list[dict]) -> str:
-    lengths = sorted({int(k) for v in vs for k in (v.get("mqar_by_length") or {})})
-    head = ["variant", "params", "steps", "val loss", *[f"MQAR @{n}" for n in lengths], "MQAR all", "passkey",
-            "passkey 1st tok", "tokens/s"]
+    lengths = sorted({n for v in vs for n, _ in _cells(v)})
+    fixed = common_pairs(vs)
+    head = ["variant", "params", "steps", "val loss", *[f"MQAR @{n} ({fixed} pairs)" for n in lengths], "MQAR all",
+            "passkey", "passkey 1st tok", "tokens/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in vs:
-        by = v.get("mqar_by_length") or {}
+        c = _cells(v)
         cells = [v["label"], _fmt(v["num_params"] and v["num_params"] / 1e6, ".1f") + "M", str(v["steps"]),
-                 _fmt(v["val_loss"]), *[_fmt(by.get(str(n))) for n in lengths], _fmt(v["mqar_acc"]),
+                 _fmt(v["val_loss"]), *[_fmt(c.get((n, fixed))) for n in lengths], _fmt(v["mqar_acc"]),
                  _fmt(v["passkey_acc"]), _fmt(v["passkey_first_token_acc"]), _fmt(v["tokens_per_s"], ",.0f")]
         lines.append("| " + " | ".join(cells) + " |")
     pairs = sorted({int(k.split("_N")[1]) for v in vs for k in (v.get("mqar") or {})})
@@ -117,12 +131,12 @@ def plots(out: str, vs: list[dict]) -> list[str]:
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
+    fixed = common_pairs(vs)
     for v in vs:
-        by = v.get("mqar_by_length") or {}
-        if by:
-            xs = sorted(int(k) for k in by)
-            ax.plot(xs, [by[str(x)] for x in xs], marker="o", label=v["label"])
-    ax.set(xlabel="context length (tokens)", ylabel="MQAR accuracy (mean over pair counts)", xscale="log",
+        pts = sorted((n, a) for (n, p), a in _cells(v).items() if p == fixed)
+        if pts:
+            ax.plot([n for n, _ in pts], [a for _, a in pts], marker="o", label=v["label"])
+    ax.set(xlabel="context length (tokens)", ylabel=f"MQAR accuracy ({fixed} pairs)", xscale="log",
            title="Associative recall vs context length", ylim=(0, 1.02))
     ax.legend()
     written.append(os.path.join(out, "recall_vs_context.png"))
