@@ -17,7 +17,8 @@
 #
 # env: OUT (default ./ablation_out), STEPS (default 1000; a multiple of 4), PY (python3), BUDGET_S (total wall budget, default 530;
 #      later stages are skipped when it is spent), STAGES (default "sweep memory longctx eval report"),
-#      ABL_CPU=1 (toy sizes on CPU), LONGCTX_S (limit of stage 4, default 150), EXTRA (more Hydra overrides for every variant)
+#      RUNS (run dirs with their checkpoints, default /tmp/jambatrain_ablation; only the small files -- configs,
+#      metrics, eval JSON, logs -- are copied to $OUT), ABL_CPU=1 (toy sizes on CPU), LONGCTX_S (limit of stage 4, default 150), EXTRA (more Hydra overrides for every variant)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/ablation_out}
@@ -68,12 +69,15 @@ TRAIN=(trainer.max_steps=$STEPS trainer.log_every=10 trainer.eval_every=$((STEPS
 [[ -n "${ABL_CPU:-}" ]] && TRAIN+=(trainer.log_every=1)
 # shellcheck disable=SC2206
 COMMON=("${SIZE[@]}" "${DATA[@]}" "${TRAIN[@]}" "${EVAL[@]}" ${EXTRA:-})
-SWEEP=$OUT/sweep
+RUNS=${RUNS:-/tmp/jambatrain_ablation}
+mkdir -p "$RUNS"
+SWEEP=$RUNS/sweep
 log "variants: ${VARIANTS[*]}; steps $STEPS; common overrides: ${COMMON[*]}"
 
 done_marker() { [[ -f "$1/eval/eval_step$(printf %08d "$STEPS").json" ]]; }
 
 if stage sweep; then
+  rm -rf "$SWEEP"  # a fresh sweep: old run dirs would be resumed, not retrained
   lim=$(( $(left) - 100 ))  # memory and evals need the rest
   log "stage sweep: one multirun over ${#VARIANTS[@]} variants (limit ${lim}s)"
   timeout --signal=TERM --kill-after=20 "$lim" $PY -m jambatrain.train -m \
@@ -106,7 +110,7 @@ if stage longctx && [[ -z "${ABL_CPU:-}" ]] && (( $(left) > 120 )); then
   timeout --signal=TERM --kill-after=20 "$lim" $PY -m jambatrain.train experiment=h200_1b data=mqar \
       data.seq_len=262144 parallel.micro_batch_size=1 model.activation_checkpointing=full \
       model.loss_chunk_tokens=16384 model.compile_elementwise=false trainer.max_steps=3 trainer.log_every=1 \
-      trainer.save_every=0 trainer.progress_bar=false optim.warmup_steps=1 logger=none "hydra.run.dir=$OUT/longctx" \
+      trainer.save_every=0 trainer.progress_bar=false optim.warmup_steps=1 logger=none "hydra.run.dir=$RUNS/longctx" \
       || log "long-context run failed or ran out of time ($?)"
 fi
 
@@ -123,7 +127,8 @@ if stage eval; then
 fi
 
 if stage report; then
-  log "stage report"
+  log "stage report: copying configs, metrics, eval results and logs (no checkpoints) from $RUNS to $OUT"
+  [[ "$RUNS" -ef "$OUT" ]] || tar -C "$RUNS" --exclude=checkpoints --exclude=wandb -cf - . | tar -C "$OUT" -xf -
   $PY bench/ablation_report.py "$OUT" || log "report failed ($?): rerun python bench/ablation_report.py OUT here"
 fi
 log "done in $((SECONDS - START))s; files under $OUT"
