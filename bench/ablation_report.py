@@ -10,6 +10,7 @@ OUT_DIR/longctx/metrics.jsonl, and writes
   OUT_DIR/loss_curves.png         training loss per variant (when matplotlib imports)
   OUT_DIR/recall_vs_context.png   MQAR accuracy vs context length per variant
   OUT_DIR/recall_vs_pairs.png     MQAR accuracy vs number of key-value pairs per variant, at the longest length
+  OUT_DIR/recall_during_training.png  MQAR accuracy at each of the trainer's evals
 Uses only the standard library, yaml (with hydra) and, for the PNGs, matplotlib.
 """
 from __future__ import annotations
@@ -110,6 +111,7 @@ def table(vs: list[dict]) -> str:
 
 
 def plots(out: str, vs: list[dict]) -> list[str]:
+    """One PNG per figure: x/y series per variant, from ``series(v)`` -> [(x, y), ...]."""
     try:
         import matplotlib
 
@@ -118,45 +120,36 @@ def plots(out: str, vs: list[dict]) -> list[str]:
     except ImportError:
         print("ablation_report: matplotlib not importable: no PNGs (rerun this script where it is)", file=sys.stderr)
         return []
-    written = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for v in vs:
-        if v["loss_curve"]:
-            s, loss = zip(*v["loss_curve"])
-            ax.plot(s, loss, label=v["label"])
-    ax.set(xlabel="step", ylabel="training loss (MQAR values)", title="Loss per variant", yscale="log")
-    ax.legend()
-    written.append(os.path.join(out, "loss_curves.png"))
-    fig.tight_layout()
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
     fixed = common_pairs(vs)
-    for v in vs:
-        pts = sorted((n, a) for (n, p), a in _cells(v).items() if p == fixed)
-        if pts:
-            ax.plot([n for n, _ in pts], [a for _, a in pts], marker="o", label=v["label"])
-    ax.set(xlabel="context length (tokens)", ylabel=f"MQAR accuracy ({fixed} pairs)", xscale="log",
-           title="Associative recall vs context length", ylim=(0, 1.02))
-    ax.legend()
-    written.append(os.path.join(out, "recall_vs_context.png"))
-    fig.tight_layout()
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for v in vs:
-        m = v.get("mqar") or {}
-        if m:
-            longest = max(int(k[1:].split("_N")[0]) for k in m)
-            pts = sorted((int(k.split("_N")[1]), a) for k, a in m.items() if k.startswith(f"L{longest}_"))
-            ax.plot([p for p, _ in pts], [a for _, a in pts], marker="o", label=f"{v['label']} (L={longest})")
-    ax.set(xlabel="key-value pairs", ylabel="MQAR accuracy", xscale="log", title="Recall vs number of pairs",
-           ylim=(0, 1.02))
-    ax.legend()
-    written.append(os.path.join(out, "recall_vs_pairs.png"))
-    fig.tight_layout()
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    lengths = [n for v in vs for n, _ in _cells(v)]
+    longest = max(lengths) if lengths else None
+    figures = [
+        ("loss_curves.png", lambda v: v["loss_curve"], {}, dict(xlabel="step", ylabel="training loss (MQAR values)",
+                                                                title="Loss per variant", yscale="log")),
+        ("recall_vs_context.png", lambda v: sorted((n, a) for (n, p), a in _cells(v).items() if p == fixed),
+         {"marker": "o"}, dict(xlabel="context length (tokens)", ylabel=f"MQAR accuracy ({fixed} pairs)",
+                               xscale="log", title="Associative recall vs context length", ylim=(0, 1.02))),
+        ("recall_vs_pairs.png", lambda v: sorted((p, a) for (n, p), a in _cells(v).items() if n == longest),
+         {"marker": "o"}, dict(xlabel="key-value pairs", ylabel=f"MQAR accuracy at {longest} tokens", xscale="log",
+                               title="Recall vs number of pairs", ylim=(0, 1.02))),
+        ("recall_during_training.png", lambda v: v["recall_curve"], {"marker": "o"},
+         dict(xlabel="step", ylabel="MQAR accuracy (all cells)", title="Recall during training", ylim=(0, 1.02))),
+    ]
+    written = []
+    for name, series, style, axes in figures:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for v in vs:
+            pts = series(v)
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], label=v["label"], **style)
+        ax.set(**axes)
+        if axes.get("xscale") == "log":
+            ax.set_xscale("log", base=2)
+        ax.legend()
+        fig.tight_layout()
+        written.append(os.path.join(out, name))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
     return written
 
 
