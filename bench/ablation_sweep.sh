@@ -15,7 +15,7 @@
 # CPU check of the logic at toy size (a few minutes on 2 cores):
 #   ABL_CPU=1 OUT=/tmp/abl PY=.venv/bin/python bash bench/ablation_sweep.sh
 #
-# env: OUT (default ./ablation_out), STEPS (default 800; a multiple of 8), PY (python3), BUDGET_S (total wall budget, default 530;
+# env: OUT (default ./ablation_out), STEPS (default 800), PY (python3), BUDGET_S (total wall budget, default 530;
 #      later stages are skipped when it is spent), STAGES (default "sweep memory longctx eval report"),
 #      RUNS (run dirs with their checkpoints, default /tmp/jambatrain_ablation; only the small files -- configs,
 #      metrics, eval JSON, logs -- are copied to $OUT), ABL_CPU=1 (toy sizes on CPU), LONGCTX_S (limit of stage 4, default 150), EXTRA (more Hydra overrides for every variant)
@@ -64,7 +64,7 @@ else
         eval.batch_size=32 eval.passkey_samples=4)
   MEM=(model=1.3b --contexts 4096,32768,262144)
 fi
-TRAIN=(trainer.max_steps=$STEPS trainer.log_every=10 trainer.eval_every=$((STEPS / 4)) trainer.eval_batches=4
+TRAIN=(trainer.max_steps=$STEPS trainer.log_every=10 trainer.eval_every=$((STEPS >= 4 ? STEPS / 4 : 1)) trainer.eval_batches=4
        trainer.save_every=$STEPS trainer.keep_checkpoints=1 trainer.progress_bar=false optim.lr=1e-3
        optim.warmup_steps=$((STEPS / 8)) logger=none)
 [[ -n "${ABL_CPU:-}" ]] && TRAIN+=(trainer.log_every=1)
@@ -75,7 +75,7 @@ mkdir -p "$RUNS"
 SWEEP=$RUNS/sweep
 log "variants: ${VARIANTS[*]}; steps $STEPS; common overrides: ${COMMON[*]}"
 
-done_marker() { [[ -f "$1/eval/eval_step$(printf %08d "$STEPS").json" ]]; }
+done_marker() { [[ "$(cat "$1/checkpoints/latest" 2>/dev/null)" == "step_$(printf %08d "$STEPS")" ]]; }
 
 if stage sweep; then
   rm -rf "$SWEEP"  # a fresh sweep: old run dirs would be resumed, not retrained
