@@ -112,6 +112,8 @@ def table(vs: list[dict]) -> str:
 
 def plots(out: str, vs: list[dict]) -> list[str]:
     """One PNG per figure: x/y series per variant, from ``series(v)`` -> [(x, y), ...]."""
+    if not vs:
+        return []
     try:
         import matplotlib
 

@@ -70,7 +70,7 @@ else
 fi
 RUNS=${RUNS:-/tmp/jambatrain_ablation}
 mkdir -p "$RUNS"
-if [[ $STEPS == auto ]]; then  # as many steps as the budget allows, from a 30-step probe of the 1:7 hybrid
+if [[ $STEPS == auto ]] && stage sweep; then  # as many steps as the budget allows, from a 30-step probe of the 1:7 hybrid
   log "probe: 30 steps of the 1:7 hybrid to size the sweep"
   rm -rf "$RUNS/probe"
   timeout --kill-after=10 150 $PY -m jambatrain.train experiment=h200_1b "${SIZE[@]}" "${DATA[@]}" \
@@ -88,6 +88,7 @@ PYEOF
   ) || STEPS=600
   log "steps per variant: $STEPS"
 fi
+[[ $STEPS == auto ]] && STEPS=800  # no sweep in this call: only names the checkpoints the eval stage looks for
 TRAIN=(trainer.max_steps=$STEPS trainer.log_every=10 trainer.eval_every=$((STEPS >= 4 ? STEPS / 4 : 1)) trainer.eval_batches=4
        trainer.save_every=$STEPS trainer.keep_checkpoints=1 trainer.progress_bar=false optim.lr=1e-3
        optim.warmup_steps=$((STEPS / 8)) logger=none)
