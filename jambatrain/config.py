@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from .data.mqar import MqarConfig
 from .models.config import ModelConfig
 
 
 @dataclass
 class DataConfig:
+    kind: str = "shards"  # shards | mqar (synthetic associative recall, jambatrain/data/mqar.py; no dir needed)
     dir: str = "~/.cache/jambatrain/stdlib_py"  # directory holding manifest.json + webdataset shards
     prepare: str = "none"  # none | stdlib: build the embedded default corpus into `dir` if it is missing
     vocab_size: int = 4096  # tokenizer vocabulary when `prepare` builds the corpus
@@ -26,6 +28,7 @@ class DataConfig:
     doc_mask: bool = True  # mask attention / reset Mamba state at document boundaries (after each EOS)
     eos_id: int = 2  # must match the manifest's eos_id (checked at start-up)
     val_split: str = "val"
+    mqar: MqarConfig = field(default_factory=MqarConfig)
 
 
 @dataclass
@@ -79,6 +82,23 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``python -m jambatrain.eval`` and the trainer's ``trainer.eval_every`` (jambatrain/eval.py)."""
+    tasks: list[str] = field(default_factory=lambda: ["val", "mqar", "passkey"])
+    val_batches: int = 0  # standalone eval: val batches per rank (0 = the whole split); the trainer uses trainer.eval_batches
+    batch_size: int = 0  # sequences per forward; 0 = parallel.micro_batch_size
+    seed: int = 0  # MQAR / passkey sequences
+    mqar_context_lengths: list[int] = field(default_factory=list)  # empty: 4 powers of two up to data.seq_len
+    mqar_num_pairs: list[int] = field(default_factory=lambda: [4, 16, 64])  # skipped where 4 * pairs > length
+    mqar_samples: int = 32  # sequences per (length, pairs)
+    passkey_lengths: list[int] = field(default_factory=list)  # empty: data.seq_len / 8, / 4, / 2, / 1
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_samples: int = 4  # sequences per (length, depth)
+    passkey_tokens: int = 5
+    out: str = ""  # JSON file; empty: RUN_DIR/eval/eval_step<N>.json
+
+
+@dataclass
 class LoggerConfig:
     wandb: bool = True
     wandb_mode: str = "offline"  # offline | online | disabled
@@ -96,6 +116,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def register_schema() -> None:
@@ -154,7 +175,14 @@ def problems(cfg: TrainConfig, world_size: int = 1) -> list[str]:
     if data.prepare == "stdlib" and data.vocab_size > cfg.model.vocab_size:
         p.append(f"data.vocab_size={data.vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}: token ids "
                  "would fall outside the embedding; lower data.vocab_size or raise model.vocab_size")
-    if data.prepare == "none" and not os.path.isdir(os.path.expanduser(data.dir)):
+    if data.kind not in ("shards", "mqar"):
+        p.append(f"data.kind={data.kind!r}: choose shards or mqar")
+    if data.kind == "mqar":
+        p += data.mqar.problems(cfg.model.vocab_size)
+    for t in cfg.eval.tasks:
+        if t not in ("val", "mqar", "passkey"):
+            p.append(f"eval.tasks has {t!r}: choose from val, mqar, passkey")
+    if data.kind == "shards" and data.prepare == "none" and not os.path.isdir(os.path.expanduser(data.dir)):
         p.append(f"data.dir={data.dir} does not exist: write shards there with `python -m data_prep.write_shards` "
                  "or set data.prepare=stdlib to build the embedded default corpus")
     if cfg.logger.wandb_mode not in ("offline", "online", "disabled"):

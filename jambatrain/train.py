@@ -41,6 +41,8 @@ def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
     shards against the model before any model is built."""
     from .data import read_manifest
 
+    if cfg.data.kind == "mqar":  # synthetic: nothing on disk
+        return ""
     data_dir = os.path.expanduser(cfg.data.dir)
     if cfg.data.prepare == "stdlib":
         if dist.local_rank == 0:
@@ -138,12 +140,10 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
     torch.manual_seed(tr.seed)  # same init on every rank
     data_dir = prepare_data(cfg, dist)
 
-    from .data import TokenShardLoader
+    from .data import make_loader
 
-    loader = TokenShardLoader(data_dir, "train", par.micro_batch_size, dist.rank, dist.world_size,
-                              num_workers=cfg.data.num_workers, seed=tr.seed, shuffle=cfg.data.shuffle,
-                              vocab_size=cfg.model.vocab_size, on_error=cfg.data.on_error,
-                              pin_memory=dist.device.type == "cuda")  # async host-to-device copies
+    loader = make_loader(cfg, "train", dist.rank, dist.world_size, data_dir,  # data.kind: shards | mqar
+                         pin_memory=dist.device.type == "cuda")  # async host-to-device copies
     ds_config = build_deepspeed_config(cfg, dist.world_size, dist.device)
     ep = expert_parallel.create_groups(par.expert_parallel_size) if par.expert_parallel_size > 1 else None
     model = build_model(cfg.model, dist, ds_config, ep)
@@ -233,7 +233,9 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
             pbar.update(1)
         t_aside = time.perf_counter()
         if tr.eval_every and state.step % tr.eval_every == 0:
-            logger.log(state.step, {"val_loss": evaluate(engine, cfg, dist, data_dir)})
+            from .eval import evaluate_in_training  # val loss/perplexity, MQAR recall, passkey (eval.tasks)
+
+            logger.log(state.step, evaluate_in_training(engine.module, cfg, dist, data_dir, state.step, run_dir))
         preempted = stop.agreed()
         save_due = save_due or bool(tr.save_every and (state.step % tr.save_every == 0 or state.step == tr.max_steps
                                                         or preempted))
@@ -291,24 +293,6 @@ def train_step(engine, batches, guard: StepGuard, cfg: TrainConfig, dist: DistIn
     if skipped and reason is None:
         reason = "non-finite gradients"
     return losses[1:], reason if skipped else None
-
-
-@torch.no_grad()
-def evaluate(engine, cfg: TrainConfig, dist: DistInfo, data_dir: str) -> float:
-    from .data import make_val_loader
-
-    engine.eval()
-    val = make_val_loader(data_dir, cfg.parallel.micro_batch_size, dist.rank, dist.world_size,
-                          vocab_size=cfg.model.vocab_size, on_error=cfg.data.on_error)
-    losses = []
-    for i, batch in enumerate(val):
-        if i >= cfg.trainer.eval_batches:
-            break
-        out = engine(input_ids=batch["input_ids"].to(dist.device), labels=batch["labels"].to(dist.device),
-                     doc_starts=_doc_starts(batch, cfg, dist))
-        losses.append(out.ce_loss.float().item())
-    engine.train()
-    return reduce_mean(torch.tensor([sum(losses) / max(1, len(losses))], device=dist.device))[0]
 
 
 def _doc_starts(batch: dict, cfg: TrainConfig, dist: DistInfo):

@@ -7,7 +7,8 @@ import importlib
 
 _EXPORTS = {
     "prepare_default_corpus": "corpus", "stdlib_documents": "corpus",
-    "TokenShardLoader": "loader", "make_val_loader": "loader",
+    "TokenShardLoader": "loader", "make_val_loader": "loader", "make_loader": "sources",
+    "MqarConfig": "mqar", "MqarLoader": "mqar",
     "ShardDataError": "shards", "read_manifest": "shards", "write_shards": "shards",
     "write_synthetic_shards": "shards",
     "verify_data_dir": "verify",

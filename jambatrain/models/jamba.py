@@ -135,11 +135,9 @@ class JambaLM(nn.Module):
         elif isinstance(m, MambaMixer):
             m.reset_ssm_parameters()
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                doc_starts: torch.Tensor | None = None, return_logits: bool = True) -> LMOutput:
-        """input_ids, labels: (batch, seq) int64; labels == -100 are ignored.
-        doc_starts: optional bool (batch, seq), True where a packed document begins: attention is masked to
-        the document (FlexAttention on CUDA) and the Mamba conv/scan state is reset there."""
+    def hidden_states(self, input_ids: torch.Tensor, doc_starts: torch.Tensor | None = None):
+        """The final-normed hidden states (batch, seq, hidden) and the mean MoE aux / z losses: the forward without
+        the LM head (evaluation applies the head only where it scores a token)."""
         x = self.embed_tokens(input_ids)
         attn_mask = reset = None
         if doc_starts is not None:
@@ -158,7 +156,14 @@ class JambaLM(nn.Module):
             aux, z = aux + a, z + zl
         if self.num_moe_layers:
             aux, z = aux / self.num_moe_layers, z / self.num_moe_layers
-        h = self.final_layernorm(x)
+        return self.final_layernorm(x), aux, z
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                doc_starts: torch.Tensor | None = None, return_logits: bool = True) -> LMOutput:
+        """input_ids, labels: (batch, seq) int64; labels == -100 are ignored.
+        doc_starts: optional bool (batch, seq), True where a packed document begins: attention is masked to
+        the document (FlexAttention on CUDA) and the Mamba conv/scan state is reset there."""
+        h, aux, z = self.hidden_states(input_ids, doc_starts)
         chunk = self.cfg.loss_chunk_tokens
         logits = ce = loss = None
         if labels is not None and chunk and not return_logits:

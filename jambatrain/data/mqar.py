@@ -1,0 +1,202 @@
+"""Synthetic multi-query associative recall (MQAR, Arora et al. 2023, "Zoology", arXiv 2312.04927) and passkey
+sequences, generated from the model's vocabulary with a seed: the recall study needs no corpus.
+
+Token ids (``MqarConfig``, all >= ``first_id`` so none is the EOS / a special id):
+  keys    ``[first_id, first_id + num_keys)``
+  values  ``[first_id + num_keys, first_id + 2 * num_keys)``
+  filler  the ``num_filler`` ids after the values (noise between queries; passkey haystack and marker)
+
+One MQAR sequence of ``L = seq_len + 1`` tokens with ``N`` pairs: ``k1 v1 k2 v2 ... kN vN`` (distinct keys,
+values drawn with replacement), then ``L - 2N`` tokens of random filler in which the ``N`` keys are asked again
+in a random order, each query ``k v`` at a random place (query slots never overlap). The label of a query key's
+position is its value; every other label is -100, so training and accuracy count only the recalled values
+(as Zoology does). Needs ``4N <= L``.
+
+``MqarLoader`` is the ``data=mqar`` training source: batch ``g`` of data-parallel rank ``r`` is drawn from a
+numpy generator seeded with ``(seed, split, r, g)``, so the stream is deterministic per seed/rank/step and
+resuming only needs the batch number (``state_dict`` / ``load_state_dict`` as ``TokenShardLoader``). The number of
+pairs of each training sequence is uniform in ``[min_pairs, min(max_pairs, L // 4)]``. The val split is a
+fixed set of ``val_samples`` sequences (sample ``i`` seeded with ``(seed, 1, i)``), cut over the ranks like the
+shard loader's val split, so it is the same set at every world size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+STATE_FORMAT = 1
+_SPLITS = {"train": 0, "val": 1}
+INFINITE_EPOCH = 10**12  # the training stream never repeats: epoch stays 0
+
+
+@dataclass
+class MqarConfig:
+    first_id: int = 4  # lowest token id used (keeps clear of pad/bos/eos/unk)
+    num_keys: int = 512  # key ids; as many value ids follow them
+    num_filler: int = 64  # filler ids after the values
+    min_pairs: int = 4  # training: pairs per sequence drawn uniformly in [min_pairs, max_pairs]
+    max_pairs: int = 64
+    val_samples: int = 256  # size of the fixed val split
+
+    @property
+    def vocab_needed(self) -> int:
+        return self.first_id + 2 * self.num_keys + self.num_filler
+
+    def problems(self, vocab_size: int) -> list[str]:
+        p = []
+        if self.vocab_needed > vocab_size:
+            p.append(f"data.mqar needs token ids up to {self.vocab_needed - 1} (first_id + 2 * num_keys + num_filler)"
+                     f" but model.vocab_size={vocab_size}: lower data.mqar.num_keys or raise model.vocab_size")
+        if not 1 <= self.min_pairs <= self.max_pairs or self.max_pairs > self.num_keys:
+            p.append(f"data.mqar.min_pairs={self.min_pairs}, max_pairs={self.max_pairs}: need 1 <= min_pairs <= "
+                     f"max_pairs <= num_keys={self.num_keys}")
+        if self.num_filler < 2 or self.first_id < 0 or self.val_samples < 1:
+            p.append("data.mqar.num_filler must be >= 2, first_id >= 0 and val_samples >= 1")
+        return p
+
+
+def mqar_sequence(rng: np.random.Generator, cfg: MqarConfig, length: int, num_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int64[length], labels int64[length - 1]): one MQAR sequence and its shifted labels (-100 except at
+    query keys, where the label is the value)."""
+    if 4 * num_pairs > length:
+        raise ValueError(f"MQAR with {num_pairs} pairs needs at least {4 * num_pairs} tokens, got {length}")
+    if num_pairs > cfg.num_keys:
+        raise ValueError(f"MQAR with {num_pairs} pairs needs as many distinct keys; data.mqar.num_keys={cfg.num_keys}")
+    keys = cfg.first_id + rng.choice(cfg.num_keys, size=num_pairs, replace=False)
+    values = cfg.first_id + cfg.num_keys + rng.integers(0, cfg.num_keys, size=num_pairs)
+    filler0 = cfg.first_id + 2 * cfg.num_keys
+    tokens = filler0 + rng.integers(0, cfg.num_filler, size=length)
+    tokens[0:2 * num_pairs:2], tokens[1:2 * num_pairs:2] = keys, values
+    rest = length - 2 * num_pairs  # N two-token query slots without overlap: stars and bars over the free tokens
+    gaps = np.sort(rng.choice(rest - num_pairs, size=num_pairs, replace=False))
+    starts = 2 * num_pairs + gaps + np.arange(num_pairs)
+    order = rng.permutation(num_pairs)
+    tokens[starts], tokens[starts + 1] = keys[order], values[order]
+    labels = np.full(length - 1, -100, dtype=np.int64)
+    labels[starts] = values[order]
+    return tokens.astype(np.int64), labels
+
+
+def passkey_sequence(rng: np.random.Generator, cfg: MqarConfig, length: int, depth: float,
+                     passkey_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, labels) for passkey retrieval: a haystack of one random filler "sentence" of 16 tokens repeated,
+    ``marker passkey`` inserted at ``depth`` (0 = start, 1 = just before the question), and the sequence ending
+    in ``marker passkey`` again; labels are the passkey tokens of the ending (teacher-forced), -100 elsewhere.
+    The marker is the first two filler ids (never in the haystack), the passkey tokens are value ids."""
+    need = 2 * (2 + passkey_tokens) + 1
+    if length < need:
+        raise ValueError(f"a passkey of {passkey_tokens} tokens needs sequences of at least {need} tokens")
+    filler0 = cfg.first_id + 2 * cfg.num_keys
+    marker = np.array([filler0, filler0 + 1])
+    sentence = filler0 + 2 + rng.integers(0, cfg.num_filler - 2, size=16)
+    key = cfg.first_id + cfg.num_keys + rng.integers(0, cfg.num_keys, size=passkey_tokens)
+    needle = np.concatenate([marker, key])
+    hay_len = length - 2 * len(needle)
+    tokens = np.concatenate([np.resize(sentence, hay_len), needle])
+    at = int(round(depth * hay_len))
+    tokens = np.concatenate([tokens[:at], needle, tokens[at:]])
+    labels = np.full(length - 1, -100, dtype=np.int64)
+    first = length - passkey_tokens  # positions of the final passkey tokens
+    labels[first - 1:length - 1] = tokens[first:]
+    return tokens.astype(np.int64), labels
+
+
+class MqarLoader:
+    """``{"input_ids", "labels"}`` LongTensor(B, seq_len) batches of one data-parallel rank (module docstring)."""
+
+    def __init__(self, cfg: MqarConfig, split: str, seq_len: int, micro_batch_size: int, dp_rank: int,
+                 dp_size: int, seed: int = 0, vocab_size: int | None = None, pin_memory: bool = False):
+        if split not in _SPLITS:
+            raise ValueError(f"MQAR data has splits {sorted(_SPLITS)}, not {split!r}")
+        if not 0 <= dp_rank < dp_size or micro_batch_size < 1:
+            raise ValueError(f"bad loader geometry: dp_rank={dp_rank} dp_size={dp_size} "
+                             f"micro_batch_size={micro_batch_size}")
+        problems = cfg.problems(vocab_size if vocab_size is not None else cfg.vocab_needed)
+        if 4 * cfg.min_pairs > seq_len + 1:
+            problems.append(f"data.seq_len={seq_len} is too short for data.mqar.min_pairs={cfg.min_pairs} "
+                            f"(needs seq_len + 1 >= {4 * cfg.min_pairs})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.cfg, self.split, self.seq_len, self.seed = cfg, split, seq_len, seed
+        self.batch, self.dp_rank, self.dp_size, self.pin_memory = micro_batch_size, dp_rank, dp_size, pin_memory
+        self.max_pairs = min(cfg.max_pairs, (seq_len + 1) // 4)
+        if split == "train":
+            self.num_samples = None
+            self.batches_per_epoch = INFINITE_EPOCH
+        else:
+            self.num_samples = cfg.val_samples
+            self.batches_per_epoch = cfg.val_samples // (dp_size * micro_batch_size)
+            if self.batches_per_epoch == 0:
+                raise ValueError(f"data.mqar.val_samples={cfg.val_samples} is fewer than dp_size*micro_batch_size="
+                                 f"{dp_size * micro_batch_size}: raise it")
+        self.skipped = 0
+        self._position = 0
+
+    @property
+    def epoch(self) -> int:
+        return self._position // self.batches_per_epoch
+
+    def _row(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        pairs = int(rng.integers(self.cfg.min_pairs, self.max_pairs + 1))
+        return mqar_sequence(rng, self.cfg, self.seq_len + 1, pairs)
+
+    def make_batch(self, g: int) -> dict[str, torch.Tensor]:
+        import torch  # here, so that the config schema can import MqarConfig without torch
+
+        if self.split == "train":
+            rng = np.random.default_rng([self.seed, 0, self.dp_rank, g])
+            rows = [self._row(rng) for _ in range(self.batch)]
+        else:
+            base = (self.dp_rank * self.batches_per_epoch + g % self.batches_per_epoch) * self.batch
+            rows = [self._row(np.random.default_rng([self.seed, 1, i])) for i in range(base, base + self.batch)]
+        tokens = torch.from_numpy(np.stack([t for t, _ in rows]))
+        labels = torch.from_numpy(np.stack([lab for _, lab in rows]))
+        batch = {"input_ids": tokens[:, :-1].contiguous(), "labels": labels}
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.split == "val":  # one pass per iter(), like make_val_loader
+            self._position = 0
+            for g in range(self.batches_per_epoch):
+                self._position = g + 1
+                yield self.make_batch(g)
+            return
+        while True:
+            batch = self.make_batch(self._position)
+            self._position += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "kind": "mqar", "split": self.split, "epoch": self.epoch,
+                "batch_in_epoch": self._position % self.batches_per_epoch, "seed": self.seed,
+                "dp_size": self.dp_size, "micro_batch_size": self.batch, "seq_len": self.seq_len,
+                "skipped": 0}
+
+    # the trainer's accounting of bad samples, which synthetic data never has
+    def uncounted_skips(self, device=None) -> torch.Tensor:
+        import torch
+
+        return torch.zeros(1, device=device)
+
+    def count_skips(self, total) -> int:
+        return 0
+
+    @property
+    def skips_counted(self) -> bool:
+        return True
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Resume right after the last consumed batch of ``sd`` (bit-exact on the same data-parallel size and micro
+        batch). Each rank has its own endless stream: on another geometry (a job resumed on fewer GPUs) the ranks
+        continue from the same batch number with the new layout's streams, fresh synthetic samples."""
+        for key, mine in (("format", STATE_FORMAT), ("kind", "mqar"), ("split", self.split), ("seed", self.seed),
+                          ("seq_len", self.seq_len)):
+            if sd.get(key) != mine:
+                raise ValueError(f"loader state has {key}={sd.get(key)!r} but this MQAR loader has {mine!r}: "
+                                 "resume with the same data settings, data-parallel size and micro batch")
+        self._position = sd["epoch"] * self.batches_per_epoch + sd["batch_in_epoch"]
