@@ -286,7 +286,10 @@ WORKER = textwrap.dedent(r'''
         out = engine(ids, labels=ids)
         engine.backward(out.loss)
         engine.step()
-    engine.save_checkpoint(os.path.join(run_dir, "checkpoints"), tag="step_00000002")
+    from jambatrain import checkpoint  # the trainer's checkpoint: fp32 masters + moments, any layout
+    state = checkpoint.TrainState(step=2, tokens=24, model_config=json.loads(cfg_json),
+                                  parallel={"world_size": int(os.environ.get("WORLD_SIZE", 1)), "zero_stage": stage})
+    checkpoint.save(engine, model, run_dir, state, rank, keep=1)
     if rank == 0:
         engine.module.eval()
         ids = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(7))
@@ -294,11 +297,6 @@ WORKER = textwrap.dedent(r'''
             logits = engine.module(ids).logits
         torch.save({"ids": ids, "logits": logits}, os.path.join(run_dir, "ref.pt"))
         run_cfg = {"name": "t", "data": {"dir": os.path.dirname(tok), "seq_len": 12}}
-        if stage == 0:  # the model config as jambatrain.checkpoint stores it next to the weights
-            with open(os.path.join(run_dir, "checkpoints", "step_00000002", "train_state.json"), "w") as f:
-                json.dump({"step": 2, "tokens": 24, "loader": {}, "model_config": json.loads(cfg_json)}, f)
-        else:
-            run_cfg["model"] = json.loads(cfg_json)
         os.makedirs(os.path.join(run_dir, ".hydra"), exist_ok=True)
         with open(os.path.join(run_dir, ".hydra", "config.yaml"), "w") as f:  # JSON is YAML
             json.dump(run_cfg, f)
@@ -336,7 +334,7 @@ def _train_tokenizer(path: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launch,stage", [("single", 2), ("single", 0), ("torchrun2", 2)])
-def test_export_cli_from_deepspeed_checkpoint(tmp_path, launch, stage):
+def test_export_cli_from_a_jambatrain_checkpoint(tmp_path, launch, stage):
     pytest.importorskip("deepspeed")
     pytest.importorskip("omegaconf")
     cfg = tiny(**CASES[0][1], vocab_size=320,  # = the tokenizer's
@@ -362,7 +360,7 @@ def test_export_cli_from_deepspeed_checkpoint(tmp_path, launch, stage):
     assert "shm_comm" not in r.stdout + r.stderr or "built successfully" not in r.stdout + r.stderr
     ckpt = run / "checkpoints" / "step_00000002"
     if launch == "torchrun2":
-        assert len(list(ckpt.glob("*zero_pp_rank_*optim_states.pt"))) == 2  # really 2 ZeRO partitions
+        assert len(list(ckpt.glob("params_r*.pt"))) == 2  # written by 2 ZeRO ranks
 
     out = tmp_path / "hf"
     src = run if launch != "single" or stage else ckpt  # a run dir, or one checkpoint dir

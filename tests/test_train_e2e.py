@@ -368,13 +368,14 @@ def test_pretraining_starts_from_an_exported_hf_directory(train_env, tmp_path):
     p = run_train(train_env, str(tmp_path / "nan"), "trainer.max_steps=1", f"model.init_from={bad_dir}", *common,
                   nproc=1, check=False)
     assert p.returncode != 0 and "model.final_layernorm.weight" in p.stderr and "NaN/inf" in p.stderr
-    # ... and finite weights that overflow in the forward train to NaN: the checkpoint step refuses to save
-    # poisoned weights (no log step came first to catch the loss), so nothing is written
+    # ... and finite weights that overflow in the forward give a NaN loss: each step is skipped (no update), no
+    # checkpoint is written inside the streak, and max_skipped_steps skips in a row stop the run with the reason
     huge_w = {k: v.clone() for k, v in weights.items()}
     huge_w["model.final_layernorm.weight"].fill_(3e38)
     save_file(huge_w, os.path.join(bad_dir, "model.safetensors"))
     run_dir = str(tmp_path / "diverge")
-    p = run_train(train_env, run_dir, "trainer.max_steps=4", "trainer.save_every=2", "trainer.log_every=100",
-                  f"model.init_from={bad_dir}", "logger=none", nproc=1, check=False)
-    assert p.returncode != 0 and "not saving it" in p.stderr, p.stderr[-2000:]
+    p = run_train(train_env, run_dir, "trainer.max_steps=6", "trainer.save_every=2", "trainer.log_every=100",
+                  "trainer.max_skipped_steps=3", f"model.init_from={bad_dir}", "logger=none", nproc=1, check=False)
+    assert p.returncode != 0 and "3 optimizer steps in a row were skipped" in p.stderr, p.stderr[-2000:]
+    assert "step 1 skipped (loss nan)" in p.stdout
     assert not os.path.exists(os.path.join(run_dir, "checkpoints", "step_00000002"))
