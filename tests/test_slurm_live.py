@@ -40,11 +40,13 @@ def _cluster_problem() -> str | None:
         return f"slurmctld not reachable: {p.stderr.strip()[-300:]}"
     if not re.search(r"^ClusterName\s*=\s*jambatrain-ci\s*$", p.stdout, re.M):
         return "the SLURM cluster here is not the CI one of .ci/slurm_up.sh (ClusterName=jambatrain-ci)"
-    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=30).stdout
-    up = {n for n, t in (line.split() for line in nodes.splitlines()) if t.rstrip("*") in ("idle", "mix", "alloc")}
-    if not {"n1", "n2"} <= up:
-        return f"nodes n1, n2 not both up: {nodes.strip()}"
-    return None
+    for _ in range(60):  # nodes still completing an earlier job come back within seconds
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=30).stdout
+        up = {n for n, t in (line.split() for line in nodes.splitlines()) if t.rstrip("*~#") in ("idle", "mix")}
+        if {"n1", "n2"} <= up:
+            return None
+        time.sleep(1)
+    return "nodes n1, n2 not both idle: " + nodes.strip().replace("\n", ", ")
 
 
 @pytest.fixture(scope="module")
