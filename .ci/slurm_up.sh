@@ -20,6 +20,9 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     slurmctld slurmd slurm-client munge >/dev/null
 fi
 
+# a cluster already up from an earlier call is stopped first
+[ -s "$BASE/run/slurmctld.pid" ] && bash "$(dirname "$0")/slurm_down.sh"
+
 # 2. munge: the Debian postinst creates /etc/munge/munge.key; make one if it is missing
 [ -s /etc/munge/munge.key ] || { mungekey -c -k /etc/munge/munge.key; chown munge:munge /etc/munge/munge.key; }
 install -d -o munge -g munge -m 0755 /run/munge
