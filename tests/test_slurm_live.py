@@ -247,7 +247,9 @@ def test_hydra_multirun_through_submitit_runs_each_sweep_job_on_the_cluster(slur
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     jobs = sorted(j for j in os.listdir(sweep / ".submitit") if re.fullmatch(r"\d+_\d+", j))  # an array job's tasks
     assert len(jobs) == 2, os.listdir(sweep / ".submitit")
-    for job in jobs:  # real SLURM jobs, run on both nodes
+    for job in jobs:  # real SLURM jobs, run on both nodes (the results come back while a job is still ending)
+        _wait(f"the end of sweep job {job}", lambda: "JobState=RUNNING" not in _job(job) and "COMPLETING" not in
+              _job(job), str(sweep / ".submitit" / job / f"{job}_0_log.err"), timeout=120)
         info = _job(job)
         assert "JobState=COMPLETED" in info and "NodeList=n[1-2]" in info, info
     for n, lr in (("0", 1e-3), ("1", 2e-3)):
