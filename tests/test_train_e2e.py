@@ -301,9 +301,12 @@ def test_slurm_sbatch_script_with_a_stand_in_srun(train_env, tmp_path):
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
+    # scontrol: node names, and the job's comment (where the script keeps its run-dir token), which squeue reads
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\ncase "$1" in update) echo "${{3#Comment=}}" > {tmp_path}/comment;;'
+                                      ' *) echo 127.0.0.1;; esac\n')
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\ncat {tmp_path}/comment 2>/dev/null || echo '(null)'\n")
     (bin_dir / "srun").write_text('#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"\n')
-    for f in ("scontrol", "srun"):
+    for f in ("scontrol", "squeue", "srun"):
         (bin_dir / f).chmod(stat.S_IRWXU)
     env = dict(train_env, PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{train_env['PATH']}",
                SLURM_JOB_ID="4242", SLURM_JOB_NAME="jt", SLURM_NNODES="1", SLURM_JOB_NODELIST="localhost",
