@@ -134,6 +134,7 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
 
 
 def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
+    stop = _StopFlag()  # first: a preemption signal during start-up is a stop at the first step, not a death
     dist = init_distributed(cfg.parallel)
     paths, resume_tag = preflight(cfg, dist, run_dir)
     tr, par = cfg.trainer, cfg.parallel
@@ -174,7 +175,6 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
         for w in paths.warnings:
             print(f"jambatrain: WARNING: {w}", flush=True)
     tokens_per_step = par.micro_batch_size * par.grad_accum_steps * cfg.data.seq_len * dist.world_size
-    stop = _StopFlag()
     pbar = _progress(cfg, dist, state.step)
     batches = iter(loader)
     last = {}
