@@ -20,6 +20,7 @@
 # env: OUT (default ./ablation_out), STEPS (default auto on GPU: what the budget allows after a 30-step probe, 200-1500;
 #      4 on CPU), PY (python3), BUDGET_S (total wall budget, default 530;
 #      later stages are skipped when it is spent), STAGES (default "sweep memory longctx eval report"),
+#      ABL_DATA, ABL_EVAL (replace the task / eval overrides, below),
 #      RUNS (run dirs with their checkpoints, default /tmp/jambatrain_ablation; only the small files -- configs,
 #      metrics, eval JSON, logs -- are copied to $OUT), ABL_CPU=1 (toy sizes on CPU), RESERVE_S (seconds kept for stages 2-4, run side by side after the sweep, default 150), EXTRA (more Hydra overrides for every variant)
 set -uo pipefail
@@ -68,6 +69,14 @@ else
         eval.batch_size=32 eval.passkey_samples=4)
   MEM=(model=1.3b --contexts 4096,32768,262144)
 fi
+# ABL_DATA / ABL_EVAL (space-separated overrides) replace the task and eval settings above, e.g. the easier task of
+# docs/results.md's second run: ABL_DATA="data=mqar data.seq_len=256 data.mqar.num_keys=64 data.mqar.num_filler=32
+# data.mqar.max_pairs=32 parallel.micro_batch_size=64" ABL_EVAL="eval.mqar_context_lengths=[128,256,512]
+# eval.mqar_num_pairs=[8,16,32] eval.mqar_samples=64 eval.batch_size=32 eval.passkey_samples=4"
+# shellcheck disable=SC2206
+[[ -n "${ABL_DATA:-}" ]] && DATA=(${ABL_DATA})
+# shellcheck disable=SC2206
+[[ -n "${ABL_EVAL:-}" ]] && EVAL=(${ABL_EVAL})
 RUNS=${RUNS:-/tmp/jambatrain_ablation}
 mkdir -p "$RUNS"
 if [[ $STEPS == auto ]] && stage sweep; then  # as many steps as the budget allows, from a 30-step probe of the 1:7 hybrid
