@@ -235,15 +235,19 @@ def _save_params(engine, model, tag_dir: str, rank: int, world: int, ep) -> tupl
     with sizes, this rank's index entries {name: [[file, lo, hi], ...]})."""
     _link_optimizer_state(engine)
     files, index, buf, size, part = {}, {}, {}, 0, 0
+    failed: list[str] = []  # a write that failed: this rank stops writing but keeps joining the collectives
 
     def flush():
         nonlocal buf, size, part
-        if buf:
+        if buf and not failed:
             rel = f"params_r{rank:05d}_{part:03d}.pt"
-            files[rel] = _fsync_write(os.path.join(tag_dir, rel), lambda f, b=buf: torch.save(b, f))
+            try:
+                files[rel] = _fsync_write(os.path.join(tag_dir, rel), lambda f, b=buf: torch.save(b, f))
+            except Exception as exc:  # noqa: BLE001 - ENOSPC surfaces from torch.save as a bare RuntimeError
+                failed.append(_write_error(os.path.join(tag_dir, rel), exc))
             for key, (nm, lo, hi) in ((k, v["where"]) for k, v in buf.items()):
                 index.setdefault(nm, []).append([rel, lo, hi])
-            buf, size, part = {}, 0, part + 1
+        buf, size, part = {}, 0, part + 1
 
     dense_i = expert_i = 0
     for name, p in model.named_parameters():  # the same order on every rank: the gathers are collectives
@@ -263,7 +267,20 @@ def _save_params(engine, model, tag_dir: str, rank: int, world: int, ep) -> tupl
             if size >= FILE_BYTES:
                 flush()
     flush()
-    return files, index
+    return files, index, failed
+
+
+def _write_error(path: str, exc: Exception) -> str:
+    """What went wrong writing ``path``, with the free space when that is the likely cause (torch.save reports a
+    full disk as ``unexpected pos ...``, without the errno)."""
+    try:
+        free = shutil.disk_usage(os.path.dirname(path)).free
+    except OSError:
+        free = None
+    full = isinstance(exc, OSError) and exc.errno == 28 or (free is not None and free < (64 << 20))
+    why = f"no space left on the device ({free / 2**20:.0f} MiB free)" if full and free is not None else \
+        f"{type(exc).__name__}: {exc}"
+    return f"{path}: {why}"
 
 
 def _load_params(engine, model, tag_dir: str, manifest: dict) -> None:
@@ -334,19 +351,33 @@ def save(engine, model, run_dir: str, state: TrainState, rank: int, keep: int, e
         shutil.rmtree(partial, ignore_errors=True)  # a save that died before its commit
         os.makedirs(partial)
     barrier()
-    files = {f"rng_rank{rank}.pt": _fsync_write(os.path.join(partial, f"rng_rank{rank}.pt"),
-                                                lambda f: torch.save(_rng_state(), f))}
-    index = {}
+    files, index, failed = {}, {}, []
+    rng_path = os.path.join(partial, f"rng_rank{rank}.pt")
+    try:
+        files[f"rng_rank{rank}.pt"] = _fsync_write(rng_path, lambda f: torch.save(_rng_state(), f))
+    except Exception as exc:  # noqa: BLE001
+        failed.append(_write_error(rng_path, exc))
     zero3 = state.parallel.get("zero_stage") == 3
     if zero3:  # DeepSpeed's own partitioned format
         engine.save_checkpoint(root, tag=tag + ".partial", save_latest=False)
     else:
-        mine, index = _save_params(engine, model, partial, rank, world, ep)
+        mine, index, errors = _save_params(engine, model, partial, rank, world, ep)
         files.update(mine)
-    everyone = _all_gather((files, index))  # also the agreement that every rank's files are on disk
+        failed += errors
+    everyone = _all_gather((files, index, failed))  # also the agreement that every rank's files are on disk
+    errors = [e for _, _, f in everyone for e in f]
+    if errors:  # nothing is published: the partial tag goes, the previous checkpoints stay
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        barrier()
+        previous = latest_tag(run_dir)
+        raise SystemExit(f"jambatrain: checkpoint {final} could not be written, so it was not published and its "
+                         f"partial files were removed; {'the last complete one, ' + previous + ', is kept' if previous else 'no earlier checkpoint exists'}. "
+                         "Free space there (or point hydra.run.dir at a disk with room) and restart:\n  - "
+                         + "\n  - ".join(errors))
     if rank == 0:
         files, index = {}, {}
-        for f, ix in everyone:
+        for f, ix, _ in everyone:
             files.update(f)
             for name, where in ix.items():
                 index.setdefault(name, []).extend(where)
@@ -445,6 +476,34 @@ def check_resumable(run_dir: str, tag: str, model_config: dict, world_size: int,
         problems.append(f"checkpoint {tag_dir} was written by ZeRO-{state.parallel.get('zero_stage')}; loading it "
                         "into ZeRO-3 is not supported: resume with parallel.zero_stage=1 or 2 (any world size)")
     return problems
+
+
+def checkpoint_bytes(num_params: int, zero_stage: int, world_size: int) -> int:
+    """Bytes one checkpoint takes on disk: fp32 master + 2 Adam moments per parameter (portable); ZeRO-3 also
+    writes the bf16/fp32 weights (DeepSpeed's files); plus per-rank RNG state."""
+    per_param = 14 if zero_stage == 3 else 12
+    return per_param * num_params + world_size * (64 << 10)
+
+
+def storage_problems(run_dir: str, need_bytes: int) -> list[str]:
+    """Whether the checkpoint directory can be written and has room for one more checkpoint (the older ones are
+    pruned only after it is complete), said before any work."""
+    root = ckpt_root(run_dir)
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, f".write_test.{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"x")
+        os.remove(probe)
+    except OSError as exc:
+        return [f"the checkpoint directory {root} is not writable ({exc.strerror or exc}): fix its permissions or "
+                "point hydra.run.dir somewhere writable"]
+    free = shutil.disk_usage(root).free
+    if free < need_bytes:
+        return [f"the checkpoint directory {root} has {free / 2**30:.2f} GiB free but one checkpoint of this model "
+                f"takes about {need_bytes / 2**30:.2f} GiB: free space there, point hydra.run.dir at a larger disk, or "
+                "set trainer.save_every=0 (no checkpoints)"]
+    return []
 
 
 def resume_grad_accum(saved: dict, world_size: int, micro_batch_size: int, grad_accum_steps: int,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from dataclasses import fields
 
@@ -194,10 +195,27 @@ def export(src: str, out_dir: str, tokenizer: str | None = None, tag: str | None
         check_tokenizer(tokenizer, run_cfg)
     print(f"export_hf: checkpoint {os.path.join(root, tag)}, model config from {source}, tokenizer {tokenizer}",
           file=sys.stderr)
+    try:  # before any work: the HF config class comes from transformers
+        import transformers  # noqa: F401
+    except ImportError:
+        raise SystemExit("export_hf: needs transformers to write the HF config: pip install -e '.[hf]' "
+                         "(or pip install 'transformers>=5.0'); nothing was written") from None
     sd = consolidated_state_dict(root, tag)
     check_state_dict(sd, cfg)
-    written = save_hf_pretrained(sd, cfg, out_dir, tokenizer_path=tokenizer, max_shard_size=max_shard_size,
-                                 dtype=dtype)
+    # written next to out_dir and moved in only when complete: a failed export never leaves a half-written dir
+    out_dir = os.path.abspath(out_dir)
+    tmp = f"{out_dir}.partial-{os.getpid()}"
+    try:
+        written = save_hf_pretrained(sd, cfg, tmp, tokenizer_path=tokenizer, max_shard_size=max_shard_size,
+                                     dtype=dtype)
+        os.makedirs(out_dir, exist_ok=True)
+        for f in os.listdir(out_dir):  # stale shards of an earlier export would shadow the new index
+            if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".safetensors.index.json")):
+                os.remove(os.path.join(out_dir, f))
+        for f in os.listdir(tmp):
+            os.replace(os.path.join(tmp, f), os.path.join(out_dir, f))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"export_hf: wrote {', '.join(written)} to {out_dir}", file=sys.stderr)
     return written
 

@@ -107,6 +107,14 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
     if errors:
         raise SystemExit("jambatrain: invalid configuration:\n  - " + "\n  - ".join(errors))
     tr = cfg.trainer
+    if tr.save_every:  # every rank looks (a node may see another disk); all stop if one cannot write
+        with torch.device("meta"):
+            n = JambaLM(cfg.model).num_params()
+        storage = checkpoint.storage_problems(run_dir, checkpoint.checkpoint_bytes(n, cfg.parallel.zero_stage,
+                                                                                   dist.world_size))
+        if any_rank(bool(storage)):
+            raise SystemExit("jambatrain: cannot checkpoint:\n  - " + "\n  - ".join(
+                storage or ["another rank cannot write the checkpoint directory (see its message)"]))
     tag = checkpoint.latest_tag(run_dir, report=dist.is_main)
     if tag is None and checkpoint.has_checkpoints(run_dir):
         raise SystemExit(f"jambatrain: {checkpoint.ckpt_root(run_dir)} holds checkpoint directories but none is "

@@ -147,7 +147,8 @@ def run_steps(engine, first: int, steps: int) -> list[float]:
             ids, labels = batch(rank * gas + m, s)
             engine.backward(engine(input_ids=ids, labels=labels).loss)
             engine.step()
-        norms.append(float(engine.get_global_grad_norm()))
+        g = engine.get_global_grad_norm()  # None under ZeRO-0 in fp32 (no norm is taken without clipping code)
+        norms.append(None if g is None else float(g))
     return norms
 
 
@@ -250,6 +251,33 @@ def guard_case(stage: int, ep: int, dist_info) -> dict:
     return {"ranks": gathered}
 
 
+def savefail_case(stage: int, ep: int, dist_info, run_dir: str) -> dict:
+    """A checkpoint whose write fails on rank 1 (a full disk, as torch.save reports it) is not published: both ranks
+    stop with the path and the reason, the partial tag is gone, the previous checkpoint stays the newest."""
+    engine, model, info, cfg = build(stage, ep, 0, dist_info)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    par = {"world_size": world, "zero_stage": stage, "expert_parallel_size": ep, "global_batch": NS}
+    run_steps(engine, 0, 1)
+    checkpoint.save(engine, model, run_dir, checkpoint.TrainState(step=1, parallel=par), rank, keep=3, ep=info)
+    run_steps(engine, 1, 1)
+    real = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if rank == 1 and "params_r" in getattr(f, "name", ""):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+        return real(obj, f, *args, **kwargs)
+
+    torch.save = full_disk
+    try:
+        checkpoint.save(engine, model, run_dir, checkpoint.TrainState(step=2, parallel=par), rank, keep=3, ep=info)
+        message = None
+    except SystemExit as exc:
+        message = str(exc)
+    torch.save = real
+    return {"message": message, "tags": sorted(os.listdir(os.path.join(run_dir, "checkpoints"))),
+            "latest": checkpoint.latest_tag(run_dir)}
+
+
 def main() -> None:
     dist_info = init_distributed(ParallelConfig(device="cpu"))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -260,6 +288,8 @@ def main() -> None:
         stage, ep = int(sys.argv[2]), int(sys.argv[3])
         if mode == "guard":
             result = guard_case(stage, ep, dist_info)
+        elif mode == "savefail":
+            result = savefail_case(stage, ep, dist_info, sys.argv[4])
         elif mode == "step":
             engine, model, _, cfg = build(stage, ep, 0, dist_info)
             norms = run_steps(engine, 0, 2)

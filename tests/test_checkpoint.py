@@ -101,3 +101,36 @@ def test_prune_keeps_the_newest_complete_tags_and_never_newer_or_incomplete_ones
     checkpoint._prune(os.path.join(run, "checkpoints"), keep=2, current="step_00000030")
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step_00000020", "step_00000025",
                                                                      "step_00000030", "step_00000040"]
+
+
+def test_export_without_transformers_says_how_to_get_it_and_writes_nothing(tmp_path, monkeypatch):
+    import sys
+
+    import pytest
+
+    from jambatrain.export_hf import export
+
+    run = str(tmp_path / "run")
+    tag = _write(run, asdict(ModelConfig(name="t", num_hidden_layers=2)), files={})
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as in the quickstart's environment
+    out = tmp_path / "exported"
+    with pytest.raises(SystemExit, match=r"pip install -e '\.\[hf\]'.*nothing was written"):
+        export(os.path.join(run, "checkpoints", tag), str(out), find_tok=False)
+    assert not out.exists() and not list(tmp_path.glob("exported*"))
+
+
+def test_storage_problems_are_said_before_any_work(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("a file where the checkpoint dir should be")
+    (problem,) = checkpoint.storage_problems(str(run), 1000)
+    assert "not writable" in problem and "hydra.run.dir" in problem
+    ok = tmp_path / "ok"
+    assert checkpoint.storage_problems(str(ok), 1000) == []
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 9 << 30, 1 << 30))
+    (problem,) = checkpoint.storage_problems(str(ok), checkpoint.checkpoint_bytes(200_000_000, 2, 8))
+    assert "1.00 GiB free" in problem and "2.24 GiB" in problem and "trainer.save_every=0" in problem

@@ -63,7 +63,7 @@ def saved_at_4_2(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("world,ep,stage", [(4, 4, 2), (4, 1, 2), (2, 2, 2), (2, 1, 1), (1, 1, 2)])
+@pytest.mark.parametrize("world,ep,stage", [(4, 4, 2), (4, 1, 2), (2, 2, 2), (2, 1, 1), (2, 1, 0), (1, 1, 2)])
 def test_checkpoint_saved_at_world4_ep2_resumes_on_other_topologies(saved_at_4_2, world, ep, stage):
     """Weights after resuming on another (world, ep, ZeRO stage) and training one more step equal one process that
     trained all three steps: the fp32 masters and both Adam moments came back for every expert."""
@@ -108,3 +108,12 @@ def test_bad_steps_are_skipped_on_every_rank_and_a_streak_stops_the_run(stage, e
         assert (out["nan"]["skipped"], out["spike"]["skipped"]) == (1, 2)
         assert out["clean"]["reason"] is None and out["clean"]["changed"]
         assert "3 optimizer steps in a row were skipped" in out["stopped"]
+
+
+def test_a_checkpoint_that_fails_to_write_is_not_published(tmp_path):
+    """Rank 1's write fails as a full disk makes torch.save fail: both ranks stop with the file and the reason, the
+    partial tag is removed, and the previous checkpoint stays the one a resume takes."""
+    out = worker(2, "savefail", 2, 2, str(tmp_path / "run"))
+    assert out["tags"] == ["latest", "step_00000001"] and out["latest"] == "step_00000001"
+    assert "step_00000002 could not be written" in out["message"] and "step_00000001, is kept" in out["message"]
+    assert "params_r00001_000.pt: RuntimeError" in out["message"]
