@@ -51,6 +51,7 @@ class TrainState:
     # the layout of the run that wrote it: world_size, zero_stage, expert_parallel_size, global_batch
     parallel: dict = field(default_factory=dict)
     skipped_steps: int = 0  # optimizer steps skipped as bad (step_guard.py), whole run
+    decay_steps: int | None = None  # the LR schedule's horizon (optim.decay_steps, else trainer.max_steps)
     guard: dict = field(default_factory=dict)  # the step guard's running loss mean
 
 

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as tdist
 
 from .config import TrainConfig
+from .data.sources import doc_starts
 
 
 # ------------------------------------------------------------------------------------------------ the metrics
@@ -56,14 +57,6 @@ def _scored_logits(model, input_ids: torch.Tensor, labels: torch.Tensor, doc_sta
     return model.lm_head(h[keep]).float(), labels[keep]
 
 
-def _doc_starts(ids: torch.Tensor, cfg: TrainConfig):
-    if not cfg.data.doc_mask or cfg.data.kind != "shards":
-        return None
-    starts = torch.zeros_like(ids, dtype=torch.bool)
-    starts[:, 1:] = ids[:, :-1] == cfg.data.eos_id
-    return starts
-
-
 @torch.no_grad()
 def val_metrics(model, cfg: TrainConfig, loader, device: torch.device, max_batches: int = 0, bar=None) -> dict:
     """Token-weighted mean cross-entropy over every rank's batches (the sums and counts are all-reduced)."""
@@ -72,7 +65,7 @@ def val_metrics(model, cfg: TrainConfig, loader, device: torch.device, max_batch
         if max_batches and i >= max_batches:
             break
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        logits, target = _scored_logits(model, ids, labels, _doc_starts(ids, cfg))
+        logits, target = _scored_logits(model, ids, labels, doc_starts({"input_ids": ids}, cfg.data, ids.device))
         total[0] += torch.nn.functional.cross_entropy(logits, target, reduction="sum").double()
         total[1] += target.numel()
         if bar is not None:

@@ -151,3 +151,50 @@ def _stable_run_id(run_dir: str) -> str:
     import hashlib
 
     return hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:16]
+
+
+def grad_norm(engine) -> float | None:
+    """The last step's global gradient norm (None where DeepSpeed takes none)."""
+    g = engine.get_global_grad_norm()
+    if g is None:
+        return None
+    return float(g.item() if isinstance(g, torch.Tensor) else g)
+
+
+def memory_stats(dist) -> dict:
+    if dist.device.type != "cuda":
+        return {}
+    return {"max_memory_allocated_gb": torch.cuda.max_memory_allocated(dist.device) / 2**30}
+
+
+def train_flops_per_token(cfg: TrainConfig) -> float:
+    from .flops import flops_per_token
+
+    return flops_per_token(cfg.model, cfg.data.seq_len)["training"]
+
+
+def peak_flops(cfg: TrainConfig, dist) -> float | None:
+    """trainer.peak_flops if set, else the GPU's dense bf16 peak by name; None on CPU (MFU then is null)."""
+    from .flops import peak_flops_for_device
+
+    name = torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu"
+    return peak_flops_for_device(name, override=cfg.trainer.peak_flops)
+
+
+def runtime_info(dist, paths) -> dict:
+    """The facts of this (re)start that the config does not fix: devices, library versions, kernel paths (written
+    to RUN_DIR/run_info.json and the W&B config)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def _version(pkg: str) -> str | None:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+
+    return {"world_size": dist.world_size, "device": dist.device.type,
+            "device_name": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else None,
+            "fast_paths": paths.paths, "fast_path_warnings": paths.warnings,
+            "versions": {p: _version(p) for p in ("torch", "deepspeed", "mamba-ssm", "causal-conv1d", "megablocks",
+                                                  "transformers")},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

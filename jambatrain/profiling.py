@@ -7,6 +7,7 @@ on CPU it is the ops' self CPU time.
 from __future__ import annotations
 
 import os
+import time
 
 CLASSES = [  # first match wins; matched against the lower-cased kernel / op name
     # expert parallelism's token exchange (NCCL runs all-to-all as grouped send/recv kernels)
@@ -94,3 +95,40 @@ def stop(prof, cuda: bool, steps: int, wall_us: float, trace_path: str | None, l
     if not print_table:
         return None
     return summarize(op_times(prof, cuda), steps, wall_us, label)
+
+
+class StepProfiler:
+    """torch.profiler over ``steps`` training steps from ``first``: a Chrome trace per rank in RUN/profile/ and the
+    time-by-op-class table on rank 0 (``summarize`` below)."""
+
+    def __init__(self, dist, run_dir: str, first: int, steps: int):
+        self.dist, self.first, self.steps = dist, first, steps
+        self.last_step = first + steps - 1
+        self.trace = os.path.join(run_dir, "profile", f"steps{first}-{self.last_step}_rank{dist.rank}.json")
+        self.cuda = dist.device.type == "cuda"
+        self.wall = 0.0  # seconds inside the profiled steps
+        self.prof = start(cuda=self.cuda)
+
+    def _now(self) -> float:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.dist.device)
+        return time.perf_counter()
+
+    def step_start(self) -> None:
+        self.t0 = self._now()
+
+    def step_end(self, step: int) -> float:
+        """Seconds this step took; after the last one, also stops, writes the trace and prints the table (that
+        time included)."""
+        seconds = self._now() - self.t0
+        self.wall += seconds
+        if step == self.last_step:
+            kind = "CUDA kernels" if self.cuda else "CPU ops"
+            stop(self.prof, self.cuda, self.steps, self.wall * 1e6, self.trace,
+                           f"steps {self.first}-{self.last_step}, rank 0, {kind}", self.dist.is_main)
+            if self.dist.is_main:
+                print(f"jambatrain: profiler traces in {os.path.dirname(self.trace)}", flush=True)
+            seconds = self._now() - self.t0
+        return seconds

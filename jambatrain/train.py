@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import hydra
 import torch
@@ -20,14 +20,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint, profiling
 from .config import TrainConfig, problems, register_schema, to_train_config
-from .metrics import MetricsLogger, Throughput, moe_load_stats
+from .data.sources import doc_starts
+from .metrics import (MetricsLogger, Throughput, grad_norm, memory_stats, moe_load_stats, peak_flops, runtime_info,
+                      train_flops_per_token)
 from .models import JambaLM, ModelConfig
 from .models.fast_paths import describe as describe_fast_paths
 from .parallel import barrier, build_deepspeed_config, build_engine, expert_parallel, init_distributed, reduce_mean
 from .parallel.deepspeed_setup import resolve_precision
+from .parallel.distributed import DistInfo, any_rank, export_submitit_env
 from .parallel.expert_parallel import ExpertParallel
 from .step_guard import StepGuard
-from .parallel.distributed import DistInfo, any_rank, export_submitit_env
 
 register_schema()
 # the repo's conf/ next to the package (an editable install or a checkout); JAMBATRAIN_CONF_DIR points elsewhere
@@ -132,6 +134,13 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
     errors += [problem] if problem else []
     if errors:
         raise SystemExit("jambatrain: cannot resume:\n  - " + "\n  - ".join(errors))
+    horizon = checkpoint.read_state(run_dir, tag).decay_steps
+    if cfg.optim.decay_steps is None and horizon and horizon != tr.max_steps:
+        if dist.is_main:
+            print(f"jambatrain: keeping the checkpoint's LR schedule (cosine decay over {horizon} steps, then the floor) "
+                  f"although trainer.max_steps is now {tr.max_steps}; set optim.decay_steps to decay over another "
+                  "horizon", flush=True)
+        cfg.optim.decay_steps = horizon
     if gas != cfg.parallel.grad_accum_steps:
         if dist.is_main:
             print(f"jambatrain: the checkpoint was written by {saved.get('world_size')} ranks; keeping its global batch "
@@ -141,7 +150,74 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
     return paths, tag
 
 
+@dataclass
+class Run:
+    """Everything a training run holds between steps (built by ``setup``)."""
+    cfg: TrainConfig
+    run_dir: str
+    dist: DistInfo
+    data_dir: str
+    loader: object
+    model: JambaLM
+    engine: object
+    ep: ExpertParallel | None
+    state: checkpoint.TrainState
+    guard: StepGuard
+    logger: MetricsLogger
+    meter: Throughput
+    stop: "_StopFlag"
+    tokens_per_step: int
+    # losses since the last log step stay on the device: no host sync per micro step, so the CPU queues ahead
+    window: torch.Tensor = None
+    window_steps: int = 0
+    last: dict = field(default_factory=dict)  # the last logged metrics
+    save_due: bool = False
+
+
 def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
+    """The loop: one optimizer step, then logging, evaluation and checkpointing as they fall due."""
+    run = setup(cfg, run_dir, config_dict)
+    tr, state = cfg.trainer, run.state
+    pbar, prof, batches = _progress(cfg, run.dist, state.step), None, iter(run.loader)
+    while state.step < tr.max_steps:
+        if tr.profile_at and state.step + 1 == tr.profile_at:
+            prof = profiling.StepProfiler(run.dist, run_dir, state.step + 1, tr.profile_steps)
+        if prof is not None:
+            prof.step_start()
+        step_lr = run.engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
+        losses, skipped = train_step(run.engine, batches, run.guard, cfg, run.dist)
+        account(run, losses, skipped)
+        if prof is not None:  # each profiled step leaves tokens/s as it ends, whichever log window it falls in
+            run.meter.exclude(prof.step_end(state.step), run.tokens_per_step)
+            prof = None if state.step == prof.last_step else prof
+        if (state.step % tr.log_every == 0 or state.step == tr.max_steps) and run.window_steps:
+            log_step(run, step_lr, pbar)
+        if pbar is not None:
+            pbar.update(1)
+        t_aside = time.perf_counter()
+        if tr.eval_every and state.step % tr.eval_every == 0:
+            from .eval import evaluate_in_training  # val loss/perplexity, MQAR recall, passkey (eval.tasks)
+
+            run.logger.log(state.step, evaluate_in_training(run.engine.module, cfg, run.dist, run.data_dir,
+                                                            state.step, run_dir))
+        preempted = run.stop.agreed()
+        maybe_checkpoint(run, preempted)
+        run.meter.exclude(time.perf_counter() - t_aside)
+        if preempted:
+            if run.dist.is_main:
+                saved = f"checkpointed step {state.step}" if tr.save_every and not run.guard.in_a_row else \
+                    "no checkpoint (save_every=0, or inside a streak of skipped steps)"
+                print(f"jambatrain: stop signal received, {saved}", flush=True)
+            break
+    if pbar is not None:
+        pbar.close()
+    run.logger.close()
+    barrier()
+    return {"step": state.step, **run.last}
+
+
+def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
+    """Process groups, preflight checks, data, model, engine, resume, logger: everything before the first step."""
     stop = _StopFlag()  # first: a preemption signal during start-up is a stop at the first step, not a death
     dist = init_distributed(cfg.parallel)
     paths, resume_tag = preflight(cfg, dist, run_dir)
@@ -165,116 +241,97 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
             print(f"jambatrain: resumed from {run_dir}/checkpoints/{resume_tag} at step {state.step}", flush=True)
     else:  # a fresh run: per-rank streams for anything stochastic in training; a resumed one keeps its restored RNG
         torch.manual_seed(tr.seed + 1000 * dist.rank)
+    if state.step >= tr.max_steps and dist.is_main:
+        print(f"jambatrain: {run_dir} is already at step {state.step} (trainer.max_steps={tr.max_steps}): nothing to "
+              "train; raise trainer.max_steps to continue, or use another hydra.run.dir for a new run", flush=True)
 
-    config_dict = {**config_dict, "runtime": _runtime_info(dist, paths)}  # W&B config: what actually ran
+    config_dict = {**config_dict, "runtime": runtime_info(dist, paths)}  # W&B config: what actually ran
     if dist.is_main:
         with open(os.path.join(run_dir, "run_info.json"), "w") as f:
             json.dump(config_dict["runtime"], f, indent=1)
     logger = MetricsLogger(cfg, run_dir, dist.is_main, config_dict)
     logger.resume_at(state.step)  # rows an earlier attempt logged past the checkpoint move aside: one row per step
-    meter = Throughput(_train_flops_per_token(cfg), _peak_flops(cfg, dist), dist.world_size)
+    meter = Throughput(train_flops_per_token(cfg), peak_flops(cfg, dist), dist.world_size)
     if dist.is_main:
         print(f"jambatrain: {cfg.model.name}: {model.num_params() / 1e6:,.1f}M parameters "
               f"({model.num_active_params() / 1e6:,.1f}M active), layers [{cfg.model.layer_pattern()}], "
               f"{meter.flops_per_token / 1e9:.3f} GFLOP/token (training); {dist.world_size} x {dist.device.type}, "
-              f"ZeRO-{par.zero_stage}, expert parallel {par.expert_parallel_size}, {ds_config['train_batch_size']} x {cfg.data.seq_len} tokens/step; "
-              f"{loader.batches_per_epoch // par.grad_accum_steps} steps/epoch from {data_dir}; run dir {run_dir}", flush=True)
+              f"ZeRO-{par.zero_stage}, expert parallel {par.expert_parallel_size}, "
+              f"{ds_config['train_batch_size']} x {cfg.data.seq_len} tokens/step; "
+              f"{loader.batches_per_epoch // par.grad_accum_steps} steps/epoch from {data_dir or 'synthetic data'}; "
+              f"run dir {run_dir}", flush=True)
         print(f"jambatrain: fast paths: {paths.summary()}", flush=True)
         for w in paths.warnings:
             print(f"jambatrain: WARNING: {w}", flush=True)
-    tokens_per_step = par.micro_batch_size * par.grad_accum_steps * cfg.data.seq_len * dist.world_size
-    pbar = _progress(cfg, dist, state.step)
-    batches = iter(loader)
-    last = {}
-    # losses stay on the device between log steps: no host sync per micro step, so the CPU can queue ahead
-    window = torch.zeros(3, dtype=torch.float32, device=dist.device)
-    window_steps = 0
-    prof = None
     guard = StepGuard(engine, tr.skip_spike_factor, tr.skip_spike_warmup, tr.max_skipped_steps)
     guard.load_state_dict(state.guard)
-    save_due = False
-    while state.step < tr.max_steps:
-        if tr.profile_at and state.step + 1 == tr.profile_at:
-            prof = _Profile(dist, run_dir, state.step + 1, tr.profile_steps)
-        if prof is not None:
-            prof.step_start()
-        engine.train()
-        step_lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
-        losses, skipped = train_step(engine, batches, guard, cfg, dist)
-        if skipped:
-            state.skipped_steps += 1
-            if dist.is_main:
-                print(f"jambatrain: step {state.step + 1} skipped ({skipped}): no update, weights, optimizer and "
-                      f"LR schedule unchanged; {state.skipped_steps} skipped so far", flush=True)
-        else:
-            window += losses
-            window_steps += par.grad_accum_steps
-        state.step += 1
-        state.tokens += tokens_per_step
-        meter.add(tokens_per_step)
-        if prof is not None:  # each profiled step leaves tokens/s as it ends, whichever log window it falls in
-            meter.exclude(prof.step_end(state.step), tokens_per_step)
-            if state.step == prof.last_step:
-                prof = None
-        if (state.step % tr.log_every == 0 or state.step == tr.max_steps) and window_steps:
-            # the ranks' skipped samples are summed in the same all-reduce as the losses
-            ce, aux, z, skips = reduce_mean(torch.cat([window / window_steps,
-                                                       loader.uncounted_skips(dist.device)]))
-            window.zero_()
-            window_steps = 0
-            skips = loader.count_skips(skips * dist.world_size)
-            if skips and dist.is_main:
-                print(f"jambatrain: step {state.step}: {loader.skipped} bad samples skipped so far, all ranks "
-                      f"(+{skips}; data.on_error=skip, the warnings name them)", flush=True)
-            last = {"loss": ce, "aux_loss": aux, "z_loss": z, "lr": step_lr,
-                    "grad_norm": _grad_norm(engine), "tokens": state.tokens, "epoch": loader.epoch,
-                    "skipped_samples": loader.skipped, "skipped_steps": state.skipped_steps,
-                    **meter.report(), **moe_load_stats(model.expert_counts(), model.expert_received()),
-                    **_memory(dist)}
-            if not math.isfinite(ce):
-                raise SystemExit(f"jambatrain: loss became {ce} at step {state.step}; the last checkpoint is "
-                                 "untouched. Lower optim.lr or check the data.")
-            logger.log(state.step, last)
-            if pbar is not None:
-                pbar.set_postfix(loss=f"{ce:.3f}", lr=f"{last['lr']:.2e}")
-        if pbar is not None:
-            pbar.update(1)
-        t_aside = time.perf_counter()
-        if tr.eval_every and state.step % tr.eval_every == 0:
-            from .eval import evaluate_in_training  # val loss/perplexity, MQAR recall, passkey (eval.tasks)
+    engine.train()
+    return Run(cfg, run_dir, dist, data_dir, loader, model, engine, ep, state, guard, logger, meter, stop,
+               tokens_per_step=par.micro_batch_size * par.grad_accum_steps * cfg.data.seq_len * dist.world_size,
+               window=torch.zeros(3, dtype=torch.float32, device=dist.device))
 
-            logger.log(state.step, evaluate_in_training(engine.module, cfg, dist, data_dir, state.step, run_dir))
-        preempted = stop.agreed()
-        save_due = save_due or bool(tr.save_every and (state.step % tr.save_every == 0 or state.step == tr.max_steps
-                                                        or preempted))
-        if save_due and guard.in_a_row:  # never checkpoint inside a streak of skipped steps: the weights may be
-            save_due = not preempted  # what made them spike; a preempted run resumes from the last good one
-        elif save_due:
-            save_due = False
-            if any_rank(_diverged(window, engine)):  # never let a checkpoint of NaN weights prune good ones
-                raise SystemExit(f"jambatrain: a non-finite loss or gradient norm before step {state.step}'s "
-                                 "checkpoint; not saving it, the last checkpoint is untouched. Lower optim.lr or "
-                                 "check the data and model.init_from.")
-            if not loader.skips_counted:  # a save between log steps: every rank takes this branch alike
-                loader.count_skips(reduce_mean(loader.uncounted_skips(dist.device))[0] * dist.world_size)
-            state.loader = loader.state_dict()
-            state.guard = guard.state_dict()
-            state.parallel = {"world_size": dist.world_size, "zero_stage": par.zero_stage,
-                              "expert_parallel_size": par.expert_parallel_size,
-                              "global_batch": par.micro_batch_size * par.grad_accum_steps * dist.world_size}
-            checkpoint.save(engine, model, run_dir, state, dist.rank, tr.keep_checkpoints, ep)
-        meter.exclude(time.perf_counter() - t_aside)
-        if preempted:
-            if dist.is_main:
-                saved = f"checkpointed step {state.step}" if tr.save_every and not guard.in_a_row else \
-                    "no checkpoint (save_every=0, or inside a streak of skipped steps)"
-                print(f"jambatrain: stop signal received, {saved}", flush=True)
-            break
+
+def account(run: Run, losses: torch.Tensor, skipped: str | None) -> None:
+    """After a step: the step and token counters, the loss window (applied steps only), the skip count."""
+    run.state.step += 1
+    run.state.tokens += run.tokens_per_step
+    run.meter.add(run.tokens_per_step)
+    if skipped:
+        run.state.skipped_steps += 1
+        if run.dist.is_main:
+            print(f"jambatrain: step {run.state.step} skipped ({skipped}): no update, weights, optimizer and LR "
+                  f"schedule unchanged; {run.state.skipped_steps} skipped so far", flush=True)
+    else:
+        run.window += losses
+        run.window_steps += run.cfg.parallel.grad_accum_steps
+
+
+def log_step(run: Run, step_lr: float, pbar) -> None:
+    """Reduce the window's losses over the ranks (with the bad-sample counts in the same all-reduce) and log."""
+    state, loader, dist = run.state, run.loader, run.dist
+    ce, aux, z, skips = reduce_mean(torch.cat([run.window / run.window_steps, loader.uncounted_skips(dist.device)]))
+    run.window.zero_()
+    run.window_steps = 0
+    skips = loader.count_skips(skips * dist.world_size)
+    if skips and dist.is_main:
+        print(f"jambatrain: step {state.step}: {loader.skipped} bad samples skipped so far, all ranks "
+              f"(+{skips}; data.on_error=skip, the warnings name them)", flush=True)
+    run.last = {"loss": ce, "aux_loss": aux, "z_loss": z, "lr": step_lr, "grad_norm": grad_norm(run.engine),
+                "tokens": state.tokens, "epoch": loader.epoch, "skipped_samples": loader.skipped,
+                "skipped_steps": state.skipped_steps, **run.meter.report(),
+                **moe_load_stats(run.model.expert_counts(), run.model.expert_received()), **memory_stats(dist)}
+    if not math.isfinite(ce):
+        raise SystemExit(f"jambatrain: loss became {ce} at step {state.step}; the last checkpoint is "
+                         "untouched. Lower optim.lr or check the data.")
+    run.logger.log(state.step, run.last)
     if pbar is not None:
-        pbar.close()
-    logger.close()
-    barrier()
-    return {"step": state.step, **last}
+        pbar.set_postfix(loss=f"{ce:.3f}", lr=f"{step_lr:.2e}")
+
+
+def maybe_checkpoint(run: Run, preempted: bool) -> None:
+    """Checkpoint when one is due (``save_every``, the last step, a stop signal), never inside a streak of skipped
+    steps (the weights may be what made them spike) nor with a non-finite loss or gradient norm since the last log
+    step: a preempted run then resumes from the last good checkpoint."""
+    tr, state, par, dist, loader = run.cfg.trainer, run.state, run.cfg.parallel, run.dist, run.loader
+    run.save_due = run.save_due or bool(tr.save_every and (state.step % tr.save_every == 0
+                                                           or state.step == tr.max_steps or preempted))
+    if not run.save_due or run.guard.in_a_row:
+        run.save_due = run.save_due and not preempted
+        return
+    run.save_due = False
+    if any_rank(_diverged(run.window, run.engine)):  # never let a checkpoint of NaN weights prune good ones
+        raise SystemExit(f"jambatrain: a non-finite loss or gradient norm before step {state.step}'s checkpoint; "
+                         "not saving it, the last checkpoint is untouched. Lower optim.lr or check the data and "
+                         "model.init_from.")
+    if not loader.skips_counted:  # a save between log steps: every rank takes this branch alike
+        loader.count_skips(reduce_mean(loader.uncounted_skips(dist.device))[0] * dist.world_size)
+    state.loader = loader.state_dict()
+    state.guard = run.guard.state_dict()
+    state.decay_steps = run.cfg.optim.decay_steps or tr.max_steps
+    state.parallel = {"world_size": dist.world_size, "zero_stage": par.zero_stage,
+                      "expert_parallel_size": par.expert_parallel_size,
+                      "global_batch": par.micro_batch_size * par.grad_accum_steps * dist.world_size}
+    checkpoint.save(run.engine, run.model, run.run_dir, state, dist.rank, tr.keep_checkpoints, run.ep)
 
 
 def train_step(engine, batches, guard: StepGuard, cfg: TrainConfig, dist: DistInfo) -> tuple[torch.Tensor, str | None]:
@@ -290,7 +347,7 @@ def train_step(engine, batches, guard: StepGuard, cfg: TrainConfig, dist: DistIn
         batch = next(batches)
         out = engine(input_ids=batch["input_ids"].to(dist.device, non_blocking=True),
                      labels=batch["labels"].to(dist.device, non_blocking=True),
-                     doc_starts=_doc_starts(batch, cfg, dist), return_logits=False)
+                     doc_starts=doc_starts(batch, cfg.data, dist.device), return_logits=False)
         engine.backward(out.loss)
         losses += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach(),
                                out.z_loss.detach()]).float()
@@ -303,101 +360,11 @@ def train_step(engine, batches, guard: StepGuard, cfg: TrainConfig, dist: DistIn
     return losses[1:], reason if skipped else None
 
 
-def _doc_starts(batch: dict, cfg: TrainConfig, dist: DistInfo):
-    """True at the token after each EOS: packed documents start there (data.doc_mask)."""
-    if not cfg.data.doc_mask:
-        return None
-    ids = batch["input_ids"]
-    starts = torch.zeros_like(ids, dtype=torch.bool)
-    starts[:, 1:] = ids[:, :-1] == cfg.data.eos_id
-    return starts.to(dist.device, non_blocking=True)
-
-
-def _runtime_info(dist: DistInfo, paths) -> dict:
-    """The facts of this (re)start that the config does not fix: devices, library versions, kernel paths."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def _version(pkg: str) -> str | None:
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return None
-
-    return {"world_size": dist.world_size, "device": dist.device.type,
-            "device_name": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else None,
-            "fast_paths": paths.paths, "fast_path_warnings": paths.warnings,
-            "versions": {p: _version(p) for p in ("torch", "deepspeed", "mamba-ssm", "causal-conv1d", "megablocks",
-                                                  "transformers")},
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-class _Profile:
-    """torch.profiler over ``steps`` training steps from ``first``: a Chrome trace per rank in RUN/profile/ and the
-    time-by-op-class table on rank 0 (jambatrain/profiling.py)."""
-
-    def __init__(self, dist: DistInfo, run_dir: str, first: int, steps: int):
-        self.dist, self.first, self.steps = dist, first, steps
-        self.last_step = first + steps - 1
-        self.trace = os.path.join(run_dir, "profile", f"steps{first}-{self.last_step}_rank{dist.rank}.json")
-        self.cuda = dist.device.type == "cuda"
-        self.wall = 0.0  # seconds inside the profiled steps
-        self.prof = profiling.start(cuda=self.cuda)
-
-    def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize(self.dist.device)
-        return time.perf_counter()
-
-    def step_start(self) -> None:
-        self.t0 = self._now()
-
-    def step_end(self, step: int) -> float:
-        """Seconds this step took; after the last one, also stops, writes the trace and prints the table (that
-        time included)."""
-        seconds = self._now() - self.t0
-        self.wall += seconds
-        if step == self.last_step:
-            kind = "CUDA kernels" if self.cuda else "CPU ops"
-            profiling.stop(self.prof, self.cuda, self.steps, self.wall * 1e6, self.trace,
-                           f"steps {self.first}-{self.last_step}, rank 0, {kind}", self.dist.is_main)
-            if self.dist.is_main:
-                print(f"jambatrain: profiler traces in {os.path.dirname(self.trace)}", flush=True)
-            seconds = self._now() - self.t0
-        return seconds
-
-
 def _diverged(window: torch.Tensor, engine) -> bool:
     """Whether a loss since the last log step (still in ``window``) or the last gradient norm is NaN/inf: the
     weights may be poisoned. One host sync, paid only at checkpoint steps."""
-    g = _grad_norm(engine)
+    g = grad_norm(engine)
     return not bool(torch.isfinite(window).all()) or (g is not None and not math.isfinite(g))
-
-
-def _grad_norm(engine) -> float | None:
-    g = engine.get_global_grad_norm()
-    if g is None:
-        return None
-    return float(g.item() if isinstance(g, torch.Tensor) else g)
-
-
-def _memory(dist: DistInfo) -> dict:
-    if dist.device.type != "cuda":
-        return {}
-    return {"max_memory_allocated_gb": torch.cuda.max_memory_allocated(dist.device) / 2**30}
-
-
-def _train_flops_per_token(cfg: TrainConfig) -> float:
-    from .flops import flops_per_token
-
-    return flops_per_token(cfg.model, cfg.data.seq_len)["training"]
-
-
-def _peak_flops(cfg: TrainConfig, dist: DistInfo) -> float | None:
-    """trainer.peak_flops if set, else the GPU's dense bf16 peak by name; None on CPU (MFU then is null)."""
-    from .flops import peak_flops_for_device
-
-    name = torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu"
-    return peak_flops_for_device(name, override=cfg.trainer.peak_flops)
 
 
 def _progress(cfg: TrainConfig, dist: DistInfo, start: int):

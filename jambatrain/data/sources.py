@@ -19,3 +19,16 @@ def make_loader(cfg, split: str, dp_rank: int, dp_size: int, data_dir: str, pin_
                                 seed=cfg.trainer.seed, shuffle=data.shuffle, vocab_size=cfg.model.vocab_size,
                                 on_error=data.on_error, pin_memory=pin_memory)
     return make_val_loader(data_dir, mbs, dp_rank, dp_size, vocab_size=cfg.model.vocab_size)
+
+
+def doc_starts(batch: dict, data, device):
+    """True at the token after each EOS, where packed documents start (``data.doc_mask`` on packed shards; None
+    otherwise: synthetic sequences hold no documents)."""
+    if not data.doc_mask or data.kind != "shards":
+        return None
+    import torch
+
+    ids = batch["input_ids"]
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, :-1] == data.eos_id
+    return starts.to(device, non_blocking=True)
