@@ -74,7 +74,7 @@ def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     from .config import register_schema, to_train_config
-    from .train import CONF_DIR, require_configs
+    from .paths import CONF_DIR, require_configs
 
     require_configs()
     register_schema()

@@ -27,11 +27,9 @@ from .parallel import barrier, build_deepspeed_config, build_engine, expert_para
 from .parallel.deepspeed_setup import resolve_precision
 from .parallel.expert_parallel import ExpertParallel
 from .parallel.distributed import DistInfo, any_rank, export_submitit_env
+from .paths import CONF_DIR, require_configs
 
 register_schema()
-# the repo's conf/ next to the package (an editable install or a checkout); JAMBATRAIN_CONF_DIR points elsewhere
-CONF_DIR = os.environ.get("JAMBATRAIN_CONF_DIR") or os.path.normpath(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf"))
 
 
 def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
@@ -413,15 +411,6 @@ def main(raw: DictConfig) -> float | None:
         print(f"jambatrain: step {result['step']} loss {result['loss']:.4f}; metrics, checkpoints and W&B run in "
               f"{run_dir}", flush=True)
     return result.get("loss")  # the value a Hydra sweeper optimises
-
-
-def require_configs() -> None:
-    """Say where the Hydra configs were looked for when they are missing, instead of Hydra's bare "primary config
-    directory not found"."""
-    if not os.path.isfile(os.path.join(CONF_DIR, "train.yaml")):
-        raise SystemExit(f"jambatrain: no Hydra configs at {CONF_DIR} (it needs conf/train.yaml and its groups): "
-                         "install from a checkout with `pip install -e .`, or set JAMBATRAIN_CONF_DIR to the "
-                         "checkout's conf/ directory")
 
 
 def cli() -> None:
