@@ -4,7 +4,7 @@ Config: ``ModelConfig`` fields are named after ``JambaConfig``'s, so the mapping
   * ``mamba_dt_rank``: 0 here means "auto" (= ceil(hidden/16)); HF stores the resolved int.
   * ``use_rope``: HF Jamba has no positional embedding, so a RoPE model cannot be exported.
   * jambatrain-only fields (name, router_z_loss_coef, rope_theta, *_impl, activation_checkpointing, loss_chunk_tokens,
-    init_from) have no HF counterpart; ``from_hf_config`` takes them from ``ModelConfig`` defaults or
+    the kernel switches, init_from) have no HF counterpart; ``from_hf_config`` takes them from ``ModelConfig`` defaults or
     keyword overrides.
   * the load-balancing loss: jambatrain's aux loss is Megatron's (1.0 at uniform routing), HF's
     ``load_balancing_loss_func`` is ``num_experts_per_tok`` times larger; ``router_aux_loss_coef`` is

@@ -49,6 +49,10 @@ class ModelConfig:
     loss_chunk_tokens: int = 0
     # CUDA only: torch.compile the SwiGLU product and the fp32 cross-entropy (models/fused_ops.py)
     compile_elementwise: bool = True
+    # CUDA only, A/B switches of bench/throughput.py (True is the fast path): mamba-ssm's fused Triton RMSNorm; the
+    # Mamba kernels in the (d, batch*seq) layout (models/mamba.py) instead of the generic forward
+    fused_rms_norm: bool = True
+    mamba_kernel_layout: bool = True
     init_from: str | None = None  # HF Jamba directory to initialise weights from
 
     @property
