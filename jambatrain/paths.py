@@ -16,3 +16,8 @@ def require_configs() -> None:
         raise SystemExit(f"jambatrain: no Hydra configs at {CONF_DIR} (it needs conf/train.yaml and its groups): "
                          "install from a checkout with `pip install -e .`, or set JAMBATRAIN_CONF_DIR to the "
                          "checkout's conf/ directory")
+
+
+def cache_root() -> str:
+    """Where the embedded default corpus is built: $JAMBATRAIN_CACHE, else ~/.cache/jambatrain (expanded)."""
+    return os.path.expanduser(os.environ.get("JAMBATRAIN_CACHE") or "~/.cache/jambatrain")

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint, profiling
-from .config import TrainConfig, problems, register_schema, to_train_config
+from .config import TrainConfig, data_problems, problems, register_schema, to_train_config
 from .metrics import MetricsLogger, Throughput, moe_load_stats
 from .models import JambaLM, ModelConfig
 from .models.fast_paths import describe as describe_fast_paths
@@ -35,7 +35,8 @@ register_schema()
 def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
     """Build the embedded corpus on first use (local rank 0 of every node, so nodes without a shared cache get
     their own copy; a file lock serialises builders on a shared one; the other ranks wait), then check the
-    shards against the model before any model is built."""
+    shards against the config before any model is built: data.seq_len / vocab_size / eos_id left unset are taken
+    from the manifest, and every disagreement is reported at once."""
     from .data import read_manifest
 
     data_dir = os.path.expanduser(cfg.data.dir)
@@ -46,15 +47,9 @@ def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
             prepare_default_corpus(data_dir, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len)
         barrier()
     manifest = read_manifest(data_dir, check_files=cfg.data.on_error == "raise")  # skip: the loader warns per shard
-    if manifest["seq_len"] != cfg.data.seq_len:
-        raise SystemExit(f"data.seq_len={cfg.data.seq_len} but the shards in {data_dir} hold sequences of "
-                         f"{manifest['seq_len']} tokens: set data.seq_len={manifest['seq_len']} or rewrite the shards")
-    if manifest["vocab_size"] > cfg.model.vocab_size:
-        raise SystemExit(f"the tokenizer of {data_dir} has {manifest['vocab_size']} tokens but model.vocab_size="
-                         f"{cfg.model.vocab_size}: raise model.vocab_size or retokenize with a smaller vocabulary")
-    if cfg.data.doc_mask and manifest.get("eos_id") != cfg.data.eos_id:
-        raise SystemExit(f"data.eos_id={cfg.data.eos_id} but the shards in {data_dir} end documents with token "
-                         f"{manifest.get('eos_id')}: set data.eos_id={manifest.get('eos_id')}")
+    errors = data_problems(cfg, manifest, data_dir)
+    if errors:
+        raise SystemExit("jambatrain: the data does not fit the config:\n  - " + "\n  - ".join(errors))
     return data_dir
 
 

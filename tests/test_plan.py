@@ -70,3 +70,14 @@ def test_plan_does_not_import_the_trainer():
     code = "import sys, jambatrain.plan as p; p._compose(['experiment=tiny_cpu']); print('jambatrain.train' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_seq_len_left_to_the_manifest_is_read_from_it(tmp_path):
+    """data=shards leaves data.seq_len to the shards' manifest; the plan reads it there, or says to set it."""
+    import json
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"seq_len": 1024}))
+    args = ["--gpus", "2", "experiment=tiny_cpu", "data=shards", f"data.dir={tmp_path}", "parallel.micro_batch_size=2"]
+    assert plan.main(args)["tokens_per_step"] == 2 * 2 * 1024
+    with pytest.raises(SystemExit, match="data.seq_len=N"):
+        plan.main(["--gpus", "2", "data=shards", f"data.dir={tmp_path}/none"])
