@@ -112,11 +112,14 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+# ${jambatrain_cache:} in conf/data/stdlib_py.yaml: the cache root the data.dir check uses, also when a saved run
+# config is resolved later (export_hf)
+OmegaConf.register_new_resolver("jambatrain_cache", cache_root, replace=True)
+
+
 def register_schema() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    # ${jambatrain_cache:} in conf/data/stdlib_py.yaml: the same cache root the data.dir check uses
-    OmegaConf.register_new_resolver("jambatrain_cache", cache_root, replace=True)
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:

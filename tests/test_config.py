@@ -242,3 +242,17 @@ def test_choices_are_enums_checked_once():
     assert cfg.data.on_error == "skip" and f"{cfg.model.moe_impl}" == "native"
     with pytest.raises(ValueError, match="model.moe_impl='fast': choose auto, native, grouped, megablocks"):
         ModelConfig(moe_impl="fast")
+
+
+def test_a_saved_run_config_resolves_the_cache_dir_in_export(tmp_path):
+    """export_hf reads the run's unresolved .hydra/config.yaml: ${jambatrain_cache:} resolves there too (the tokenizer
+    is found through data.dir)."""
+    import subprocess
+    import sys
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text("data:\n  dir: ${jambatrain_cache:}/stdlib_py_v4096_s256\n")
+    code = f"from jambatrain.export_hf import load_run_config; print(load_run_config({str(saved)!r})['data']['dir'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "JAMBATRAIN_CACHE": str(tmp_path / "c")}).stdout
+    assert out.strip() == str(tmp_path / "c" / "stdlib_py_v4096_s256")
