@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .models.config import Choice, ModelConfig, coerce_choices
+from .models.config import ModelConfig, choice, coerce_choices
 from .paths import cache_root
 
-Prepare = Choice("Prepare", {v: v for v in ("none", "stdlib")}, module=__name__)
-OnError = Choice("OnError", {v: v for v in ("raise", "skip")}, module=__name__)
-Precision = Choice("Precision", {v: v for v in ("auto", "bf16", "fp32")}, module=__name__)
-Backend = Choice("Backend", {v: v for v in ("auto", "nccl", "gloo")}, module=__name__)
-Device = Choice("Device", {v: v for v in ("auto", "cpu", "cuda")}, module=__name__)
-WandbMode = Choice("WandbMode", {v: v for v in ("offline", "online", "disabled")}, module=__name__)
+Prepare = choice("Prepare", "none", "stdlib", module=__name__)
+OnError = choice("OnError", "raise", "skip", module=__name__)
+Precision = choice("Precision", "auto", "bf16", "fp32", module=__name__)
+Backend = choice("Backend", "auto", "nccl", "gloo", module=__name__)
+Device = choice("Device", "auto", "cpu", "cuda", module=__name__)
+WandbMode = choice("WandbMode", "offline", "online", "disabled", module=__name__)
 
 
 @dataclass

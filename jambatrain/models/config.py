@@ -22,6 +22,11 @@ class Choice(str, Enum):
         return ", ".join(m.value for m in cls)
 
 
+def choice(name: str, *values: str, module: str = __name__) -> type[Choice]:
+    """A ``Choice`` enum whose members are ``values``, each named by its value."""
+    return Choice(name, {v: v for v in values}, module=module)
+
+
 def coerce_choices(obj, prefix: str) -> None:
     """Turn every ``Choice`` field of the dataclass ``obj`` given as a plain string into its member: the one check of
     a choice for configs built in Python (``ModelConfig(moe_impl="native")``); OmegaConf checks composed ones."""
@@ -34,9 +39,9 @@ def coerce_choices(obj, prefix: str) -> None:
                 raise ValueError(f"{prefix}{name}={value!r}: choose {tp.choices()}") from None
 
 
-MambaImpl = Choice("MambaImpl", {v: v for v in ("auto", "reference", "cuda")}, module=__name__)
-MoEImpl = Choice("MoEImpl", {v: v for v in ("auto", "native", "grouped", "megablocks")}, module=__name__)
-Recompute = Choice("Recompute", {v: v for v in ("none", "full", "ffn", "mixer")}, module=__name__)
+MambaImpl = choice("MambaImpl", "auto", "reference", "cuda")
+MoEImpl = choice("MoEImpl", "auto", "native", "grouped", "megablocks")
+Recompute = choice("Recompute", "none", "full", "ffn", "mixer")
 
 
 @dataclass
