@@ -14,7 +14,8 @@ DeepSpeed's ``zero_to_fp32`` consolidates the fp32 master weights of any ZeRO st
 CPU; a stage-0 checkpoint (no ZeRO optimizer shards) is read from its model-states file. Then
 ``jambatrain.hf_io.save_hf_pretrained`` writes config.json, generation_config.json, model*.safetensors
 (--dtype, default bfloat16) and, when a tokenizer is given or found in the run's data config (data.dir holds
-tokenizer.model; ${oc.env:...} and ${jambatrain_cache:} interpolations resolve from the current environment), the tokenizer files.
+tokenizer.model; ${oc.env:...} and ${jambatrain_cache:} interpolations resolve from the current
+environment), the tokenizer files.
 Load the result with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` / ``AutoTokenizer.from_pretrained``.
 """
 from __future__ import annotations

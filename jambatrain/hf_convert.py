@@ -4,8 +4,8 @@ Config: ``ModelConfig`` fields are named after ``JambaConfig``'s, so the mapping
   * ``mamba_dt_rank``: 0 here means "auto" (= ceil(hidden/16)); HF stores the resolved int.
   * ``use_rope``: HF Jamba has no positional embedding, so a RoPE model cannot be exported.
   * jambatrain-only fields (name, router_z_loss_coef, rope_theta, *_impl, activation_checkpointing, loss_chunk_tokens,
-    the kernel switches, init_from) have no HF counterpart; ``from_hf_config`` takes them from ``ModelConfig`` defaults or
-    keyword overrides.
+    the kernel switches, init_from) have no HF counterpart; ``from_hf_config`` takes them from ``ModelConfig``
+    defaults or keyword overrides.
   * the load-balancing loss: jambatrain's aux loss is Megatron's (1.0 at uniform routing), HF's
     ``load_balancing_loss_func`` is ``num_experts_per_tok`` times larger; ``router_aux_loss_coef`` is
     copied as is, so the same coefficient weighs the balance term k times less here than in HF training.
@@ -149,19 +149,25 @@ NAME_TABLE = (
 #       experts.{e}.{name}.weight = ours[e], transposed where marked
 #   fused (the in-memory JambaForCausalLM of transformers >= 5):
 #       experts.{name} = cat(ours..., dim=1), then transpose(1, 2) where marked
+EXPERT_PREFIX = ("layers.{i}.ffn.", "model.layers.{i}.feed_forward.experts.")  # (ours, HF)
 EXPERT_PER_EXPERT = {"w_gate": ("gate_proj", False), "w_up": ("up_proj", False), "w_down": ("down_proj", True)}
 EXPERT_FUSED = {"gate_up_proj": (("w_gate", "w_up"), False), "down_proj": (("w_down",), True)}
 
 
+def _layer_rx(template: str) -> str:
+    """``template`` as a regex, its ``{i}`` a layer index group."""
+    return re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)")
+
+
 def _pattern(template: str, names) -> re.Pattern:
-    rx = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)")
+    rx = _layer_rx(template)
     rx = rx.replace(r"\{w\}", "(?P<w>(?:" + "|".join(map(re.escape, names)) + r")(?:\.\w+)?)")
     return re.compile(rx + "$")
 
 
 _RULES = [(_pattern(ours, names), _pattern(hf, names), ours, hf) for ours, hf, names in NAME_TABLE]
-_OURS_EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.(" + "|".join(EXPERT_PER_EXPERT) + ")$")
-_HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.feed_forward\.experts\.(?:(\d+)\.(\w+)\.weight|(\w+))$")
+_OURS_EXPERT = re.compile(_layer_rx(EXPERT_PREFIX[0]) + "(" + "|".join(EXPERT_PER_EXPERT) + ")$")
+_HF_EXPERT = re.compile(_layer_rx(EXPERT_PREFIX[1]) + r"(?:(\d+)\.(\w+)\.weight|(\w+))$")
 _HF_NAME = {hf: ours for ours, (hf, _) in EXPERT_PER_EXPERT.items()}
 
 
@@ -204,7 +210,7 @@ def to_hf_state_dict(sd: dict, cfg: ModelConfig | None = None, expert_format: st
             raise KeyError(f"unexpected jambatrain parameter {k!r}")
         experts.setdefault(m.group(1), {})[m.group(2)] = t
     for i, ours in experts.items():
-        pre = f"model.layers.{i}.feed_forward.experts."
+        pre = EXPERT_PREFIX[1].format(i=i)
         if expert_format == "per_expert":
             for w, t in ours.items():
                 name, transposed = EXPERT_PER_EXPERT[w]
@@ -214,7 +220,8 @@ def to_hf_state_dict(sd: dict, cfg: ModelConfig | None = None, expert_format: st
         for name, (parts, transposed) in EXPERT_FUSED.items():
             missing = [w for w in parts if w not in ours]
             if missing:
-                raise KeyError(f"layers.{i}.ffn.{missing[0]} missing next to layers.{i}.ffn.{sorted(ours)[0]}")
+                ffn = EXPERT_PREFIX[0].format(i=i)
+                raise KeyError(f"{ffn}{missing[0]} missing next to {ffn}{sorted(ours)[0]}")
             t = ours[parts[0]] if len(parts) == 1 else torch.cat([ours[w] for w in parts], dim=1)
             out[pre + name] = t.transpose(1, 2) if transposed else t
     if "lm_head.weight" not in out and "model.embed_tokens.weight" in out and (cfg is None or cfg.tie_word_embeddings):
@@ -243,7 +250,7 @@ def iter_from_hf(key: str, t: torch.Tensor) -> Iterator[tuple[str, int | None, t
     if not m:
         raise KeyError(f"unexpected Hugging Face Jamba weight {key!r}")
     i, e, per, fused = m.groups()
-    pre = f"layers.{i}.ffn."
+    pre = EXPERT_PREFIX[0].format(i=i)
     if per is not None and per in _HF_NAME:
         w = _HF_NAME[per]
         yield pre + w, int(e), (t.t() if EXPERT_PER_EXPERT[w][1] else t)

@@ -213,7 +213,8 @@ def test_dir_mandatory_and_manifest_values_with_data_shards(tmp_path):
     assert (cfg.data.seq_len, cfg.data.vocab_size, cfg.data.eos_id) == (None, None, None)
     assert data_problems(cfg, {"seq_len": 512, "vocab_size": 4000, "eos_id": 2}, str(tmp_path)) == []
     assert (cfg.data.seq_len, cfg.data.vocab_size, cfg.data.eos_id) == (512, 4000, 2)
-    cfg = to_train_config(_compose(["data=shards", f"data.dir={tmp_path}", "data.seq_len=256", "model.vocab_size=1000"]))
+    cfg = to_train_config(_compose(["data=shards", f"data.dir={tmp_path}", "data.seq_len=256",
+                                    "model.vocab_size=1000"]))
     found = data_problems(cfg, {"seq_len": 512, "vocab_size": 4000, "eos_id": 2}, str(tmp_path))
     assert len(found) == 2 and "data.seq_len=256" in found[0] and "data.seq_len=512" in found[0]
     assert "model.vocab_size=1000" in found[1]
