@@ -100,30 +100,18 @@ def build_hf(cfg: ModelConfig):
     return model, info
 
 
-def apply_variant(model, variant: str) -> str:
-    """jambatrain variants for A/B rows: '+'-joined tokens. 'opt' = layout+norm+compile (the defaults); 'base' =
-    none of them; 'layout': Mamba kernels in the (d, b*l) layout (MambaMixer.kernel_layout); 'norm': fused Triton
-    RMSNorm; 'compile': torch.compile'd SwiGLU product and cross-entropy (model.compile_elementwise);
-    'grouped' / 'megablocks' / 'native': the MoE backend instead of moe_impl=auto; 'docs': packed documents
-    (``doc_starts`` with a boundary every ~1k tokens: attention masked per document, Mamba state reset)."""
-    from jambatrain.models.fused_ops import activation
-    from jambatrain.models.layers import RMSNorm, SwiGLU
-    from jambatrain.models.mamba import MambaMixer
-    from jambatrain.models.moe import MoE
-
+def variant_config(cfg: ModelConfig, variant: str) -> ModelConfig:
+    """The model config of a jambatrain A/B row: '+'-joined tokens. 'opt' = layout+norm+compile (the defaults);
+    'base' = none of them; 'layout': Mamba kernels in the (d, b*l) layout (model.mamba_kernel_layout); 'norm':
+    fused Triton RMSNorm (model.fused_rms_norm); 'compile': torch.compile'd SwiGLU product and cross-entropy
+    (model.compile_elementwise); 'grouped' / 'megablocks' / 'native': the MoE backend instead of moe_impl=auto;
+    'docs': packed documents (``doc_starts`` with a boundary every ~1k tokens: attention masked per document, Mamba
+    state reset; data, not config)."""
     toks = set(variant.replace("opt", "layout+norm+compile").split("+")) - {"", "base"}
-    MambaMixer.kernel_layout = "layout" in toks
-    RMSNorm.fused = "norm" in toks
-    model.cfg.compile_elementwise = "compile" in toks
     moe = toks & {"grouped", "megablocks", "native"}
-    for m in model.modules():
-        if isinstance(m, SwiGLU):
-            m.compile_elementwise = model.cfg.compile_elementwise
-        if isinstance(m, MoE):
-            m.act = activation(model.cfg.compile_elementwise)
-            if moe:
-                m.impl = next(iter(moe))
-    return variant
+    return dataclasses.replace(cfg, mamba_kernel_layout="layout" in toks, fused_rms_norm="norm" in toks,
+                               compile_elementwise="compile" in toks,
+                               moe_impl=next(iter(moe)) if moe else cfg.moe_impl)
 
 
 def doc_starts_like(ids: torch.Tensor, mean_len: int = 1024, seed: int = 0) -> torch.Tensor:
@@ -148,8 +136,7 @@ def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, war
     t_build = time.time()
     info = {}
     if kind == "jambatrain":
-        model = build_jambatrain(cfg)
-        apply_variant(model, variant)
+        model = build_jambatrain(variant_config(cfg, variant))
         from jambatrain.models.moe import MoE
 
         moes = [m for m in model.modules() if isinstance(m, MoE)]
@@ -304,7 +291,7 @@ def main():
     ap.add_argument("--moe-topk", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--jt-variants", default="opt",
-                    help="comma list of jambatrain variants to time (see apply_variant), e.g. base,layout,opt")
+                    help="comma list of jambatrain variants to time (see variant_config), e.g. base,layout,opt")
     ap.add_argument("--moe-repeats", type=int, default=2, help="times the MoE table is measured (spread = noise)")
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args()

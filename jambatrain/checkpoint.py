@@ -464,7 +464,8 @@ def check_resumable(run_dir: str, tag: str, model_config: dict, world_size: int,
             if k in state.model_config and state.model_config[k] != v and k not in _RUNTIME_ONLY_KEYS}
     if diff:
         problems.append(f"checkpoint {tag_dir} was trained with a different model config (key: checkpoint vs "
-                        f"now): {diff}. Use a new run dir (hydra.run.dir=...) or matching model overrides.")
+                        f"now): {diff}. Use a new run dir (hydra.run.dir=...), remove {run_dir} to start afresh, or "
+                        "pass model overrides matching the checkpoint.")
     saved_world = state.parallel.get("world_size")
     if kind == "deepspeed-zero3" and zero_stage != 3:
         problems.append(f"checkpoint {tag_dir} was written by ZeRO-3 (DeepSpeed's partitioned format); this run has "
@@ -524,4 +525,4 @@ def resume_grad_accum(saved: dict, world_size: int, micro_batch_size: int, grad_
 
 
 _RUNTIME_ONLY_KEYS = ("mamba_impl", "moe_impl", "activation_checkpointing", "loss_chunk_tokens", "init_from", "name",
-                      "compile_elementwise")
+                      "compile_elementwise", "fused_rms_norm", "mamba_kernel_layout")

@@ -1,7 +1,9 @@
 """Typed schema of the Hydra config (lingua-style nested dataclasses).
 
-Hydra composes ``conf/train.yaml`` on top of this schema, so a misspelt key or a wrong type fails at
-start-up. ``problems()`` then checks cross-field consistency and names the fix for each problem.
+Hydra composes ``conf/train.yaml`` on top of this schema, so a misspelt key, a wrong type or a value outside a
+choice (the ``Choice`` enums) fails at start-up. The defaults live here only: the yaml files hold what differs
+from them (tests/test_config.py checks). ``problems()`` then checks cross-field consistency and names the fix for
+each problem; ``data_problems()`` does the same against the shards' manifest.
 """
 from __future__ import annotations
 
@@ -9,26 +11,40 @@ import os
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .data.mqar import MqarConfig
-from .models.config import ModelConfig
+from .models.config import ModelConfig, choice, coerce_choices
+from .paths import cache_root
+
+Prepare = choice("Prepare", "none", "stdlib", module=__name__)
+OnError = choice("OnError", "raise", "skip", module=__name__)
+Precision = choice("Precision", "auto", "bf16", "fp32", module=__name__)
+Backend = choice("Backend", "auto", "nccl", "gloo", module=__name__)
+Device = choice("Device", "auto", "cpu", "cuda", module=__name__)
+Kind = choice("Kind", "shards", "mqar", module=__name__)
+WandbMode = choice("WandbMode", "offline", "online", "disabled", module=__name__)
 
 
 @dataclass
 class DataConfig:
-    kind: str = "shards"  # shards | mqar (synthetic associative recall, jambatrain/data/mqar.py; no dir needed)
-    dir: str = "~/.cache/jambatrain/stdlib_py"  # directory holding manifest.json + webdataset shards
-    prepare: str = "none"  # none | stdlib: build the embedded default corpus into `dir` if it is missing
-    vocab_size: int = 4096  # tokenizer vocabulary when `prepare` builds the corpus
-    seq_len: int = 256
+    kind: Kind = Kind.shards  # shards | mqar (synthetic associative recall, jambatrain/data/mqar.py; no dir)
+    dir: str = MISSING  # directory holding manifest.json + webdataset shards (data=stdlib_py: in the cache)
+    # stdlib: build the embedded default corpus into `dir` if it is missing (only under the cache, $JAMBATRAIN_CACHE
+    # or ~/.cache/jambatrain, or where such a corpus already is: a mistyped path gets no new corpus)
+    prepare: Prepare = Prepare.none
+    vocab_size: int | None = None  # tokenizer vocabulary (`prepare` builds with it); None: the manifest's
+    seq_len: int | None = None  # tokens per sample; None: the manifest's
     num_workers: int = 0
     shuffle: bool = True
-    on_error: str = "raise"  # raise | skip: what a corrupt sample does
+    on_error: OnError = OnError["raise"]  # what a corrupt sample does: raise | skip
     doc_mask: bool = True  # mask attention / reset Mamba state at document boundaries (after each EOS)
-    eos_id: int = 2  # must match the manifest's eos_id (checked at start-up)
-    val_split: str = "val"
+    eos_id: int | None = None  # the token that ends a document; None: the manifest's
+
     mqar: MqarConfig = field(default_factory=MqarConfig)
+
+    def __post_init__(self):
+        coerce_choices(self, "data.")
 
 
 @dataclass
@@ -50,10 +66,13 @@ class ParallelConfig:
     micro_batch_size: int = 8  # sequences per GPU per micro step
     grad_accum_steps: int = 1
     expert_parallel_size: int = 1
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
-    device: str = "auto"  # auto | cpu | cuda
+    precision: Precision = Precision.auto  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    backend: Backend = Backend.auto  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    device: Device = Device.auto  # auto | cpu | cuda
     timeout_minutes: int = 30
+
+    def __post_init__(self):
+        coerce_choices(self, "parallel.")
 
 
 @dataclass
@@ -101,10 +120,13 @@ class EvalConfig:
 @dataclass
 class LoggerConfig:
     wandb: bool = True
-    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_mode: WandbMode = WandbMode.offline  # offline | online | disabled
     project: str = "jambatrain"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        coerce_choices(self, "logger.")
 
 
 @dataclass
@@ -119,13 +141,24 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# ${jambatrain_cache:} in conf/data/stdlib_py.yaml: the cache root the data.dir check uses, also when a saved run
+# config is resolved later (export_hf)
+OmegaConf.register_new_resolver("jambatrain_cache", cache_root, replace=True)
+
+
 def register_schema() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
-    """Resolve interpolations and turn the composed DictConfig into the typed dataclass tree."""
+    """Resolve interpolations and turn the composed DictConfig into the typed dataclass tree. A required value left
+    unset (``???``, e.g. ``data.dir`` with ``data=shards``) is refused here, naming every such key."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise SystemExit("jambatrain: these config values must be set: " + ", ".join(missing)
+                         + (" (data.dir: the directory `python -m data_prep.write_shards --out DIR` wrote)"
+                            if "data.dir" in missing else ""))
     obj = OmegaConf.to_object(cfg)
     if isinstance(obj, dict):  # composed without the schema (e.g. in a bare OmegaConf test)
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
@@ -136,7 +169,7 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
 def problems(cfg: TrainConfig, world_size: int = 1) -> list[str]:
     """Cross-field checks, each message naming the key and the fix. Run before any expensive work."""
     p = list(cfg.model.problems())
-    par, tr, opt, data = cfg.parallel, cfg.trainer, cfg.optim, cfg.data
+    par, tr, opt = cfg.parallel, cfg.trainer, cfg.optim
     if par.zero_stage not in (0, 1, 2, 3):
         p.append(f"parallel.zero_stage={par.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
     if par.micro_batch_size < 1 or par.grad_accum_steps < 1:
@@ -153,10 +186,6 @@ def problems(cfg: TrainConfig, world_size: int = 1) -> list[str]:
     if par.expert_parallel_size > 1 and cfg.model.num_experts <= 1:
         p.append(f"parallel.expert_parallel_size={par.expert_parallel_size} but the model has no MoE layers "
                  "(model.num_experts=1): set parallel.expert_parallel_size=1")
-    for key, allowed in (("precision", ("auto", "bf16", "fp32")), ("backend", ("auto", "nccl", "gloo")),
-                         ("device", ("auto", "cpu", "cuda"))):
-        if getattr(par, key) not in allowed:
-            p.append(f"parallel.{key}={getattr(par, key)!r}: choose one of {', '.join(allowed)}")
     if par.zero_stage == 3 and cfg.model.init_from:
         p.append("model.init_from with parallel.zero_stage=3 is not supported: initialise with ZeRO-2 and convert, "
                  "or start from scratch")
@@ -168,23 +197,53 @@ def problems(cfg: TrainConfig, world_size: int = 1) -> list[str]:
         p.append(f"optim.lr={opt.lr} must be > 0 and optim.min_lr_ratio={opt.min_lr_ratio} in [0, 1]")
     if opt.warmup_steps < 0:
         p.append(f"optim.warmup_steps={opt.warmup_steps} must be >= 0")
-    if data.prepare not in ("none", "stdlib"):
-        p.append(f"data.prepare={data.prepare!r}: choose none or stdlib")
-    if data.on_error not in ("raise", "skip"):
-        p.append(f"data.on_error={data.on_error!r}: choose raise or skip")
-    if data.prepare == "stdlib" and data.vocab_size > cfg.model.vocab_size:
-        p.append(f"data.vocab_size={data.vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}: token ids "
-                 "would fall outside the embedding; lower data.vocab_size or raise model.vocab_size")
-    if data.kind not in ("shards", "mqar"):
-        p.append(f"data.kind={data.kind!r}: choose shards or mqar")
-    if data.kind == "mqar":
-        p += data.mqar.problems(cfg.model.vocab_size)
+    return p + _data_config_problems(cfg)
+
+
+def _data_config_problems(cfg: TrainConfig) -> list[str]:
+    p, data = [], cfg.data
     for t in cfg.eval.tasks:
         if t not in ("val", "mqar", "passkey"):
             p.append(f"eval.tasks has {t!r}: choose from val, mqar, passkey")
-    if data.kind == "shards" and data.prepare == "none" and not os.path.isdir(os.path.expanduser(data.dir)):
+    if data.kind == "mqar":  # synthetic: no files
+        return p + data.mqar.problems(cfg.model.vocab_size)
+    data_dir = os.path.expanduser(data.dir)
+    if data.prepare == "stdlib":
+        if data.vocab_size is None or data.seq_len is None:
+            p.append("data.prepare=stdlib builds a corpus and needs data.vocab_size and data.seq_len "
+                     "(conf/data/stdlib_py.yaml sets them)")
+        elif data.vocab_size > cfg.model.vocab_size:
+            p.append(f"data.vocab_size={data.vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}: token ids "
+                     "would fall outside the embedding; lower data.vocab_size or raise model.vocab_size")
+        root = cache_root()
+        inside = os.path.commonpath([os.path.abspath(data_dir), os.path.abspath(root)]) == os.path.abspath(root)
+        if not inside and not os.path.isfile(os.path.join(data_dir, "manifest.json")):
+            p.append(f"data.dir={data.dir} holds no corpus, and data.prepare=stdlib builds the embedded corpus only "
+                     f"under the cache {root} (so that a mistyped path does not get a new corpus silently): check "
+                     "the path, or set JAMBATRAIN_CACHE to the directory to build it under, or train on your own "
+                     "shards with data=shards data.dir=...")
+    elif not os.path.isdir(data_dir):
         p.append(f"data.dir={data.dir} does not exist: write shards there with `python -m data_prep.write_shards` "
-                 "or set data.prepare=stdlib to build the embedded default corpus")
-    if cfg.logger.wandb_mode not in ("offline", "online", "disabled"):
-        p.append(f"logger.wandb_mode={cfg.logger.wandb_mode!r}: choose offline, online or disabled")
+                 "or use data=stdlib_py to build the embedded default corpus")
+    return p
+
+
+def data_problems(cfg: TrainConfig, manifest: dict, data_dir: str) -> list[str]:
+    """Fill ``data.seq_len``, ``data.vocab_size`` and ``data.eos_id`` left unset (None) from the shards' manifest,
+    and return every way the shards disagree with the config (all at once, each with its fix)."""
+    data, p = cfg.data, []
+    for key, theirs in (("seq_len", manifest["seq_len"]), ("vocab_size", manifest["vocab_size"]),
+                        ("eos_id", manifest.get("eos_id"))):
+        ours = getattr(data, key)
+        if ours is None:
+            setattr(data, key, theirs)
+        elif ours != theirs and (key != "eos_id" or data.doc_mask):
+            p.append(f"data.{key}={ours} but the shards in {data_dir} have {key} {theirs}: set data.{key}={theirs} "
+                     "(or leave it unset to take the manifest's), or rewrite the shards")
+    if manifest["vocab_size"] > cfg.model.vocab_size:
+        p.append(f"the tokenizer of {data_dir} has {manifest['vocab_size']} tokens but model.vocab_size="
+                 f"{cfg.model.vocab_size}: raise model.vocab_size or retokenize with a smaller vocabulary")
+    if data.doc_mask and (data.eos_id is None or data.eos_id < 0):
+        p.append(f"data.doc_mask=true but the shards in {data_dir} record no EOS token: set data.doc_mask=false or "
+                 "rewrite the shards with a tokenizer that has one")
     return p

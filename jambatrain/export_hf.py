@@ -14,7 +14,8 @@ DeepSpeed's ``zero_to_fp32`` consolidates the fp32 master weights of any ZeRO st
 CPU; a stage-0 checkpoint (no ZeRO optimizer shards) is read from its model-states file. Then
 ``jambatrain.hf_io.save_hf_pretrained`` writes config.json, generation_config.json, model*.safetensors
 (--dtype, default bfloat16) and, when a tokenizer is given or found in the run's data config (data.dir holds
-tokenizer.model; ${oc.env:...} interpolations resolve from the current environment), the tokenizer files.
+tokenizer.model; ${oc.env:...} and ${jambatrain_cache:} interpolations resolve from the current
+environment), the tokenizer files.
 Load the result with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` / ``AutoTokenizer.from_pretrained``.
 """
 from __future__ import annotations
@@ -65,6 +66,8 @@ def load_run_config(path: str) -> dict:
     """The run's Hydra config as a dict; each top-level section resolved on its own (a section whose
     interpolations cannot be resolved outside the run, e.g. ${hydra:...}, is kept unresolved)."""
     from omegaconf import OmegaConf
+
+    from . import config  # noqa: F401 - registers the ${jambatrain_cache:} resolver of the data config
 
     cfg = OmegaConf.load(path)
     out = {}

@@ -4,31 +4,15 @@ Config: ``ModelConfig`` fields are named after ``JambaConfig``'s, so the mapping
   * ``mamba_dt_rank``: 0 here means "auto" (= ceil(hidden/16)); HF stores the resolved int.
   * ``use_rope``: HF Jamba has no positional embedding, so a RoPE model cannot be exported.
   * jambatrain-only fields (name, router_z_loss_coef, rope_theta, *_impl, activation_checkpointing, loss_chunk_tokens,
-    init_from) have no HF counterpart; ``from_hf_config`` takes them from ``ModelConfig`` defaults or
-    keyword overrides.
+    the kernel switches, init_from) have no HF counterpart; ``from_hf_config`` takes them from ``ModelConfig``
+    defaults or keyword overrides.
   * the load-balancing loss: jambatrain's aux loss is Megatron's (1.0 at uniform routing), HF's
     ``load_balancing_loss_func`` is ``num_experts_per_tok`` times larger; ``router_aux_loss_coef`` is
     copied as is, so the same coefficient weighs the balance term k times less here than in HF training.
 
-Weights (jambatrain name -> HF name, ``model.`` prefix on everything but ``lm_head``):
-  embed_tokens.weight                      -> model.embed_tokens.weight
-  layers.{i}.input_layernorm.weight        -> model.layers.{i}.input_layernorm.weight
-  layers.{i}.pre_ff_layernorm.weight       -> model.layers.{i}.pre_ff_layernorm.weight
-  layers.{i}.mixer.{q,k,v,o}_proj.weight   -> model.layers.{i}.self_attn.{q,k,v,o}_proj.weight
-  layers.{i}.mixer.{in_proj,conv1d,x_proj,dt_proj,A_log,D,out_proj,dt/b/c_layernorm}
-                                           -> model.layers.{i}.mamba.{same}
-  layers.{i}.ffn.{gate,up,down}_proj.weight -> model.layers.{i}.feed_forward.{gate,up,down}_proj.weight
-  layers.{i}.ffn.router.weight             -> model.layers.{i}.feed_forward.router.weight
-  layers.{i}.ffn.w_gate / w_up (E, f, h), w_down (E, f, h) with y = act @ w_down[e]:
-      fused (in-memory JambaForCausalLM of transformers >= 5):
-          feed_forward.experts.gate_up_proj (E, 2f, h) = cat(w_gate, w_up, dim=1)
-          feed_forward.experts.down_proj    (E, h, f)  = w_down.transpose(1, 2)
-      per_expert (the on-disk format of ai21labs/Jamba-v0.1 and of HF ``save_pretrained``):
-          feed_forward.experts.{e}.gate_proj.weight (f, h) = w_gate[e]
-          feed_forward.experts.{e}.up_proj.weight   (f, h) = w_up[e]
-          feed_forward.experts.{e}.down_proj.weight (h, f) = w_down[e].T
-  final_layernorm.weight                   -> model.final_layernorm.weight
-  lm_head.weight                           -> lm_head.weight (left out of saved files when tied)
+Weights: ``NAME_TABLE`` below is the one jambatrain <-> HF name table, read in both directions
+(``to_hf_state_dict``, ``from_hf_state_dict``, ``iter_from_hf``); the stacked MoE experts have two HF layouts,
+described next to ``EXPERT_PER_EXPERT`` / ``EXPERT_FUSED``.
 
 Writing and reading HF model directories is in ``hf_io``. transformers is imported inside the functions that
 need it: it is an optional dependency.
@@ -144,9 +128,56 @@ def config_mismatches(cfg: ModelConfig, other: ModelConfig) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ weights
-_OURS = re.compile(r"^layers\.(\d+)\.(input_layernorm|pre_ff_layernorm|mixer|ffn)\.(.+)$")
-_HF = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|pre_ff_layernorm|self_attn|mamba|feed_forward)\.(.+)$")
-_HF_EXPERT = re.compile(r"^experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# The one name table, read in both directions (jambatrain name, HF name, the parameter names ``{w}`` may be, each
+# with any ``.weight``/``.bias`` suffix); ``{i}`` is a layer index.
+_MAMBA_PARAMS = ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj", "dt_layernorm",
+                 "b_layernorm", "c_layernorm")
+_ATTN_PARAMS = ("q_proj", "k_proj", "v_proj", "o_proj")
+NAME_TABLE = (
+    ("embed_tokens.weight", "model.embed_tokens.weight", ()),
+    ("final_layernorm.weight", "model.final_layernorm.weight", ()),
+    ("lm_head.weight", "lm_head.weight", ()),  # left out of saved files when tied
+    ("layers.{i}.input_layernorm.{w}", "model.layers.{i}.input_layernorm.{w}", ("weight",)),
+    ("layers.{i}.pre_ff_layernorm.{w}", "model.layers.{i}.pre_ff_layernorm.{w}", ("weight",)),
+    ("layers.{i}.mixer.{w}", "model.layers.{i}.self_attn.{w}", _ATTN_PARAMS),
+    ("layers.{i}.mixer.{w}", "model.layers.{i}.mamba.{w}", _MAMBA_PARAMS),
+    ("layers.{i}.ffn.{w}", "model.layers.{i}.feed_forward.{w}", ("gate_proj", "up_proj", "down_proj", "router")),
+)
+# MoE experts: stacked (E, ffn, hidden) tensors ``layers.{i}.ffn.{w_gate,w_up,w_down}`` here (y = act @ w_down[e]),
+# ``model.layers.{i}.feed_forward.experts.*`` in HF in one of two layouts:
+#   per_expert (the on-disk format of ai21labs/Jamba-v0.1 and of HF ``save_pretrained``):
+#       experts.{e}.{name}.weight = ours[e], transposed where marked
+#   fused (the in-memory JambaForCausalLM of transformers >= 5):
+#       experts.{name} = cat(ours..., dim=1), then transpose(1, 2) where marked
+EXPERT_PREFIX = ("layers.{i}.ffn.", "model.layers.{i}.feed_forward.experts.")  # (ours, HF)
+EXPERT_PER_EXPERT = {"w_gate": ("gate_proj", False), "w_up": ("up_proj", False), "w_down": ("down_proj", True)}
+EXPERT_FUSED = {"gate_up_proj": (("w_gate", "w_up"), False), "down_proj": (("w_down",), True)}
+
+
+def _layer_rx(template: str) -> str:
+    """``template`` as a regex, its ``{i}`` a layer index group."""
+    return re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)")
+
+
+def _pattern(template: str, names) -> re.Pattern:
+    rx = _layer_rx(template)
+    rx = rx.replace(r"\{w\}", "(?P<w>(?:" + "|".join(map(re.escape, names)) + r")(?:\.\w+)?)")
+    return re.compile(rx + "$")
+
+
+_RULES = [(_pattern(ours, names), _pattern(hf, names), ours, hf) for ours, hf, names in NAME_TABLE]
+_OURS_EXPERT = re.compile(_layer_rx(EXPERT_PREFIX[0]) + "(" + "|".join(EXPERT_PER_EXPERT) + ")$")
+_HF_EXPERT = re.compile(_layer_rx(EXPERT_PREFIX[1]) + r"(?:(\d+)\.(\w+)\.weight|(\w+))$")
+_HF_NAME = {hf: ours for ours, (hf, _) in EXPERT_PER_EXPERT.items()}
+
+
+def _rename(key: str, to_hf: bool) -> str | None:
+    """``key`` through NAME_TABLE (jambatrain -> HF when ``to_hf``, else back); None when no row matches."""
+    for ours_rx, hf_rx, ours, hf in _RULES:
+        m = (ours_rx if to_hf else hf_rx).match(key)
+        if m:
+            return (hf if to_hf else ours).format(**m.groupdict())
+    return None
 
 
 def _strip_prefix(sd: dict) -> dict:
@@ -155,45 +186,6 @@ def _strip_prefix(sd: dict) -> dict:
         if sd and all(k.startswith(p) for k in sd):
             sd = {k[len(p):]: v for k, v in sd.items()}
     return sd
-
-
-def _iter_to_hf(key: str, t: torch.Tensor, expert_format: str) -> Iterator[tuple[str, torch.Tensor]]:
-    if key in ("embed_tokens.weight", "final_layernorm.weight"):
-        yield "model." + key, t
-        return
-    if key == "lm_head.weight":
-        yield key, t
-        return
-    m = _OURS.match(key)
-    if not m:
-        raise KeyError(f"unexpected jambatrain parameter {key!r}")
-    i, part, rest = m.groups()
-    pre = f"model.layers.{i}."
-    if part in ("input_layernorm", "pre_ff_layernorm"):
-        yield pre + part + "." + rest, t
-    elif part == "mixer":
-        base = rest.split(".")[0]
-        if base in _ATTN_PARAMS:
-            yield pre + "self_attn." + rest, t
-        elif base in _MAMBA_PARAMS:
-            yield pre + "mamba." + rest, t
-        else:
-            raise KeyError(f"unexpected mixer parameter {key!r}")
-    else:  # ffn
-        ff = pre + "feed_forward."
-        if rest in ("gate_proj.weight", "up_proj.weight", "down_proj.weight", "router.weight"):
-            yield ff + rest, t
-        elif rest in ("w_gate", "w_up", "w_down"):
-            if expert_format == "per_expert":
-                name = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}[rest]
-                for e in range(t.shape[0]):
-                    w = t[e].t() if rest == "w_down" else t[e]
-                    yield f"{ff}experts.{e}.{name}.weight", w
-            elif rest == "w_down":
-                yield ff + "experts.down_proj", t.transpose(1, 2)
-            # w_gate and w_up are fused together by to_hf_state_dict
-        else:
-            raise KeyError(f"unexpected ffn parameter {key!r}")
 
 
 def to_hf_state_dict(sd: dict, cfg: ModelConfig | None = None, expert_format: str = "fused") -> dict:
@@ -207,18 +199,31 @@ def to_hf_state_dict(sd: dict, cfg: ModelConfig | None = None, expert_format: st
         raise ValueError(f"expert_format={expert_format!r}: choose fused or per_expert")
     sd = _strip_prefix(dict(sd))
     out = {}
+    experts: dict[str, dict[str, torch.Tensor]] = {}  # layer -> our expert tensors
     for k, t in sd.items():
-        for hk, ht in _iter_to_hf(k, t, expert_format):
-            out[hk] = ht
-    if expert_format == "fused":
-        for k in sd:
-            m = _OURS.match(k)
-            if m and m.group(2) == "ffn" and m.group(3) == "w_gate":
-                pre = k[: -len("w_gate")]
-                up = sd.get(pre + "w_up")
-                if up is None:
-                    raise KeyError(f"{pre}w_up missing next to {k}")
-                out[f"model.layers.{m.group(1)}.feed_forward.experts.gate_up_proj"] = torch.cat([sd[k], up], dim=1)
+        hk = _rename(k, to_hf=True)
+        if hk is not None:
+            out[hk] = t
+            continue
+        m = _OURS_EXPERT.match(k)
+        if not m:
+            raise KeyError(f"unexpected jambatrain parameter {k!r}")
+        experts.setdefault(m.group(1), {})[m.group(2)] = t
+    for i, ours in experts.items():
+        pre = EXPERT_PREFIX[1].format(i=i)
+        if expert_format == "per_expert":
+            for w, t in ours.items():
+                name, transposed = EXPERT_PER_EXPERT[w]
+                for e in range(t.shape[0]):
+                    out[f"{pre}{e}.{name}.weight"] = t[e].t() if transposed else t[e]
+            continue
+        for name, (parts, transposed) in EXPERT_FUSED.items():
+            missing = [w for w in parts if w not in ours]
+            if missing:
+                ffn = EXPERT_PREFIX[0].format(i=i)
+                raise KeyError(f"{ffn}{missing[0]} missing next to {ffn}{sorted(ours)[0]}")
+            t = ours[parts[0]] if len(parts) == 1 else torch.cat([ours[w] for w in parts], dim=1)
+            out[pre + name] = t.transpose(1, 2) if transposed else t
     if "lm_head.weight" not in out and "model.embed_tokens.weight" in out and (cfg is None or cfg.tie_word_embeddings):
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     if cfg is not None:
@@ -234,38 +239,28 @@ def _check_layer_kinds(hf_sd: dict, cfg: ModelConfig):
                              f"(pattern {cfg.layer_pattern()!r}) but the weights have no {want} parameters")
 
 
-def _iter_from_hf(key: str, t: torch.Tensor, cfg: ModelConfig) -> Iterator[tuple[str, int | None, torch.Tensor]]:
-    """One HF tensor -> (jambatrain name, expert index or None for the whole tensor, tensor)."""
-    if key in ("model.embed_tokens.weight", "model.final_layernorm.weight"):
-        yield key[len("model."):], None, t
+def iter_from_hf(key: str, t: torch.Tensor) -> Iterator[tuple[str, int | None, torch.Tensor]]:
+    """One HF tensor -> (jambatrain name, expert index or None for the whole tensor, tensor), by NAME_TABLE and
+    the expert layouts."""
+    name = _rename(key, to_hf=False)
+    if name is not None:
+        yield name, None, t
         return
-    if key == "lm_head.weight":
-        yield key, None, t
-        return
-    m = _HF.match(key)
+    m = _HF_EXPERT.match(key)
     if not m:
         raise KeyError(f"unexpected Hugging Face Jamba weight {key!r}")
-    i, part, rest = m.groups()
-    pre = f"layers.{i}."
-    if part in ("input_layernorm", "pre_ff_layernorm"):
-        yield pre + part + "." + rest, None, t
-    elif part in ("self_attn", "mamba"):
-        yield pre + "mixer." + rest, None, t
-    elif rest in ("gate_proj.weight", "up_proj.weight", "down_proj.weight", "router.weight"):
-        yield pre + "ffn." + rest, None, t
-    elif rest == "experts.gate_up_proj":
-        f = t.shape[1] // 2
-        yield pre + "ffn.w_gate", None, t[:, :f]
-        yield pre + "ffn.w_up", None, t[:, f:]
-    elif rest == "experts.down_proj":
-        yield pre + "ffn.w_down", None, t.transpose(1, 2)
+    i, e, per, fused = m.groups()
+    pre = EXPERT_PREFIX[0].format(i=i)
+    if per is not None and per in _HF_NAME:
+        w = _HF_NAME[per]
+        yield pre + w, int(e), (t.t() if EXPERT_PER_EXPERT[w][1] else t)
+    elif fused in EXPERT_FUSED:
+        parts, transposed = EXPERT_FUSED[fused]
+        t = t.transpose(1, 2) if transposed else t
+        for w, chunk in zip(parts, t.chunk(len(parts), dim=1)):
+            yield pre + w, None, chunk
     else:
-        me = _HF_EXPERT.match(rest)
-        if not me:
-            raise KeyError(f"unexpected Hugging Face Jamba weight {key!r}")
-        e, name = int(me.group(1)), me.group(2)
-        ours = {"gate_proj": "w_gate", "up_proj": "w_up", "down_proj": "w_down"}[name]
-        yield pre + "ffn." + ours, e, (t.t() if name == "down_proj" else t)
+        raise KeyError(f"unexpected Hugging Face Jamba weight {key!r}")
 
 
 def from_hf_state_dict(sd: dict, cfg: ModelConfig) -> dict:
@@ -274,7 +269,7 @@ def from_hf_state_dict(sd: dict, cfg: ModelConfig) -> dict:
     out: dict = {}
     experts: dict[str, dict[int, torch.Tensor]] = {}
     for k, t in sd.items():
-        for name, e, v in _iter_from_hf(k, t, cfg):
+        for name, e, v in iter_from_hf(k, t):
             if e is None:
                 out[name] = v
             else:

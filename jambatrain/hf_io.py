@@ -9,21 +9,9 @@ import shutil
 
 import torch
 
-from .hf_convert import (_iter_from_hf, config_mismatches, from_hf_config, from_hf_state_dict, to_hf_config,
+from .hf_convert import (config_mismatches, from_hf_config, from_hf_state_dict, iter_from_hf, to_hf_config,
                          to_hf_state_dict)
 from .models.config import ModelConfig
-
-
-def _parse_size(size) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?I?B)?\s*", str(size).upper())
-    if not m:
-        raise ValueError(f"bad size {size!r}: use e.g. 5GB, 500MB or a byte count")
-    num, unit = float(m.group(1)), (m.group(2) or "B")
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(num * mult)
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -38,9 +26,10 @@ def save_hf_pretrained(model_or_state_dict, cfg: ModelConfig, out_dir: str, toke
     model.safetensors.index.json when larger than ``max_shard_size``), experts in the per-expert layout of
     ai21labs/Jamba-v0.1. ``dtype``: cast floating weights (default: keep). ``tokenizer_path``: a SentencePiece
     .model file copied to tokenizer.model, with the files ``AutoTokenizer`` needs. Returns the files written.
+    Sharding is ``huggingface_hub.save_torch_state_dict``'s; the weights are converted to the export dtype on the CPU
+    first (host memory: the state dict plus that copy where the dtype or device changes).
     """
-    from safetensors.torch import save_file
-
+    save_torch_state_dict = _hub_saver()
     sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) else model_or_state_dict
     if isinstance(dtype, str):
         dtype = _DTYPES[dtype]
@@ -48,39 +37,13 @@ def save_hf_pretrained(model_or_state_dict, cfg: ModelConfig, out_dir: str, toke
     if cfg.tie_word_embeddings:
         hf_sd.pop("lm_head.weight", None)
     os.makedirs(out_dir, exist_ok=True)
-    for f in os.listdir(out_dir):  # stale shards of an earlier export would shadow the index
-        if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", f):
-            os.remove(os.path.join(out_dir, f))
-
-    def tensor_dtype(t):
-        return dtype if dtype is not None and t.is_floating_point() else t.dtype
-
-    limit = _parse_size(max_shard_size)
-    shards: list[list[str]] = [[]]
-    size = total = 0
-    for k, t in hf_sd.items():
-        n = t.numel() * tensor_dtype(t).itemsize
-        if shards[-1] and size + n > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(k)
-        size += n
-        total += n
-    written = []
-    weight_map = {}
-    for s, keys in enumerate(shards):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
-        # clone: per-expert slices are views of one storage, which safetensors refuses to write
-        part = {k: hf_sd[k].detach().to("cpu", tensor_dtype(hf_sd[k]), copy=True).contiguous() for k in keys}
-        save_file(part, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        os.chmod(os.path.join(out_dir, fname), 0o666 & ~_umask())  # safetensors creates files 0600
-        del part
-        written.append(fname)
-        weight_map.update(dict.fromkeys(keys, fname))
-    if len(shards) > 1:
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        written.append("model.safetensors.index.json")
+    hf_sd = {k: _for_saving(t, dtype) for k, t in hf_sd.items()}
+    # sharding, the index and removing stale shards of an earlier export are huggingface_hub's
+    save_torch_state_dict(hf_sd, out_dir, max_shard_size=max_shard_size)
+    written = sorted(f for f in os.listdir(out_dir)
+                     if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", f))
+    for f in written:
+        os.chmod(os.path.join(out_dir, f), 0o666 & ~_umask())  # safetensors creates files 0600
 
     token_ids = {}
     if tokenizer_path is not None:
@@ -99,6 +62,25 @@ def save_hf_pretrained(model_or_state_dict, cfg: ModelConfig, out_dir: str, toke
     if tokenizer_path is not None:
         written += save_hf_tokenizer(tokenizer_path, out_dir)
     return written
+
+
+def _hub_saver():
+    """huggingface_hub's sharded safetensors writer (it comes with transformers, the ``hf`` extra)."""
+    try:
+        from huggingface_hub import save_torch_state_dict
+    except ImportError as exc:
+        raise ImportError("writing a Hugging Face checkpoint needs huggingface_hub (and transformers): "
+                          "pip install -e '.[hf]'") from exc
+    return save_torch_state_dict
+
+
+def _for_saving(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """On the CPU in the export dtype, with storage of its own: per-expert slices are views of one stacked tensor,
+    which safetensors (and huggingface_hub's shared-tensor handling) would refuse or drop."""
+    t = t.detach().to("cpu", dtype if dtype is not None and t.is_floating_point() else t.dtype)
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 def _umask() -> int:
@@ -207,7 +189,7 @@ def load_hf_pretrained(model, path: str, strict: bool = True) -> None:
                     raise ValueError(f"model.init_from={path}: tensor {k} in {os.path.basename(f)} holds "
                                      f"{int((~torch.isfinite(t)).sum())} NaN/inf values; re-export the checkpoint "
                                      "or start without model.init_from")
-                for name, e, v in _iter_from_hf(k, t, cfg):
+                for name, e, v in iter_from_hf(k, t):
                     p = params.get(name)
                     if p is None:
                         unexpected.append(k)

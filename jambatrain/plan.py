@@ -16,6 +16,7 @@ Activations are not estimated: they depend on the kernels and recomputation; doc
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 
@@ -56,6 +57,8 @@ def plan(cfg, gpus: int, tokens: float, mfu: float, peak: float) -> dict:
     experts = sum(p.numel() for name, p in model.named_parameters() if name.endswith(("w_gate", "w_up", "w_down")))
     par = cfg.parallel
     ep = par.expert_parallel_size
+    if cfg.data.seq_len is None:  # data=shards leaves it to the manifest
+        cfg.data.seq_len = _manifest_seq_len(cfg.data.dir)
     tokens_per_step = par.micro_batch_size * par.grad_accum_steps * cfg.data.seq_len * gpus
     flops = flops_per_token(cfg.model, cfg.data.seq_len)["training"]
     tokens_per_s = mfu * peak * gpus / flops
@@ -70,11 +73,21 @@ def plan(cfg, gpus: int, tokens: float, mfu: float, peak: float) -> dict:
             "problems": problems(cfg, world_size=gpus), "zero_stage": par.zero_stage}
 
 
+def _manifest_seq_len(data_dir: str) -> int:
+    path = os.path.join(os.path.expanduser(data_dir), "manifest.json")
+    try:
+        with open(path) as f:
+            return int(json.load(f)["seq_len"])
+    except (OSError, KeyError, ValueError):
+        raise SystemExit(f"jambatrain.plan: data.seq_len is unset and {path} is not readable here: pass "
+                         "data.seq_len=N") from None
+
+
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     from .config import register_schema, to_train_config
-    from .train import CONF_DIR, require_configs
+    from .paths import CONF_DIR, require_configs
 
     require_configs()
     register_schema()

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint, profiling
-from .config import TrainConfig, problems, register_schema, to_train_config
+from .config import TrainConfig, data_problems, problems, register_schema, to_train_config
 from .data.sources import doc_starts
 from .metrics import (MetricsLogger, Throughput, grad_norm, memory_stats, moe_load_stats, peak_flops, runtime_info,
                       train_flops_per_token)
@@ -29,18 +29,17 @@ from .parallel import barrier, build_deepspeed_config, build_engine, expert_para
 from .parallel.deepspeed_setup import resolve_precision
 from .parallel.distributed import DistInfo, any_rank, export_submitit_env
 from .parallel.expert_parallel import ExpertParallel
+from .paths import CONF_DIR, require_configs
 from .step_guard import StepGuard
 
 register_schema()
-# the repo's conf/ next to the package (an editable install or a checkout); JAMBATRAIN_CONF_DIR points elsewhere
-CONF_DIR = os.environ.get("JAMBATRAIN_CONF_DIR") or os.path.normpath(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf"))
 
 
 def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
     """Build the embedded corpus on first use (local rank 0 of every node, so nodes without a shared cache get
     their own copy; a file lock serialises builders on a shared one; the other ranks wait), then check the
-    shards against the model before any model is built."""
+    shards against the config before any model is built: data.seq_len / vocab_size / eos_id left unset are taken
+    from the manifest, and every disagreement is reported at once."""
     from .data import read_manifest
 
     if cfg.data.kind == "mqar":  # synthetic: nothing on disk
@@ -53,15 +52,9 @@ def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
             prepare_default_corpus(data_dir, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len)
         barrier()
     manifest = read_manifest(data_dir, check_files=cfg.data.on_error == "raise")  # skip: the loader warns per shard
-    if manifest["seq_len"] != cfg.data.seq_len:
-        raise SystemExit(f"data.seq_len={cfg.data.seq_len} but the shards in {data_dir} hold sequences of "
-                         f"{manifest['seq_len']} tokens: set data.seq_len={manifest['seq_len']} or rewrite the shards")
-    if manifest["vocab_size"] > cfg.model.vocab_size:
-        raise SystemExit(f"the tokenizer of {data_dir} has {manifest['vocab_size']} tokens but model.vocab_size="
-                         f"{cfg.model.vocab_size}: raise model.vocab_size or retokenize with a smaller vocabulary")
-    if cfg.data.doc_mask and manifest.get("eos_id") != cfg.data.eos_id:
-        raise SystemExit(f"data.eos_id={cfg.data.eos_id} but the shards in {data_dir} end documents with token "
-                         f"{manifest.get('eos_id')}: set data.eos_id={manifest.get('eos_id')}")
+    errors = data_problems(cfg, manifest, data_dir)
+    if errors:
+        raise SystemExit("jambatrain: the data does not fit the config:\n  - " + "\n  - ".join(errors))
     return data_dir
 
 
@@ -409,15 +402,6 @@ def main(raw: DictConfig) -> float | None:
         print(f"jambatrain: step {result['step']} loss {result['loss']:.4f}; metrics, checkpoints and W&B run in "
               f"{run_dir}", flush=True)
     return result.get("loss")  # the value a Hydra sweeper optimises
-
-
-def require_configs() -> None:
-    """Say where the Hydra configs were looked for when they are missing, instead of Hydra's bare "primary config
-    directory not found"."""
-    if not os.path.isfile(os.path.join(CONF_DIR, "train.yaml")):
-        raise SystemExit(f"jambatrain: no Hydra configs at {CONF_DIR} (it needs conf/train.yaml and its groups): "
-                         "install from a checkout with `pip install -e .`, or set JAMBATRAIN_CONF_DIR to the "
-                         "checkout's conf/ directory")
 
 
 def cli() -> None:

@@ -24,21 +24,38 @@ def test_load_cfg_reads_the_preset_and_applies_overrides():
     assert cfg.name == "1.3b+num_experts=16"
 
 
-def test_variants_toggle_exactly_their_switches_and_the_loss_runs():
+def _switches(model) -> set:
+    """Every A/B switch value the built modules hold, as (kind, value) pairs."""
+    out = set()
+    for m in model.modules():
+        if isinstance(m, MambaMixer):
+            out.add(("layout", m.kernel_layout))
+        elif isinstance(m, RMSNorm):
+            out.add(("norm", m.fused))
+        elif isinstance(m, SwiGLU):
+            out.add(("compile", m.compile_elementwise))
+        elif isinstance(m, MoE):
+            out.add(("moe", m.impl))
+    return out
+
+
+def test_variants_set_exactly_their_switches_in_the_config_and_the_loss_runs():
     cfg = throughput.load_cfg(os.path.join(REPO, "conf/model/tiny.yaml"), [])
-    model = JambaLM(cfg)
-    try:
-        throughput.apply_variant(model, "base+native")
-        assert not MambaMixer.kernel_layout and not RMSNorm.fused and not model.cfg.compile_elementwise
-        assert all(m.impl == "native" for m in model.modules() if isinstance(m, MoE))
-        throughput.apply_variant(model, "opt")
-        assert MambaMixer.kernel_layout and RMSNorm.fused and model.cfg.compile_elementwise
-        assert all(m.compile_elementwise for m in model.modules() if isinstance(m, SwiGLU))
-        ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-        loss = throughput.loss_fn("jambatrain", model, ids)
-        assert torch.isfinite(loss) and loss.requires_grad
-    finally:  # class-level switches: leave them as the library defaults for the other tests
-        MambaMixer.kernel_layout, RMSNorm.fused = True, True
+    base = throughput.variant_config(cfg, "base+native")
+    assert (base.mamba_kernel_layout, base.fused_rms_norm, base.compile_elementwise, base.moe_impl) == \
+        (False, False, False, "native")
+    assert _switches(JambaLM(base)) == {("layout", False), ("norm", False), ("compile", False), ("moe", "native")}
+    opt = throughput.variant_config(cfg, "opt")
+    assert opt == cfg  # the defaults are the optimised row
+    model = JambaLM(opt)
+    assert _switches(model) == {("layout", True), ("norm", True), ("compile", True), ("moe", "auto")}
+    only_norm = throughput.variant_config(cfg, "norm")
+    assert (only_norm.mamba_kernel_layout, only_norm.fused_rms_norm, only_norm.compile_elementwise) == \
+        (False, True, False)
+    assert cfg.mamba_kernel_layout and cfg.fused_rms_norm  # the preset's config is not changed
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss = throughput.loss_fn("jambatrain", model, ids)
+    assert torch.isfinite(loss) and loss.requires_grad
 
 
 def test_docs_variant_packs_documents_and_they_reach_the_model():

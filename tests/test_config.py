@@ -5,6 +5,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from jambatrain.config import problems, register_schema, to_train_config
@@ -16,10 +17,16 @@ EXPERIMENTS = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "experiment")
 MODELS = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "model")) if f.endswith(".yaml"))
 
 
-def _compose(overrides):
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    """The default corpus's cache is tmp_path: data.dir=tmp_path with data=stdlib_py is then a path it may build in."""
+    monkeypatch.setenv("JAMBATRAIN_CACHE", str(tmp_path))
+
+
+def _compose(overrides, hydra_cfg=False):
     register_schema()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+        return compose(config_name="train", overrides=overrides, return_hydra_config=hydra_cfg)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -142,3 +149,111 @@ def test_no_weight_decay_on_norms_biases_and_ssm_params():
     assert all(p.dim() >= 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
 
+
+
+GROUP_SCHEMA = {"model": "model", "data": "data", "optim": "optim", "parallel": "parallel", "trainer": "trainer",
+                "logger": "logger"}
+
+
+def _leaves(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _schema_value(key: str):
+    from dataclasses import fields, is_dataclass
+
+    from jambatrain.config import TrainConfig
+
+    node = TrainConfig()
+    for part in key.split("."):
+        if not is_dataclass(node) or part not in {f.name for f in fields(node)}:
+            return KeyError
+        node = getattr(node, part)
+    return node
+
+
+def test_no_yaml_restates_a_schema_default():
+    """The dataclasses in jambatrain/config.py and models/config.py are the one source of every default: a group yaml
+    holds only what differs from them, and an experiment only what differs from the groups it picks."""
+    import yaml
+
+    restated = []
+    for group in GROUP_SCHEMA:
+        for f in sorted(os.listdir(os.path.join(CONF, group))):
+            raw = yaml.safe_load(open(os.path.join(CONF, group, f))) or {}
+            for key, value in _leaves({k: v for k, v in raw.items() if k != "defaults"}):
+                if value == _schema_value(f"{group}.{key}"):
+                    restated.append(f"conf/{group}/{f}: {key}: {value!r}")
+    for exp in EXPERIMENTS:
+        raw = yaml.safe_load(open(os.path.join(CONF, "experiment", f"{exp}.yaml")))
+        full = _compose([f"experiment={exp}", "data.dir=/x"], hydra_cfg=True)
+        picks = [f"{g}={c}" for g, c in full.hydra.runtime.choices.items() if g in GROUP_SCHEMA]
+        base = OmegaConf.to_container(_compose([*picks, "data.dir=/x"]), resolve=False)
+        for key, value in _leaves({k: v for k, v in raw.items() if k not in ("defaults", "name")}):
+            group_value = base
+            for part in key.split("."):
+                group_value = group_value[part]
+            if value == group_value:
+                restated.append(f"conf/experiment/{exp}.yaml: {key}: {value!r} (as its groups {picks})")
+    assert not restated, "\n".join(restated)
+
+
+def test_dir_mandatory_and_manifest_values_with_data_shards(tmp_path):
+    """data=shards without data.dir names the missing key (no default cache path); seq_len, vocabulary and EOS
+    come from the manifest unless set, and every disagreement is reported at once."""
+    from jambatrain.config import data_problems
+
+    with pytest.raises(SystemExit, match="must be set: data.dir"):
+        to_train_config(_compose(["data=shards"]))
+    cfg = to_train_config(_compose(["data=shards", f"data.dir={tmp_path}"]))
+    assert (cfg.data.seq_len, cfg.data.vocab_size, cfg.data.eos_id) == (None, None, None)
+    assert data_problems(cfg, {"seq_len": 512, "vocab_size": 4000, "eos_id": 2}, str(tmp_path)) == []
+    assert (cfg.data.seq_len, cfg.data.vocab_size, cfg.data.eos_id) == (512, 4000, 2)
+    cfg = to_train_config(_compose(["data=shards", f"data.dir={tmp_path}", "data.seq_len=256",
+                                    "model.vocab_size=1000"]))
+    found = data_problems(cfg, {"seq_len": 512, "vocab_size": 4000, "eos_id": 2}, str(tmp_path))
+    assert len(found) == 2 and "data.seq_len=256" in found[0] and "data.seq_len=512" in found[0]
+    assert "model.vocab_size=1000" in found[1]
+
+
+def test_mistyped_data_dir_with_the_default_corpus_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAMBATRAIN_CACHE", str(tmp_path / "cache"))
+    cfg = to_train_config(_compose(["experiment=tiny_cpu"]))
+    assert cfg.data.dir == str(tmp_path / "cache" / "stdlib_py_v4096_s256") and problems(cfg) == []
+    cfg = to_train_config(_compose(["experiment=tiny_cpu", f"data.dir={tmp_path}/stdlib_pyy"]))
+    msg = [p for p in problems(cfg) if "holds no corpus" in p]
+    assert len(msg) == 1 and "JAMBATRAIN_CACHE" in msg[0] and str(tmp_path / "cache") in msg[0]
+    built = tmp_path / "elsewhere"  # a corpus built earlier outside the cache is used as it is
+    built.mkdir()
+    (built / "manifest.json").write_text("{}")
+    assert problems(to_train_config(_compose(["experiment=tiny_cpu", f"data.dir={built}"]))) == []
+
+
+def test_choices_are_enums_checked_once():
+    from jambatrain.models import ModelConfig
+
+    with pytest.raises((ConfigCompositionException, ValidationError)) as err:
+        to_train_config(_compose(["experiment=tiny_cpu", "data.on_error=ignore"]))
+    assert "expected one of [raise, skip]" in str(err.value.__cause__ or err.value)
+    cfg = to_train_config(_compose(["experiment=tiny_cpu", "data.on_error=skip", "model.moe_impl=native"]))
+    assert cfg.data.on_error == "skip" and f"{cfg.model.moe_impl}" == "native"
+    with pytest.raises(ValueError, match="model.moe_impl='fast': choose auto, native, grouped, megablocks"):
+        ModelConfig(moe_impl="fast")
+
+
+def test_a_saved_run_config_resolves_the_cache_dir_in_export(tmp_path):
+    """export_hf reads the run's unresolved .hydra/config.yaml: ${jambatrain_cache:} resolves there too (the tokenizer
+    is found through data.dir)."""
+    import subprocess
+    import sys
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text("data:\n  dir: ${jambatrain_cache:}/stdlib_py_v4096_s256\n")
+    code = f"from jambatrain.export_hf import load_run_config; print(load_run_config({str(saved)!r})['data']['dir'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "JAMBATRAIN_CACHE": str(tmp_path / "c")}).stdout
+    assert out.strip() == str(tmp_path / "c" / "stdlib_py_v4096_s256")

@@ -133,3 +133,15 @@ def test_moe_layer_runs_what_the_report_names_on_cpu():
     model(torch.randint(0, 256, (2, 8)))
     ran = {m.last_backend for m in model.modules() if hasattr(m, "last_backend")}
     assert ran == {"native"} and describe(cfg, "cpu", "fp32", doc_mask=False).paths["moe"] == "native loop"
+
+
+def test_rmsnorm_report_follows_the_config_switch(kernels):
+    """model.fused_rms_norm=false (the bench's A/B) is reported as the eager norm the layers then run."""
+    from jambatrain.models.layers import RMSNorm
+    from jambatrain.models import JambaLM
+
+    kernels(True)
+    for fused, want in ((True, "triton"), (False, "eager")):
+        cfg = _cfg(fused_rms_norm=fused)
+        assert describe(cfg, "cuda", "bf16", doc_mask=False).paths["rmsnorm"] == want
+        assert {m.fused for m in JambaLM(cfg).modules() if isinstance(m, RMSNorm)} == {fused}

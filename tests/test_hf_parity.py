@@ -161,6 +161,21 @@ def test_config_round_trip_and_rope_refused():
     assert to_hf_config(from_hf_config(hc)).to_dict() | ignore == hc.to_dict() | ignore
 
 
+def test_one_name_table_reads_both_ways():
+    """Every weight name goes through hf_convert.NAME_TABLE (or the expert layouts) and comes back the same; a name
+    outside the table is refused in both directions."""
+    cfg = tiny(mamba_proj_bias=True)  # bias suffixes too
+    sd = JambaLM(cfg).state_dict()
+    for fmt in ("fused", "per_expert"):
+        hf_sd = to_hf_state_dict(sd, cfg, expert_format=fmt)
+        back = from_hf_state_dict(hf_sd, cfg)
+        assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    with pytest.raises(KeyError, match="unexpected jambatrain parameter"):
+        to_hf_state_dict({"layers.0.mixer.bogus.weight": torch.zeros(1)})
+    with pytest.raises(KeyError, match="unexpected Hugging Face Jamba weight"):
+        from_hf_state_dict({"model.layers.0.feed_forward.experts.bogus": torch.zeros(1)}, cfg)
+
+
 def test_per_expert_format_matches_fused():
     cfg = tiny()
     sd = randomize(JambaLM(cfg), seed=7).state_dict()

@@ -362,8 +362,6 @@ def test_dense_only_when_one_expert():
     ({"num_experts_per_tok": 5}, "num_experts_per_tok"),
     ({"num_experts_per_tok": 0}, "num_experts_per_tok"),
     ({"use_rope": True, "hidden_size": 30, "num_attention_heads": 2, "num_key_value_heads": 2}, "use_rope"),
-    ({"mamba_impl": "triton"}, "mamba_impl"),
-    ({"moe_impl": "deepspeed"}, "moe_impl"),
     ({"vocab_size": 0}, "vocab_size"),
     ({"mamba_d_state": -1}, "mamba_d_state"),
 ])
@@ -373,6 +371,13 @@ def test_config_problems(bad, field):
     assert problems and any(field in p for p in problems), problems
     with pytest.raises(ValueError, match="invalid model config"):
         JambaLM(cfg)
+
+
+@pytest.mark.parametrize("bad,field", [({"mamba_impl": "triton"}, "mamba_impl"), ({"moe_impl": "deepspeed"}, "moe_impl"),
+                                       ({"activation_checkpointing": "all"}, "activation_checkpointing")])
+def test_a_choice_outside_its_enum_is_refused_at_construction(bad, field):
+    with pytest.raises(ValueError, match=f"model.{field}=.*: choose "):
+        tiny_cfg(**bad)
 
 
 def test_good_configs_have_no_problems():

@@ -60,3 +60,24 @@ def test_too_few_gpus_for_the_model_states_is_said(capsys, tmp_path):
 def test_a_config_that_cannot_run_on_that_many_gpus_is_reported(capsys):
     p = plan.main(["--gpus", "4", "experiment=tiny_cpu", "parallel.expert_parallel_size=3"])
     assert p["problems"] and "PROBLEM:" in capsys.readouterr().out
+
+
+def test_plan_does_not_import_the_trainer():
+    """The planner finds the configs through jambatrain.paths, not through the training entry point."""
+    import subprocess
+    import sys
+
+    code = "import sys, jambatrain.plan as p; p._compose(['experiment=tiny_cpu']); print('jambatrain.train' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_seq_len_left_to_the_manifest_is_read_from_it(tmp_path):
+    """data=shards leaves data.seq_len to the shards' manifest; the plan reads it there, or says to set it."""
+    import json
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"seq_len": 1024}))
+    args = ["--gpus", "2", "experiment=tiny_cpu", "data=shards", f"data.dir={tmp_path}", "parallel.micro_batch_size=2"]
+    assert plan.main(args)["tokens_per_step"] == 2 * 2 * 1024
+    with pytest.raises(SystemExit, match="data.seq_len=N"):
+        plan.main(["--gpus", "2", "data=shards", f"data.dir={tmp_path}/none"])

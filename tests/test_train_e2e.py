@@ -100,6 +100,14 @@ def test_bad_inputs_fail_before_training_with_the_fix(train_env, tmp_path):
     p = run_train(train_env, str(tmp_path / "m"), "data=shards", f"data.dir={tmp_path}/nope", "data.seq_len=256",
                   "trainer.max_steps=1", nproc=1, check=False)
     assert p.returncode != 0 and "does not exist" in p.stderr and "write_shards" in p.stderr
+    # data=shards without data.dir: the key is named (not a default cache path the user never gave)
+    p = run_train(train_env, str(tmp_path / "s"), "data=shards", "trainer.max_steps=1", nproc=1, check=False)
+    assert p.returncode != 0 and "must be set: data.dir" in p.stderr and "cache" not in p.stderr
+    # a mistyped data.dir with the default corpus: refused, no new corpus built there
+    p = run_train(train_env, str(tmp_path / "t"), f"data.dir={tmp_path}/stdlib_pyy", "trainer.max_steps=1", nproc=1,
+                  check=False)
+    assert p.returncode != 0 and "holds no corpus" in p.stderr and "JAMBATRAIN_CACHE" in p.stderr
+    assert not os.path.exists(tmp_path / "stdlib_pyy")
     # resume demanded but nothing to resume
     p = run_train(train_env, str(tmp_path / "r"), "trainer.resume=true", "trainer.max_steps=1", nproc=1,
                   check=False)

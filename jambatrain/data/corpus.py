@@ -1,8 +1,8 @@
 """The built-in default corpus: the running Python's standard library sources.
 
 It needs no download, so smoke runs and tests always have real text. The
-corpus depends on the Python version (3.11 here: 674 files, ~11 MB); the
-build is deterministic for a given interpreter and takes ~10 s on 2 cores.
+corpus depends on the Python version; the build is deterministic for a given
+interpreter (its size and build time: docs/benchmarks.md, "CPU figures").
 """
 
 from __future__ import annotations

@@ -2,12 +2,51 @@
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
+from enum import Enum
+
+
+class Choice(str, Enum):
+    """A config field with a fixed set of values (OmegaConf types them; a wrong one fails at start-up). Members are
+    named by their values, so they compare, print and serialise as the plain string (``"auto"``)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def choices(cls) -> str:
+        return ", ".join(m.value for m in cls)
+
+
+def choice(name: str, *values: str, module: str = __name__) -> type[Choice]:
+    """A ``Choice`` enum whose members are ``values``, each named by its value."""
+    return Choice(name, {v: v for v in values}, module=module)
+
+
+def coerce_choices(obj, prefix: str) -> None:
+    """Turn every ``Choice`` field of the dataclass ``obj`` given as a plain string into its member: the one check of
+    a choice for configs built in Python (``ModelConfig(moe_impl="native")``); OmegaConf checks composed ones."""
+    for name, tp in typing.get_type_hints(type(obj)).items():
+        if isinstance(tp, type) and issubclass(tp, Choice) and not isinstance(getattr(obj, name), tp):
+            value = getattr(obj, name)
+            try:
+                setattr(obj, name, tp(value))
+            except ValueError:
+                raise ValueError(f"{prefix}{name}={value!r}: choose {tp.choices()}") from None
+
+
+MambaImpl = choice("MambaImpl", "auto", "reference", "cuda")
+MoEImpl = choice("MoEImpl", "auto", "native", "grouped", "megablocks")
+Recompute = choice("Recompute", "none", "full", "ffn", "mixer")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"
+    name: str = "jamba_v0_1"  # the defaults below are Jamba v0.1 (= HF JambaConfig())
     vocab_size: int = 65536
     hidden_size: int = 4096
     intermediate_size: int = 14336
@@ -40,16 +79,23 @@ class ModelConfig:
     initializer_range: float = 0.02
     max_position_embeddings: int = 262144
     # kernels: "auto" takes the fused kernel when it is importable and tensors are on CUDA
-    mamba_impl: str = "auto"  # auto | reference | cuda
-    moe_impl: str = "auto"  # auto | native | grouped (torch._grouped_mm) | megablocks
+    mamba_impl: MambaImpl = MambaImpl.auto  # auto | reference | cuda
+    moe_impl: MoEImpl = MoEImpl.auto  # auto | native | grouped (torch._grouped_mm) | megablocks
     # recompute in backward instead of storing: none | full (whole layers) | ffn (FFN/MoE sub-layers: the
     # large expert intermediates) | mixer (Mamba/attention sub-layers)
-    activation_checkpointing: str = "none"
+    activation_checkpointing: Recompute = Recompute.none
     # >0: training loss computed this many tokens at a time with the logits recomputed in backward (memory)
     loss_chunk_tokens: int = 0
     # CUDA only: torch.compile the SwiGLU product and the fp32 cross-entropy (models/fused_ops.py)
     compile_elementwise: bool = True
+    # CUDA only, A/B switches of bench/throughput.py (True is the fast path): mamba-ssm's fused Triton RMSNorm; the
+    # Mamba kernels in the (d, batch*seq) layout (models/mamba.py) instead of the generic forward
+    fused_rms_norm: bool = True
+    mamba_kernel_layout: bool = True
     init_from: str | None = None  # HF Jamba directory to initialise weights from
+
+    def __post_init__(self):
+        coerce_choices(self, "model.")
 
     @property
     def head_dim(self) -> int:
@@ -96,15 +142,8 @@ class ModelConfig:
                      f"{self.num_experts}]")
         if self.use_rope and self.head_dim % 2:
             p.append(f"model.use_rope needs an even head_dim, got {self.head_dim}")
-        for k in ("mamba_impl",):
-            if getattr(self, k) not in ("auto", "reference", "cuda"):
-                p.append(f"model.{k}={getattr(self, k)!r}: choose auto, reference or cuda")
-        if self.activation_checkpointing not in ("none", "full", "ffn", "mixer"):
-            p.append(f"model.activation_checkpointing={self.activation_checkpointing!r}: choose none, full, ffn or mixer")
         if self.loss_chunk_tokens < 0:
             p.append(f"model.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0 = whole-batch loss)")
-        if self.moe_impl not in ("auto", "native", "grouped", "megablocks"):
-            p.append(f"model.moe_impl={self.moe_impl!r}: choose auto, native, grouped or megablocks")
         for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "mamba_d_state",
                   "mamba_d_conv", "mamba_expand"):
             if getattr(self, k) <= 0:

@@ -55,7 +55,7 @@ def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool,
             fp.paths["attention"] = "flex attention (document mask)"
         else:
             fp.paths["attention"] = "flash SDPA" if cuda and precision == "bf16" and not doc_mask else "SDPA"
-    fp.paths["rmsnorm"] = "triton" if cuda and k["rms_norm"] else "eager"
+    fp.paths["rmsnorm"] = "triton" if cuda and k["rms_norm"] and cfg.fused_rms_norm else "eager"
     if cfg.num_experts > 1:
         moe = moe_backends.decide(cfg.moe_impl, device_type, precision == "bf16", cfg.hidden_size,
                                   cfg.intermediate_size)

@@ -24,9 +24,9 @@ class JambaBlock(nn.Module):
         super().__init__()
         self.is_attention = cfg.is_attention_layer(layer_idx)
         self.is_moe = cfg.is_moe_layer(layer_idx)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.fused_rms_norm)
         self.mixer = Attention(cfg) if self.is_attention else MambaMixer(cfg)
-        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.fused_rms_norm)
         self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size,
                                                          cfg.compile_elementwise)
 
@@ -96,7 +96,7 @@ class JambaLM(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(JambaBlock(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.fused_rms_norm)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

@@ -9,15 +9,14 @@ from .ssm_ops import fused_rms_norm
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back (as HF ``JambaRMSNorm``). On CUDA it runs as one fused Triton
-    kernel each way when mamba-ssm imports (``ssm_ops.fused_rms_norm``; set ``RMSNorm.fused = False`` to
-    compare against the eager ops)."""
+    """RMSNorm computed in fp32 and cast back (as HF ``JambaRMSNorm``). With ``fused`` (``model.fused_rms_norm``)
+    it runs on CUDA as one fused Triton kernel each way when mamba-ssm imports (``ssm_ops.fused_rms_norm``);
+    ``fused=False`` keeps the eager ops (the A/B of bench/throughput.py)."""
 
-    fused = True
-
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, fused: bool = True):
         super().__init__()
         self.eps = eps
+        self.fused = fused
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

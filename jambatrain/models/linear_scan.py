@@ -3,9 +3,8 @@
 This is the core of the reference selective scan. Autograd never records the recurrence itself: the
 backward is the same recurrence run in reverse, g_t = dh_t + a_{t+1} g_{t+1}, then da_t = g_t h_{t-1},
 dx_t = g_t. Two forward algorithms, picked by device:
-  * CPU: the sequential recurrence, in place, no autograd. On 2 CPU cores at (b*d=2048, L=256, n=16) it
-    is ~3x faster than the chunked parallel form: a scan is memory-bound there and the parallel form does
-    log2(chunk) times the work.
+  * CPU: the sequential recurrence, in place, no autograd. A scan is memory-bound there and the parallel form
+    does log2(chunk) times the work, so the sequential one is faster (docs/benchmarks.md, "CPU figures").
   * CUDA (when mamba-ssm's kernel is absent): chunked Hillis-Steele scan, log2(chunk) vectorised steps
     inside chunks and one step per chunk across them, so the launch count is L/chunk + log2(chunk),
     not L. Every a_t is in [0, 1], so products never overflow.

@@ -19,6 +19,9 @@ class MambaMixer(nn.Module):
         d, n, r = cfg.mamba_d_inner, cfg.mamba_d_state, cfg.dt_rank
         self.d_inner, self.d_state, self.dt_rank = d, n, r
         self.impl = cfg.mamba_impl
+        # CUDA kernel path in the (d, batch*seq) layout of _forward_kernels; False: the generic forward (the A/B of
+        # bench/throughput.py)
+        self.kernel_layout = cfg.mamba_kernel_layout
         self.compile_elementwise = cfg.compile_elementwise
         self.in_proj = nn.Linear(cfg.hidden_size, 2 * d, bias=cfg.mamba_proj_bias)
         self.conv1d = nn.Conv1d(d, d, cfg.mamba_d_conv, groups=d, padding=cfg.mamba_d_conv - 1,
@@ -28,9 +31,9 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(d, n))
         self.D = nn.Parameter(torch.empty(d))
         self.out_proj = nn.Linear(d, cfg.hidden_size, bias=cfg.mamba_proj_bias)
-        self.dt_layernorm = RMSNorm(r, cfg.rms_norm_eps)
-        self.b_layernorm = RMSNorm(n, cfg.rms_norm_eps)
-        self.c_layernorm = RMSNorm(n, cfg.rms_norm_eps)
+        self.dt_layernorm = RMSNorm(r, cfg.rms_norm_eps, cfg.fused_rms_norm)
+        self.b_layernorm = RMSNorm(n, cfg.rms_norm_eps, cfg.fused_rms_norm)
+        self.c_layernorm = RMSNorm(n, cfg.rms_norm_eps, cfg.fused_rms_norm)
 
     @torch.no_grad()
     def reset_ssm_parameters(self):
@@ -39,9 +42,6 @@ class MambaMixer(nn.Module):
         self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32, device=self.A_log.device))
                          .expand(self.d_inner, n))
         self.D.fill_(1.0)
-
-    # CUDA kernel path in the (d, batch*seq) layout below; False: the generic forward (A/B in bench/throughput.py)
-    kernel_layout = True
 
     def forward(self, x: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:
         """x: (batch, seq, hidden) -> (batch, seq, hidden). reset: optional bool (batch, seq) document starts."""
