@@ -468,7 +468,10 @@ def test_expert_parallel_exchange_path_on_gpu(impl):
                                         edp_rank=0, group_name="ep_size_1")
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=256, intermediate_size=512, num_experts=8, num_experts_per_tok=2, moe_impl=impl)
-    plain = MoE(cfg).to(DEV, torch.bfloat16)
+    plain = MoE(cfg)
+    plain.init_experts(0.02, 0.02)  # the stacked weights are torch.empty until a model initialises them
+    torch.nn.init.normal_(plain.router.weight, 0.0, 0.02)
+    plain = plain.to(DEV, torch.bfloat16)
     with torch.no_grad():
         plain.router.weight[:, 0] = 0.0
         plain.router.weight[3, 0] = -100.0  # with x[:, 0] = 1: expert 3 gets no token
