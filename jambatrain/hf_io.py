@@ -124,6 +124,18 @@ def save_hf_tokenizer(tokenizer_path: str, out_dir: str) -> list[str]:
     return ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
 
 
+def init_from_problems(cfg: ModelConfig, path: str) -> list[str]:
+    """Why ``model.init_from=path`` cannot initialise a model of ``cfg``, from its config.json alone (the start-up
+    check, before any data or model): a missing directory or config, or every architecture field that differs."""
+    try:
+        theirs = from_hf_config(_read_hf_config(path))
+    except (OSError, ValueError) as exc:
+        return [str(exc)]
+    bad = config_mismatches(cfg, theirs)
+    return [f"model.init_from={path}: its config.json does not match the model config: " + "; ".join(bad)
+            + ". Set these model.* fields to the checkpoint's values"] if bad else []
+
+
 def _read_hf_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):

@@ -99,6 +99,10 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
     paths = describe_fast_paths(cfg.model, dist.device.type, resolve_precision(cfg, dist.device), cfg.data.doc_mask,
                                 cfg.parallel.expert_parallel_size)
     errors = problems(cfg, dist.world_size) + paths.errors
+    if cfg.model.init_from:
+        from .hf_io import init_from_problems
+
+        errors += init_from_problems(cfg.model, cfg.model.init_from)
     if errors:
         raise SystemExit("jambatrain: invalid configuration:\n  - " + "\n  - ".join(errors))
     tr = cfg.trainer

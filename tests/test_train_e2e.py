@@ -367,6 +367,12 @@ def test_pretraining_starts_from_an_exported_hf_directory(train_env, tmp_path):
     trained = metrics(src)[-1]["loss"]
     assert first_warm < first_fresh - 0.5, (first_warm, first_fresh, trained)
     assert first_warm < trained + 0.3, (first_warm, trained)  # no worse than the trained model on its own data
+    # an init of another architecture: refused at start-up with every differing field, not inside a traceback
+    p = run_train(train_env, str(tmp_path / "mismatch"), "trainer.max_steps=1", f"model.init_from={hf_dir}",
+                  "model.num_hidden_layers=4", *common, nproc=1, check=False)
+    assert p.returncode != 0 and "does not match the model config" in p.stderr and "num_hidden_layers" in p.stderr
+    assert "Traceback" not in p.stderr and "parameters" not in p.stdout  # before the model was built
+    assert not os.path.exists(os.path.join(warm, "train.log"))  # no empty Hydra log file in run dirs
     # a corrupted init: a NaN weight is refused at load, with the tensor named ...
     from safetensors.torch import load_file, save_file
 
