@@ -145,3 +145,24 @@ def test_rmsnorm_report_follows_the_config_switch(kernels):
         cfg = _cfg(fused_rms_norm=fused)
         assert describe(cfg, "cuda", "bf16", doc_mask=False).paths["rmsnorm"] == want
         assert {m.fused for m in JambaLM(cfg).modules() if isinstance(m, RMSNorm)} == {fused}
+
+
+@pytest.mark.parametrize("impl", ["auto", "cuda", "reference"])
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+@pytest.mark.parametrize("doc_mask", [True, False])
+@pytest.mark.parametrize("available,scan_reset", [(True, True), (True, False), (False, False)])
+def test_mamba_report_names_the_path_the_mixer_takes(kernels, impl, device, doc_mask, available, scan_reset):
+    """The start-up report and the mixer's run-time choice (``ssm_ops.mamba_kernel_path``) agree."""
+    import torch
+
+    from types import SimpleNamespace
+
+    kernels(available, scan_reset=scan_reset)
+    fp = describe(_cfg(mamba_impl=impl), device, "bf16", doc_mask=doc_mask)
+    x = SimpleNamespace(device=torch.device(device))
+    try:
+        kernel = ssm_ops.mamba_kernel_path(impl, x, doc_reset=doc_mask)
+    except RuntimeError as exc:
+        assert fp.errors and "model.mamba_impl=cuda" in str(exc)
+        return
+    assert (fp.paths["mamba"] != "reference scan") == kernel

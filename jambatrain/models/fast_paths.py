@@ -31,25 +31,12 @@ def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool,
     layers = range(cfg.num_hidden_layers)
 
     if any(not cfg.is_attention_layer(i) for i in layers):
-        kernels = k["selective_scan"] and k["causal_conv1d"]
-        if cfg.mamba_impl == "cuda" and not (cuda and kernels):
-            fp.errors.append("model.mamba_impl=cuda needs a CUDA device and the mamba-ssm / causal-conv1d kernels "
-                             "(launch/build_kernels.sh); use model.mamba_impl=auto")
-        fast = cuda and cfg.mamba_impl != "reference"
-        if fast and doc_mask and k.get("scan_reset"):
-            fp.paths["mamba"] = "scan-reset kernel + compiled doc conv" if cfg.compile_elementwise \
-                else "scan-reset kernel + eager doc conv"
-        elif fast and kernels and not doc_mask:
-            fp.paths["mamba"] = "mamba-ssm scan + causal-conv1d"
-        else:
-            fp.paths["mamba"] = "reference scan"
-            if cuda and cfg.mamba_impl == "auto" and not kernels:
-                fp.warnings.append("mamba-ssm / causal-conv1d do not import: Mamba layers run the pure-PyTorch "
-                                   "reference scan, many times slower; build them with launch/build_kernels.sh")
-            elif fast and doc_mask:
-                fp.warnings.append("data.doc_mask=true but jambatrain's scan-reset kernel (jambatrain_scan_reset_cuda) "
-                                   "does not import, so Mamba layers run the reference scan, many times slower: build "
-                                   "it with launch/build_kernels.sh (WHICH=reset), or set data.doc_mask=false")
+        mamba = ssm_ops.decide_mamba(cfg.mamba_impl, device_type, doc_mask)
+        conv = "compiled doc conv" if cfg.compile_elementwise else "eager doc conv"
+        fp.paths["mamba"] = {"reset-kernel": f"scan-reset kernel + {conv}", "kernels": "mamba-ssm scan + causal-conv1d",
+                             "reference": "reference scan"}[mamba.name]
+        fp.errors += [mamba.error] if mamba.error else []
+        fp.warnings += [mamba.warning] if mamba.warning else []
     if any(cfg.is_attention_layer(i) for i in layers):
         if cuda and doc_mask and attention.flex_available():
             fp.paths["attention"] = "flex attention (document mask)"

@@ -6,6 +6,8 @@ The references follow ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -74,13 +76,48 @@ def kernels_available() -> dict[str, bool]:
             "rms_norm": _rms_norm_triton is not None, "scan_reset": _scan_reset_ext is not None}
 
 
+@dataclass(frozen=True)
+class MambaPath:
+    name: str  # "reset-kernel" | "kernels" | "reference"
+    error: str | None = None  # model.mamba_impl=cuda where the kernels cannot run
+    warning: str | None = None  # a slow path a CUDA run would take, with its fix
+
+
+def decide_mamba(impl: str, device_type: str, doc_reset: bool) -> MambaPath:
+    """The Mamba mixer's path for ``model.mamba_impl=impl`` on ``device_type``, with or without document resets: the
+    one decision, used by the mixer at run time (``mamba_kernel_path``) and the start-up report (``fast_paths``).
+    Without resets: mamba-ssm's scan and causal-conv1d. With them: jambatrain's scan-with-reset kernel (the conv then
+    runs ``causal_conv1d_doc``), else the reference path."""
+    cuda = device_type == "cuda"
+    k = kernels_available()
+    kernels = k["selective_scan"] and k["causal_conv1d"]
+    error = None
+    if impl == "cuda" and not (cuda and kernels):
+        error = ("model.mamba_impl=cuda needs a CUDA device and the mamba-ssm / causal-conv1d kernels "
+                 "(launch/build_kernels.sh); use model.mamba_impl=auto")
+    fast = cuda and impl != "reference"
+    if fast and doc_reset and k["scan_reset"]:
+        return MambaPath("reset-kernel", error)
+    if fast and kernels and not doc_reset:
+        return MambaPath("kernels", error)
+    warning = None
+    if cuda and impl == "auto" and not kernels:
+        warning = ("mamba-ssm / causal-conv1d do not import: Mamba layers run the pure-PyTorch reference scan, many "
+                   "times slower; build them with launch/build_kernels.sh")
+    elif fast and doc_reset:
+        warning = ("data.doc_mask=true but jambatrain's scan-reset kernel (jambatrain_scan_reset_cuda) does not "
+                   "import, so Mamba layers run the reference scan, many times slower: build it with "
+                   "launch/build_kernels.sh (WHICH=reset), or set data.doc_mask=false")
+    return MambaPath("reference", error, warning)
+
+
 def mamba_kernel_path(impl: str, x: torch.Tensor, doc_reset: bool = False) -> bool:
-    """True when the Mamba mixer's kernel path runs for ``x`` (raises for impl=cuda without the kernels).
-    Without document resets: the conv and scan kernels. With them (``doc_reset``): the scan-with-reset kernel
-    (the conv then runs ``causal_conv1d_doc``); when that is not built, the reference path runs."""
-    if doc_reset:
-        return impl != "reference" and x.is_cuda and _scan_reset_ext is not None
-    return _use_kernel(_causal_conv1d_cuda, impl, x) and _use_kernel(_selective_scan_cuda, impl, x)
+    """True when the Mamba mixer's kernel path runs for ``x`` (``decide_mamba``; raises for impl=cuda without the
+    kernels, unless document resets send it to the reference path)."""
+    path = decide_mamba(impl, x.device.type, doc_reset)
+    if path.error and not doc_reset:
+        raise RuntimeError(path.error)
+    return path.name != "reference"
 
 
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
