@@ -31,7 +31,6 @@ class StepGuard:
         self.mean: float | None = None  # running mean of the good steps' losses
         self.good_steps = 0
         self.in_a_row = 0
-        self.forced = 0  # steps this guard skipped (DeepSpeed's own skips are in engine.skipped_steps)
         self.last_loss: float | None = None  # this rank's mean loss of the last checked step
         self._skip_next = False
         self._install(engine.optimizer)
@@ -50,11 +49,10 @@ class StepGuard:
         bad = any_rank(reason is not None)
         self._skip_next = bad
         if bad:
-            self.forced += 1
             return reason or "a bad loss on another rank"
         return None
 
-    def after_step(self, skipped_before: int, loss: float | None) -> bool:
+    def after_step(self, skipped_before: int) -> bool:
         """After the step's ``engine.step()``: whether the step was skipped (forced or by DeepSpeed); updates the
         streak and the running mean. Raises SystemExit past ``max_skipped`` skips in a row."""
         self._skip_next = False
@@ -67,6 +65,7 @@ class StepGuard:
                                  "optim.lr, raise optim.warmup_steps, or check the data (data_prep.verify)")
         else:
             self.in_a_row = 0
+            loss = self.last_loss
             if loss is not None and math.isfinite(loss):
                 self.good_steps += 1
                 self.mean = loss if self.mean is None else 0.9 * self.mean + 0.1 * loss

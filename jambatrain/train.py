@@ -125,13 +125,14 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
     if tag is None or not (tr.resume or tr.auto_resume):
         return paths, None
     errors = checkpoint.check_resumable(run_dir, tag, asdict(cfg.model), dist.world_size, cfg.parallel.zero_stage)
-    saved = checkpoint.read_state(run_dir, tag).parallel
+    saved_state = checkpoint.read_state(run_dir, tag)
+    saved = saved_state.parallel
     gas, problem = checkpoint.resume_grad_accum(saved, dist.world_size, cfg.parallel.micro_batch_size,
                                                 cfg.parallel.grad_accum_steps)
     errors += [problem] if problem else []
     if errors:
         raise SystemExit("jambatrain: cannot resume:\n  - " + "\n  - ".join(errors))
-    horizon = checkpoint.read_state(run_dir, tag).decay_steps
+    horizon = saved_state.decay_steps
     if cfg.optim.decay_steps is None and horizon and horizon != tr.max_steps:
         if dist.is_main:
             print(f"jambatrain: keeping the checkpoint's LR schedule (cosine decay over {horizon} steps, then the floor) "
@@ -351,7 +352,7 @@ def train_step(engine, batches, guard: StepGuard, cfg: TrainConfig, dist: DistIn
         if i == gas - 1:  # before the step that applies (or skips) the update
             reason = guard.check(losses[0], gas)
         engine.step()
-    skipped = guard.after_step(skipped_before, guard.last_loss)
+    skipped = guard.after_step(skipped_before)
     if skipped and reason is None:
         reason = "non-finite gradients"
     return losses[1:], reason if skipped else None

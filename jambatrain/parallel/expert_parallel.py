@@ -169,10 +169,6 @@ def mark_expert_params(model: nn.Module, ep: ExpertParallel) -> None:
                 p.group_name = ep.group_name
 
 
-def is_expert_param(p: torch.Tensor) -> bool:
-    return getattr(p, "allreduce", True) is False
-
-
 def split_param_groups(groups: list[dict]) -> list[dict]:
     """DeepSpeed keeps a client optimizer's groups as they are: expert parameters must sit in groups of their own,
     flagged ``moe`` and named after their EDP group, which DeepSpeed's splitter builds from named groups."""
