@@ -1,0 +1,162 @@
+"""Where shards live: a local directory, an ``http(s)://`` URL, an fsspec URL (``s3://``, ``gs://``, ... when fsspec
+and its backend are installed) or a webdataset-style ``pipe:`` command.
+
+A store reads whole files (the manifest, the per-shard record indexes) and byte ranges of files (the samples a
+rank needs: shards hold fixed-size records). Remote reads are retried with exponential backoff on transient errors
+(connection refused/reset/dropped mid-body, timeouts, HTTP 5xx/429, a short body); after ``attempts`` failures a
+``ShardDataError`` names the URL. A missing file (HTTP 404, ``FileNotFoundError``) raises ``FileNotFoundError``
+at once. No credentials are handled here: fsspec backends use their usual environment/config.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+
+class StoreError(OSError):
+    """A remote read that failed ``attempts`` times (the message names the URL)."""
+
+
+def is_url(location: str) -> bool:
+    return "://" in location or location.startswith("pipe:")
+
+
+class LocalStore:
+    def __init__(self, root: str):
+        self.root = root
+
+    def url(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def read(self, name: str) -> bytes:
+        with open(self.url(name), "rb") as f:
+            return f.read()
+
+    def read_range(self, name: str, start: int, length: int) -> bytes:
+        fd = os.open(self.url(name), os.O_RDONLY)
+        try:
+            return os.pread(fd, length, start)
+        finally:
+            os.close(fd)
+
+    def size(self, name: str) -> int | None:
+        try:
+            return os.path.getsize(self.url(name))
+        except OSError:
+            return None
+
+
+class _RetryingStore:
+    """Retries ``_fetch`` with exponential backoff (``backoff * 2**k`` seconds, capped at 30 s)."""
+
+    transient = (OSError, EOFError, TimeoutError)
+
+    def __init__(self, root: str, attempts: int = 6, backoff: float = 0.2, timeout: float = 60.0):
+        self.root = root.rstrip("/")
+        self.attempts, self.backoff, self.timeout = attempts, backoff, timeout
+        self.retries = 0  # transient failures survived (for logs and tests)
+
+    def url(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def _retry(self, name: str, fetch, expect: int | None = None) -> bytes:
+        last = None
+        for attempt in range(self.attempts):
+            if attempt:
+                self.retries += 1
+                time.sleep(min(30.0, self.backoff * 2 ** (attempt - 1)))
+            try:
+                data = fetch()
+            except FileNotFoundError:
+                raise
+            except self.transient as exc:
+                last = exc
+                continue
+            if expect is not None and len(data) != expect:
+                last = EOFError(f"got {len(data)} of {expect} bytes")
+                continue
+            return data
+        raise StoreError(f"cannot read {self.url(name)}: {self.attempts} attempts failed (last: "
+                         f"{type(last).__name__}: {last}); check that the server is up and the URL is right")
+
+    def read(self, name: str) -> bytes:
+        return self._retry(name, lambda: self._fetch(name, None, None))
+
+    def read_range(self, name: str, start: int, length: int) -> bytes:
+        return self._retry(name, lambda: self._fetch(name, start, length), expect=length)
+
+    def size(self, name: str) -> int | None:
+        return None  # not checked up front (one request per shard); problems surface when a shard is read
+
+
+class HttpStore(_RetryingStore):
+    """``http(s)://`` with Range requests (the server must honour them: 206; a 200 is cut to the range)."""
+
+    def _fetch(self, name: str, start: int | None, length: int | None) -> bytes:
+        req = urllib.request.Request(self.url(name))
+        if start is not None:
+            req.add_header("Range", f"bytes={start}-{start + length - 1}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                data = resp.read()
+                declared = resp.headers.get("Content-Length")
+                if declared is not None and int(declared) != len(data):
+                    raise EOFError(f"body cut short: {len(data)} of {declared} bytes")
+                if start is not None and resp.status == 200:  # no range support: the whole file came
+                    data = data[start:start + length]
+                return data
+        except urllib.error.HTTPError as exc:
+            if exc.code in (404, 410):
+                raise FileNotFoundError(f"{self.url(name)}: HTTP {exc.code}") from exc
+            if exc.code in (408, 429) or exc.code >= 500:
+                raise OSError(f"HTTP {exc.code}") from exc
+            raise StoreError(f"{self.url(name)}: HTTP {exc.code} {exc.reason}") from exc
+
+
+class FsspecStore(_RetryingStore):
+    def __init__(self, root: str, **kw):
+        try:
+            import fsspec
+        except ImportError as exc:
+            raise StoreError(f"data.dir={root} needs fsspec (and its backend, e.g. s3fs or gcsfs): "
+                             "pip install fsspec s3fs") from exc
+        super().__init__(root, **kw)
+        self.fs, _ = fsspec.core.url_to_fs(root)
+
+    def _fetch(self, name: str, start: int | None, length: int | None) -> bytes:
+        if start is None:
+            return self.fs.cat_file(self.url(name))
+        return self.fs.cat_file(self.url(name), start=start, end=start + length)
+
+
+class PipeStore(_RetryingStore):
+    """``pipe:CMD`` where CMD holds ``{name}``, e.g. ``pipe:aws s3 cp s3://bucket/c4/{name} -``: each read runs the
+    command and keeps the byte range it needs (whole files only: prefer fsspec for large shards)."""
+
+    def url(self, name: str) -> str:
+        return self.root.replace("{name}", name)
+
+    def _fetch(self, name: str, start: int | None, length: int | None) -> bytes:
+        cmd = self.url(name)[len("pipe:"):]
+        proc = subprocess.run(shlex.split(cmd), capture_output=True, timeout=self.timeout)
+        if proc.returncode != 0:
+            err = proc.stderr.decode(errors="replace").strip().splitlines()
+            raise OSError(f"exit {proc.returncode}: {err[-1] if err else ''}")
+        data = proc.stdout
+        return data if start is None else data[start:start + length]
+
+
+def open_store(location: str, attempts: int = 6, backoff: float = 0.2, timeout: float = 60.0):
+    if location.startswith("pipe:"):
+        if "{name}" not in location:
+            raise StoreError(f"data.dir={location}: a pipe: command must hold {{name}} (the file to fetch)")
+        return PipeStore(location, attempts=attempts, backoff=backoff, timeout=timeout)
+    if location.startswith(("http://", "https://")):
+        return HttpStore(location, attempts=attempts, backoff=backoff, timeout=timeout)
+    if "://" in location:
+        return FsspecStore(location, attempts=attempts, backoff=backoff, timeout=timeout)
+    return LocalStore(location)
