@@ -46,7 +46,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from jambatrain.data.remote import is_url, open_store
+from jambatrain.data.remote import StoreError, is_url, open_store
 from jambatrain.data.shards import (INDEX_DIGEST, REPAIR_HINT, ShardDataError, read_manifest, record_digest,
                                     shard_file_problem)
 
@@ -265,6 +265,8 @@ class _Plan:
         fix = "rebuild the shards (re-run python -m data_prep.write_shards; it rewrites damaged shards)"
         if isinstance(exc, FileNotFoundError):
             return f"{what} is missing ({exc}) [sample {{key}}]: {fix}"
+        if isinstance(exc, StoreError):  # already names the URL and the attempts
+            return f"{exc} [sample {{key}}]"
         return f"cannot read {what} ({exc}) [sample {{key}}]"
 
     def _index(self, shard: int) -> bytes | str:
@@ -412,7 +414,7 @@ class TokenShardLoader:
         if not 0 <= dp_rank < dp_size or micro_batch_size < 1 or num_workers < 0:
             raise ValueError(f"bad loader geometry: dp_rank={dp_rank} dp_size={dp_size} "
                              f"micro_batch_size={micro_batch_size} num_workers={num_workers}")
-        manifest = read_manifest(data_dir, check_files=False)
+        manifest = read_manifest(data_dir, check_files=False, store_options=store_options)
         excluded = set()
         if split in manifest["splits"] and not is_url(data_dir):  # a missing or truncated shard: refused now, or
             for i, entry in enumerate(manifest["splits"][split]["shards"]):  # left out of the stream

@@ -9,12 +9,15 @@ at once. No credentials are handled here: fsspec backends use their usual enviro
 """
 from __future__ import annotations
 
+import http.client
 import os
 import shlex
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 
 
 class StoreError(OSError):
@@ -53,7 +56,7 @@ class LocalStore:
 class _RetryingStore:
     """Retries ``_fetch`` with exponential backoff (``backoff * 2**k`` seconds, capped at 30 s)."""
 
-    transient = (OSError, EOFError, TimeoutError)
+    transient = (OSError, EOFError, TimeoutError, http.client.HTTPException)
 
     def __init__(self, root: str, attempts: int = 6, backoff: float = 0.2, timeout: float = 60.0):
         self.root = root.rstrip("/")
@@ -94,7 +97,27 @@ class _RetryingStore:
 
 
 class HttpStore(_RetryingStore):
-    """``http(s)://`` with Range requests (the server must honour them: 206; a 200 is cut to the range)."""
+    """``http(s)://`` with Range requests. A server that ignores them (200 with the whole file, e.g.
+    ``python -m http.server``) works too: the store then keeps the last few whole files it fetched."""
+
+    def __init__(self, root: str, **kw):
+        super().__init__(root, **kw)
+        self.ranges = True
+        self._lock = threading.Lock()
+        self._whole: OrderedDict = OrderedDict()
+
+    def read_range(self, name: str, start: int, length: int) -> bytes:
+        if self.ranges:
+            return super().read_range(name, start, length)
+        with self._lock:
+            data = self._whole.get(name)
+        if data is None:
+            data = self.read(name)
+            with self._lock:
+                self._whole[name] = data
+                while len(self._whole) > 4:
+                    self._whole.popitem(last=False)
+        return data[start:start + length]
 
     def _fetch(self, name: str, start: int | None, length: int | None) -> bytes:
         req = urllib.request.Request(self.url(name))
@@ -107,6 +130,7 @@ class HttpStore(_RetryingStore):
                 if declared is not None and int(declared) != len(data):
                     raise EOFError(f"body cut short: {len(data)} of {declared} bytes")
                 if start is not None and resp.status == 200:  # no range support: the whole file came
+                    self.ranges = False
                     data = data[start:start + length]
                 return data
         except urllib.error.HTTPError as exc:
@@ -160,3 +184,49 @@ def open_store(location: str, attempts: int = 6, backoff: float = 0.2, timeout: 
     if "://" in location:
         return FsspecStore(location, attempts=attempts, backoff=backoff, timeout=timeout)
     return LocalStore(location)
+
+
+def serve_directory(directory: str, drop_every: int = 0):
+    """A threaded loopback HTTP server of ``directory`` with Range support, for tests and ``bench/loader.py``;
+    ``drop_every=k`` cuts every k-th response off half-way through its body (a flaky server). Returns
+    ``(server, base_url)``; ``server.shutdown()`` stops it."""
+    import functools
+    import http.server
+
+    counter = {"n": 0}
+    lock = threading.Lock()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            path = self.translate_path(self.path)
+            if not os.path.isfile(path):
+                self.send_error(404)
+                return
+            with open(path, "rb") as f:
+                data = f.read()
+            status, rng = 200, self.headers.get("Range")
+            if rng and rng.startswith("bytes="):
+                a, b = rng[len("bytes="):].split("-")
+                data, status = data[int(a):int(b) + 1], 206
+            with lock:
+                counter["n"] += 1
+                drop = drop_every and counter["n"] % drop_every == 0
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if drop:
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            self.wfile.write(data)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Handler, directory=directory))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"

@@ -409,7 +409,8 @@ def manifest_summary(manifest: dict) -> str:
                      f"{info['num_tokens']} tokens" for split, info in manifest["splits"].items())
 
 
-def read_manifest(data_dir: str, check_files: bool = True, check_tokenizer: bool = True) -> dict:
+def read_manifest(data_dir: str, check_files: bool = True, check_tokenizer: bool = True,
+                  store_options: dict | None = None) -> dict:
     """Load and validate ``data_dir/manifest.json``; raise ``ShardDataError`` naming the problem.
 
     ``check_files``: every shard exists with its recorded size (no checksums: the loader verifies each
@@ -423,11 +424,13 @@ def read_manifest(data_dir: str, check_files: bool = True, check_tokenizer: bool
     if remote:  # the shards' sizes and the tokenizer are checked when read (no request per shard up front)
         check_files = check_tokenizer = False
         try:
-            manifest = json.loads(open_store(data_dir).read(MANIFEST))
+            manifest = json.loads(open_store(data_dir, **(store_options or {})).read(MANIFEST))
         except FileNotFoundError as exc:
             raise ShardDataError(f"{path} not found ({exc}): check data.dir, or upload the directory that "
                                  "write_shards built (manifest.json, *.tar, *.idx)") from exc
-        except (StoreError, OSError, ValueError) as exc:
+        except StoreError as exc:
+            raise ShardDataError(str(exc)) from exc
+        except (OSError, ValueError) as exc:
             raise ShardDataError(f"{path} is unreadable ({exc})") from exc
     elif not os.path.isfile(path):
         raise ShardDataError(f"{MANIFEST} missing in {data_dir}: the shards were never built or the build "
