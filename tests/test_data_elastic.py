@@ -41,3 +41,25 @@ def test_elastic_resume_follows_the_uninterrupted_run(train_env, tmp_path):
         assert sorted(got) == [1, 2, 3, 4, 5, 6], (name, got)
         for step in range(1, 7):
             assert got[step] == pytest.approx(reference[step], rel=1e-4), (name, step, got, reference)
+
+
+def test_training_from_a_url_matches_the_local_dir_and_a_missing_url_fails_first(train_env, tmp_path):
+    """3 steps from http://127.0.0.1:PORT/ (a loopback server of the same shards) give the local dir's losses;
+    a URL with no manifest is one error line before any model is built."""
+    from jambatrain.data.remote import serve_directory
+    from test_train_e2e import corpus_copy
+
+    data = corpus_copy(train_env, tmp_path)
+    server, url = serve_directory(data)
+    try:
+        common = ["data.prepare=none", "trainer.max_steps=3", *COMMON]
+        local, remote = str(tmp_path / "local"), str(tmp_path / "remote")
+        run_train(train_env, local, f"data.dir={data}", *common, nproc=1)
+        run_train(train_env, remote, f"data.dir={url}", *common, nproc=1)
+        assert losses(remote) == losses(local) and sorted(losses(local)) == [1, 2, 3]
+        p = run_train(train_env, str(tmp_path / "missing"), f"data.dir={url}/nope", *common, nproc=1, check=False)
+        assert p.returncode != 0 and f"jambatrain: {url}/nope/manifest.json not found" in p.stderr, p.stderr[-2000:]
+        assert "Traceback" not in p.stderr
+        assert not os.path.exists(os.path.join(tmp_path, "missing", "metrics.jsonl"))
+    finally:
+        server.shutdown()

@@ -106,6 +106,13 @@ class HttpStore(_RetryingStore):
         self._lock = threading.Lock()
         self._whole: OrderedDict = OrderedDict()
 
+    def __getstate__(self) -> dict:  # DataLoader workers under spawn: a fresh lock and cache there
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_whole")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock, self._whole = threading.Lock(), OrderedDict()
+
     def read_range(self, name: str, start: int, length: int) -> bytes:
         if self.ranges:
             return super().read_range(name, start, length)
