@@ -365,15 +365,32 @@ def write_shards(inputs: list[str] | str, tokenizer_path: str, out_dir: str, seq
         writers[split] = SplitWriter(out_dir, split, seq_len, samples_per_shard, done[split], save_progress)
     first_doc = min(w.start[0] for w in writers.values())
 
+    from jambatrain.data.prep_tasks import Progress, empty_message
+
+    sizes = {p: os.path.getsize(p) for p in paths}
+    before = dict(zip(paths, np.cumsum([0] + [sizes[p] for p in paths[:-1]]).tolist()))
+    progress = Progress("write_shards", sum(sizes.values()))
+    read = {"path": paths[0], "chars": 0}
+
     def wanted() -> Iterator[tuple[int, str]]:
-        for index, _, text in iter_documents(paths, start=first_doc):
+        for index, doc_id, text in iter_documents(paths, start=first_doc):
+            path = doc_id if doc_id in sizes else doc_id.rsplit(":", 1)[0]
+            if path != read["path"]:
+                read["path"], read["chars"] = path, 0
+            read["chars"] += len(text or "")
             split = "val" if is_val_document(index, val_fraction) else "train"
             if text and index >= writers[split].start[0]:
                 yield index, text
 
     for index, tokens in tokenize_documents(wanted(), tokenizer_path, num_workers):
         writers["val" if is_val_document(index, val_fraction) else "train"].add(index, tokens)
+        path = read["path"]
+        progress.update(before.get(path, 0) + min(read["chars"], sizes.get(path, 0)), progress.tokens + len(tokens))
     dropped = {s: w.finish() for s, w in writers.items()}
+    progress.update(progress.total, progress.tokens, force=True)
+    print(progress.summary(num_workers), file=sys.stderr, flush=True)
+    if not writers["train"].shards:
+        raise ShardDataError(empty_message(config, dropped["train"]))
     manifest = {
         "format": FORMAT, "seq_len": seq_len, "vocab_size": tok_vocab, "eos_id": eos_id,
         "tokenizer": {"path": "tokenizer.model", "source": os.path.abspath(tokenizer_path), "sha256": tok_sha},

@@ -40,4 +40,8 @@ def verify_data_dir(data_dir: str, vocab_size: int | None = None) -> tuple[list[
             problems.extend(bad[i] for i in sorted(bad))
             if whole:
                 problems.append(whole.replace("{key}", sample_key(entry, first_bad)))
+    train = manifest["splits"].get("train", {}).get("num_samples", 0)
+    if not train:
+        problems.append(f"{data_dir}: the train split holds 0 samples: the build had too little text for one "
+                        "sample of seq_len + 1 tokens; rebuild with more inputs or a smaller --seq-len")
     return problems, {"shards": shards, "samples": samples}
