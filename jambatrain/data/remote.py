@@ -212,12 +212,14 @@ def serve_directory(directory: str, drop_every: int = 0):
             if not os.path.isfile(path):
                 self.send_error(404)
                 return
-            with open(path, "rb") as f:
-                data = f.read()
             status, rng = 200, self.headers.get("Range")
-            if rng and rng.startswith("bytes="):
-                a, b = rng[len("bytes="):].split("-")
-                data, status = data[int(a):int(b) + 1], 206
+            with open(path, "rb") as f:
+                if rng and rng.startswith("bytes="):
+                    a, b = rng[len("bytes="):].split("-")
+                    f.seek(int(a))
+                    data, status = f.read(int(b) + 1 - int(a)), 206
+                else:
+                    data = f.read()
             with lock:
                 counter["n"] += 1
                 drop = drop_every and counter["n"] % drop_every == 0
