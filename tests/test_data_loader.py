@@ -444,3 +444,16 @@ def test_verify_cli_names_every_problem(data_dir, tmp_path):
     assert any("train-000002.tar: sample 0000000019: token id 1000 outside" in line for line in lines), lines
     assert any("train-000004.tar: sha256 differs" in line for line in lines), lines
     assert len(lines) == 4, lines  # the truncated shard: its size and its first unreadable sample, once each
+
+
+def test_a_checkpoint_of_the_per_rank_order_resumes_at_the_same_depth(data_dir, capfd):
+    """Loader state format 1 (per-rank contiguous slices, before the global stream): continued at the same
+    number of consumed samples, with a warning that the order changes."""
+    old = {"format": 1, "split": "train", "epoch": 1, "batch_in_epoch": 3, "segments": None, "seed": 0,
+           "shuffle": True, "dp_size": 2, "micro_batch_size": 2, "num_samples": N_TRAIN, "skipped": 4}
+    loader = TokenShardLoader(data_dir, "train", 4, 0, 1)
+    loader.load_state_dict(old)
+    assert loader.consumed_samples == N_TRAIN + 12 and loader.skipped == 4 and loader.epoch == 1
+    assert "older per-rank data order" in capfd.readouterr().err
+    loader.load_state_dict({**old, "segments": [[0, 10], [20, 36]], "batch_in_epoch": 1})  # resharded mid-epoch
+    assert loader.consumed_samples == N_TRAIN + 10 + 4
