@@ -130,3 +130,14 @@ def test_corrupt_record_behind_a_url_is_caught_by_its_digest(data_dir, tmp_path)
             take(loader, 1)
     finally:
         srv.shutdown()
+
+
+def test_fsspec_and_pipe_stores_give_the_same_batches(data_dir):
+    """fsspec URLs (file:// here; s3:// and gs:// take the same path with s3fs / gcsfs) and webdataset-style
+    pipe: commands (one command per read, {name} the file)."""
+    pytest.importorskip("fsspec")
+    reference = batches(data_dir, n=6)
+    assert batches(f"file://{data_dir}", n=6) == reference
+    assert batches(f"pipe:cat {data_dir}/{{name}}", n=6) == reference
+    with pytest.raises(ShardDataError, match=r"cannot read pipe:cat /nonexistent/manifest.json: 4 attempts"):
+        read_manifest("pipe:cat /nonexistent/{name}", store_options=FAST)

@@ -343,7 +343,7 @@ def write_shards(inputs: list[str] | str, tokenizer_path: str, out_dir: str, seq
         except (ShardDataError, KeyError, TypeError) as exc:
             problems = [f"{manifest_path}: {exc}"]
         if not problems:
-            return previous
+            return add_record_indexes(out_dir, previous)
         for problem in problems:  # resume from the first bad shard; identical later files are kept
             print(f"write_shards: {problem}: rewriting it", file=sys.stderr)
     for stale in glob.glob(os.path.join(out_dir, ".*.tmp")):
@@ -400,6 +400,29 @@ def write_shards(inputs: list[str] | str, tokenizer_path: str, out_dir: str, seq
     _write_json(manifest_path, manifest)
     if os.path.isfile(progress_path):
         os.remove(progress_path)
+    return manifest
+
+
+def add_record_indexes(out_dir: str, manifest: dict) -> dict:
+    """Give the shards of a build made before record indexes existed their ``.idx`` (so that the loader reads
+    only each rank's records), rewriting the manifest; a no-op when every shard has one."""
+    changed = False
+    for info in manifest["splits"].values():
+        for entry in info["shards"]:
+            if isinstance(entry.get("index"), dict):
+                continue
+            with open(os.path.join(out_dir, entry["name"]), "rb") as f:
+                data = f.read()
+            record = record_layout(data, int(entry["num_samples"]))
+            if record:
+                index = record_digests(data, int(entry["num_samples"]), record)
+                entry["record_bytes"] = record
+                entry["index"] = {"name": index_name(entry["name"]), "sha256": hashlib.sha256(index).hexdigest()}
+                _write_if_changed(out_dir, index_name(entry["name"]), index, entry["index"]["sha256"])
+                changed = True
+    if changed:
+        print(f"write_shards: added record indexes (.idx) to the shards of {out_dir}", file=sys.stderr)
+        _write_json(os.path.join(out_dir, MANIFEST), manifest)
     return manifest
 
 
