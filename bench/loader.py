@@ -31,6 +31,7 @@ def main(argv=None) -> None:
     p.add_argument("--dp-size", type=int, default=1, help="simulate rank 0 of this many ranks")
     p.add_argument("--data-dir", default=None, help="existing shard directory (skips building)")
     p.add_argument("--http", action="store_true", help="read through a loopback HTTP server of the directory")
+    p.add_argument("--http-delay-ms", type=float, default=0.0, help="latency the loopback server adds per request")
     p.add_argument("--prefetch", type=int, default=None, help="batches read ahead by threads (default: 4 for URLs)")
     args = p.parse_args(argv)
 
@@ -46,7 +47,7 @@ def main(argv=None) -> None:
     if args.http:
         from jambatrain.data.remote import serve_directory
 
-        server, location = serve_directory(data_dir)
+        server, location = serve_directory(data_dir, delay_s=args.http_delay_ms / 1000)
     kw = {} if args.prefetch is None else {"prefetch": args.prefetch}
     loader = TokenShardLoader(location, "train", args.micro_batch_size, 0, args.dp_size, num_workers=args.workers,
                               **kw)

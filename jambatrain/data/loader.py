@@ -46,7 +46,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from jambatrain.data.remote import StoreError, is_url, open_store
+from jambatrain.data.remote import LocalStore, StoreError, is_url, open_store
 from jambatrain.data.shards import (INDEX_DIGEST, REPAIR_HINT, ShardDataError, read_manifest, record_digest,
                                     shard_file_problem)
 
@@ -202,10 +202,11 @@ class _Plan:
         self._perm_cache: OrderedDict = OrderedDict()
         self._index_cache: OrderedDict = OrderedDict()
         self._shard_cache: OrderedDict = OrderedDict()
+        self._reader: ThreadPoolExecutor | None = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("_lock", "_epoch_cache", "_perm_cache", "_index_cache", "_shard_cache"):
+        for key in ("_lock", "_epoch_cache", "_perm_cache", "_index_cache", "_shard_cache", "_reader"):
             state.pop(key)
         return state
 
@@ -347,9 +348,16 @@ class _Plan:
         """Batch number ``g`` of this rank: ``(g, batch, number of skipped samples)``. It holds global stream
         positions ``origin + g * dp_size * B + dp_rank * B + [0, B)``."""
         base = self.origin + g * self.step_samples + self.dp_rank * self.batch
+        samples = [self.locate(base + j) for j in range(self.batch)]
+        if self.batch > 1 and not isinstance(self.store, LocalStore):  # remote: a batch's requests overlap
+            with self._lock:
+                if self._reader is None:
+                    self._reader = ThreadPoolExecutor(8, thread_name_prefix="jambatrain-read")
+            got = list(self._reader.map(lambda s: self.sample(*s), samples))
+        else:
+            got = [self.sample(*s) for s in samples]
         rows, masked = [], []
-        for j in range(self.batch):
-            tokens, problem = self.sample(*self.locate(base + j))
+        for j, (tokens, problem) in enumerate(got):
             if problem is not None:
                 if self.on_error == "raise":
                     raise ShardDataError(problem)

@@ -193,9 +193,10 @@ def open_store(location: str, attempts: int = 6, backoff: float = 0.2, timeout: 
     return LocalStore(location)
 
 
-def serve_directory(directory: str, drop_every: int = 0):
+def serve_directory(directory: str, drop_every: int = 0, delay_s: float = 0.0):
     """A threaded loopback HTTP server of ``directory`` with Range support, for tests and ``bench/loader.py``;
-    ``drop_every=k`` cuts every k-th response off half-way through its body (a flaky server). Returns
+    ``drop_every=k`` cuts every k-th response off half-way through its body (a flaky server); ``delay_s`` is
+    added before each response (an object store's latency). Returns
     ``(server, base_url)``; ``server.shutdown()`` stops it."""
     import functools
     import http.server
@@ -208,6 +209,8 @@ def serve_directory(directory: str, drop_every: int = 0):
             pass
 
         def do_GET(self):  # noqa: N802 - http.server's naming
+            if delay_s:
+                time.sleep(delay_s)
             path = self.translate_path(self.path)
             if not os.path.isfile(path):
                 self.send_error(404)
