@@ -141,3 +141,26 @@ def test_fsspec_and_pipe_stores_give_the_same_batches(data_dir):
     assert batches(f"pipe:cat {data_dir}/{{name}}", n=6) == reference
     with pytest.raises(ShardDataError, match=r"cannot read pipe:cat /nonexistent/manifest.json: 4 attempts"):
         read_manifest("pipe:cat /nonexistent/{name}", store_options=FAST)
+
+
+def test_verify_cli_reads_a_url(data_dir, tmp_path):
+    import shutil
+
+    bad = str(tmp_path / "bad")
+    shutil.copytree(data_dir, bad)
+    path = os.path.join(bad, "train-000001.tar")
+    data = bytearray(open(path, "rb").read())
+    data[700] ^= 1
+    open(path, "wb").write(bytes(data))
+    os.remove(os.path.join(bad, "train-000003.tar"))
+    for directory, rc in ((data_dir, 0), (bad, 1)):
+        srv, url = serve_directory(directory)
+        try:
+            p = subprocess.run([sys.executable, "-m", "data_prep.verify", url], capture_output=True, text=True,
+                               timeout=120, cwd=str(Path(__file__).resolve().parents[1]))
+        finally:
+            srv.shutdown()
+        assert p.returncode == rc, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    assert lines == [f"shard {url}/train-000001.tar: sha256 differs from the manifest (file corrupt or replaced)",
+                     f"shard {url}/train-000003.tar listed in the manifest is missing"], lines
