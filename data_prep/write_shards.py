@@ -52,7 +52,8 @@ def main(argv=None) -> int:
             manifest = write_shards_task(args.inputs, args.tokenizer, args.out, args.seq_len, args.task_index,
                                          args.num_tasks, samples_per_shard=args.samples_per_shard,
                                          target_shard_mb=args.target_shard_mb, num_workers=args.num_workers,
-                                         val_fraction=args.val_fraction, stage=args.stage)
+                                         val_fraction=args.val_fraction, stage=args.stage,
+                                         vocab_size=args.vocab_size)
     except (ShardDataError, FileNotFoundError, ValueError, ImportError) as exc:
         print(f"write_shards: {exc}", file=sys.stderr)
         return 1

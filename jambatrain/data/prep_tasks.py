@@ -64,7 +64,9 @@ def _duration(seconds: float) -> str:
     if seconds != seconds:
         return "?"
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def build_config(paths: list[str], tokenizer_path: str, seq_len: int, samples_per_shard: int,
@@ -232,7 +234,7 @@ def empty_message(config: dict, tokens: int) -> str:
 def write_shards_task(inputs: list[str] | str, tokenizer_path: str, out_dir: str, seq_len: int, task_index: int,
                       num_tasks: int, samples_per_shard: int | None = None, target_shard_mb: float = 64.0,
                       num_workers: int = 2, val_fraction: float = 0.01, stage: str = "all",
-                      wait_timeout_s: float = 7 * 24 * 3600.0) -> dict | None:
+                      wait_timeout_s: float = 7 * 24 * 3600.0, vocab_size: int | None = None) -> dict | None:
     """Task ``task_index`` of ``num_tasks`` (see the module doc); ``stage`` ``tokenize`` / ``pack`` / ``all``
     (``pack`` and ``all`` wait for the stages before them). Returns the manifest from task 0, else None."""
     if not 0 <= task_index < num_tasks:
@@ -251,6 +253,9 @@ def write_shards_task(inputs: list[str] | str, tokenizer_path: str, out_dir: str
     sp = load_tokenizer(tokenizer_path)
     if sp.eos_id() < 0:
         raise ShardDataError(f"tokenizer {tokenizer_path} has no EOS piece: retrain it with eos_id=2")
+    if vocab_size is not None and sp.get_piece_size() > vocab_size:
+        raise ShardDataError(f"tokenizer {tokenizer_path} has {sp.get_piece_size()} pieces > vocab_size={vocab_size}: "
+                             "retrain the tokenizer with a smaller vocab or raise vocab_size")
     work = os.path.join(out_dir, WORK)
     os.makedirs(work, exist_ok=True)
     config_path = os.path.join(work, "config.json")
