@@ -222,7 +222,7 @@ def _data_config_problems(cfg: TrainConfig) -> list[str]:
                      f"under the cache {root} (so that a mistyped path does not get a new corpus silently): check "
                      "the path, or set JAMBATRAIN_CACHE to the directory to build it under, or train on your own "
                      "shards with data=shards data.dir=...")
-    elif not os.path.isdir(data_dir):
+    elif not os.path.isdir(data_dir) and "://" not in data_dir and not data_dir.startswith("pipe:"):  # URL: read later
         p.append(f"data.dir={data.dir} does not exist: write shards there with `python -m data_prep.write_shards` "
                  "or use data=stdlib_py to build the embedded default corpus")
     return p

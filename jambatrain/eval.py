@@ -321,7 +321,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("eval: invalid configuration:\n  - " + "\n  - ".join(errors))
     dist = init_distributed(cfg.parallel)
     data_dir = os.path.expanduser(cfg.data.dir) if cfg.data.kind == "shards" else ""
-    if "val" in cfg.eval.tasks and data_dir and not os.path.isfile(os.path.join(data_dir, "manifest.json")):
+    if "val" in cfg.eval.tasks and data_dir and "://" not in data_dir and not data_dir.startswith("pipe:") \
+            and not os.path.isfile(os.path.join(data_dir, "manifest.json")):
         raise SystemExit(f"eval: the val task needs the run's shards at data.dir={data_dir} (no manifest.json "
                          "there): point data.dir at them or drop val from eval.tasks")
     dtype = torch.bfloat16 if resolve_precision(cfg, dist.device) == "bf16" else torch.float32

@@ -40,7 +40,7 @@ def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
     their own copy; a file lock serialises builders on a shared one; the other ranks wait), then check the
     shards against the config before any model is built: data.seq_len / vocab_size / eos_id left unset are taken
     from the manifest, and every disagreement is reported at once."""
-    from .data import read_manifest
+    from .data import ShardDataError, read_manifest
 
     if cfg.data.kind == "mqar":  # synthetic: nothing on disk
         return ""
@@ -51,7 +51,10 @@ def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
 
             prepare_default_corpus(data_dir, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len)
         barrier()
-    manifest = read_manifest(data_dir, check_files=cfg.data.on_error == "raise")  # skip: the loader warns per shard
+    try:  # skip: the loader warns per shard; a URL's manifest is fetched here (a dead or wrong URL: one line)
+        manifest = read_manifest(data_dir, check_files=cfg.data.on_error == "raise")
+    except ShardDataError as exc:
+        raise SystemExit(f"jambatrain: {exc}") from None
     errors = data_problems(cfg, manifest, data_dir)
     if errors:
         raise SystemExit("jambatrain: the data does not fit the config:\n  - " + "\n  - ".join(errors))

@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing as mp
+import os
 import shutil
 import subprocess
 import sys
@@ -301,3 +302,25 @@ def test_default_corpus_repairs_a_damaged_shard_and_tokenizer(tmp_path):
     tok.write_bytes(b"garbage")
     assert prepare_default_corpus(out, vocab_size=VOCAB, seq_len=SEQ, max_files=15, samples_per_shard=50) == manifest
     assert file_sha256(str(tok)) == sha  # retrained: the training is deterministic
+
+
+def test_rerun_on_a_build_without_record_indexes_adds_them(corpus, tokenizer, built, tmp_path):
+    """A build from before the .idx files: write_shards re-run adds them (the shards are untouched), and the loader
+    then reads records instead of whole shards, with the same batches."""
+    out, manifest = built
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    m = json.load(open(old / "manifest.json"))
+    for info in m["splits"].values():
+        for entry in info["shards"]:
+            os.remove(old / entry["index"]["name"])
+            entry.pop("index"), entry.pop("record_bytes")
+    json.dump(m, open(old / "manifest.json", "w"), indent=1)
+    before = [b["input_ids"].tolist() for _, b in zip(range(6), TokenShardLoader(str(old), "train", 2, 0, 1))]
+    again = json.load(open(out / "manifest.json"))
+    rebuilt = build(corpus, tokenizer, old)  # the same write_shards command, re-run
+    assert rebuilt == again == json.load(open(old / "manifest.json"))
+    assert all((old / e["index"]["name"]).read_bytes() == (out / e["index"]["name"]).read_bytes()
+               for info in again["splits"].values() for e in info["shards"])
+    after = [b["input_ids"].tolist() for _, b in zip(range(6), TokenShardLoader(str(old), "train", 2, 0, 1))]
+    assert after == before

@@ -233,7 +233,7 @@ def corpus_copy(train_env, tmp_path):
 
 
 def test_skips_of_rank_1_are_counted_logged_checkpointed_and_survive_resume(train_env, tmp_path):
-    """data.on_error=skip on 2 ranks with a truncated shard that only rank 1 reads: the run goes on, the skip
+    """data.on_error=skip on 2 ranks with corrupt samples that only rank 1 reads: the run goes on, the skip
     warnings name shard and sample, and the count in metrics.jsonl, on the console and in the checkpoint is the
     sum over both ranks (what the loaders of the two ranks skip on their own). The resume (after an attempt
     that logged steps past the checkpoint) continues that count and keeps one metrics row per step."""
@@ -241,15 +241,14 @@ def test_skips_of_rank_1_are_counted_logged_checkpointed_and_survive_resume(trai
 
     data = corpus_copy(train_env, tmp_path)
     manifest = json.load(open(os.path.join(data, "manifest.json")))
-    probe = TokenShardLoader(data, "train", 4, 1, 2, shuffle=False)
-    counts = [s["num_samples"] for s in manifest["splits"]["train"]["shards"]]
-    start = probe.batches_per_epoch * 4  # rank 1's slice of the unshuffled stream starts here
-    shard = next(i for i in range(len(counts)) if sum(counts[: i + 1]) > start)
-    assert sum(counts[: shard + 1]) - start >= 6 * 4  # rank 1 reads only this shard in 6 steps, rank 0 never
-    name = manifest["splits"]["train"]["shards"][shard]["name"]
+    entry = manifest["splits"]["train"]["shards"][0]
+    name, record = entry["name"], entry["record_bytes"]
     path = os.path.join(data, name)
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
+    with open(path, "r+b") as f:  # unshuffled, 2 ranks x 4: rank 1 reads samples 8k+4..8k+7 (steps 1-6 here)
+        for k in range(6):
+            for i in range(8 * k + 4, 8 * k + 8):
+                f.seek(i * record + 1024)
+                f.write(b"\xff" * 8)
 
     def expected(batches):
         loaders = [TokenShardLoader(data, "train", 4, r, 2, shuffle=False, on_error="skip") for r in (0, 1)]
@@ -268,8 +267,8 @@ def test_skips_of_rank_1_are_counted_logged_checkpointed_and_survive_resume(trai
         state = json.load(open(os.path.join(run, "checkpoints", f"step_{step:08d}", "train_state.json")))
         assert state["loader"]["skipped"] == skipped, step
     out = p.stdout + p.stderr
-    assert f"{name} has" in out and "its samples will be skipped" in out
-    assert f"rank 1 skipped a bad sample (data.on_error=skip): shard {path}: sha256 differs" in out
+    assert f"rank 1 skipped a bad sample (data.on_error=skip; its row is left out of the loss): shard {path}: " \
+           "sample 0000000004: checksum differs" in out
     assert "step 4: 16 bad samples skipped so far, all ranks (+8; " in p.stdout
     with open(os.path.join(run, "metrics.jsonl"), "a") as f:  # an attempt that died after logging step 8
         f.write(json.dumps({"step": 8, "loss": 1.0, "skipped_samples": 32}) + "\n")
@@ -289,10 +288,11 @@ def test_corrupt_shard_mid_run_names_it_and_keeps_the_checkpoint(train_env, tmp_
     ckpt = os.path.join(run, "checkpoints")
     before = {f: os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(ckpt) for f in fs}
     shard = os.path.join(data, "train-000000.tar")
-    with open(shard, "r+b") as f:  # flip bytes inside the first sample's payload
-        f.seek(1024)
+    record = json.load(open(os.path.join(data, "manifest.json")))["splits"]["train"]["shards"][0]["record_bytes"]
+    with open(shard, "r+b") as f:  # flip bytes inside the payload of sample 10 (read in step 3)
+        f.seek(10 * record + 1024)
         chunk = f.read(64)
-        f.seek(1024)
+        f.seek(10 * record + 1024)
         f.write(bytes(b ^ 0xFF for b in chunk))
     p = run_train(train_env, run, "trainer.max_steps=4", *common, nproc=1, check=False)
     assert p.returncode != 0

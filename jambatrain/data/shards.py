@@ -84,6 +84,18 @@ def write_shard_file(out_dir: str, name: str, first_index: int, samples: Iterabl
             writer.write({"__key__": f"{first_index + count - 1:010d}", "tokens.npy": tokens})
     data = buf.getvalue()
     sha = hashlib.sha256(data).hexdigest()
+    _write_if_changed(out_dir, name, data, sha)
+    entry = {"name": name, "num_samples": count, "sha256": sha, "bytes": len(data), "first_index": first_index}
+    record = record_layout(data, count)
+    if record:  # fixed-size records: a reader can fetch (and verify) one sample's bytes alone
+        index = record_digests(data, count, record)
+        entry["record_bytes"] = record
+        entry["index"] = {"name": index_name(name), "sha256": hashlib.sha256(index).hexdigest()}
+        _write_if_changed(out_dir, index_name(name), index, entry["index"]["sha256"])
+    return entry
+
+
+def _write_if_changed(out_dir: str, name: str, data: bytes, sha: str) -> None:
     path = os.path.join(out_dir, name)
     if not (os.path.isfile(path) and os.path.getsize(path) == len(data) and file_sha256(path) == sha):
         tmp = os.path.join(out_dir, f".{name}.tmp")
@@ -92,7 +104,41 @@ def write_shard_file(out_dir: str, name: str, first_index: int, samples: Iterabl
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    return {"name": name, "num_samples": count, "sha256": sha, "bytes": len(data), "first_index": first_index}
+
+
+INDEX_DIGEST = 16  # bytes of blake2b per record in a shard's .idx file
+
+
+def index_name(shard: str) -> str:
+    """The record index of shard ``train-000000.tar``: ``train-000000.idx`` (one blake2b-128 per sample)."""
+    return shard[: -len(".tar")] + ".idx" if shard.endswith(".tar") else shard + ".idx"
+
+
+def record_digest(record: bytes) -> bytes:
+    return hashlib.blake2b(record, digest_size=INDEX_DIGEST).digest()
+
+
+def record_digests(data: bytes, count: int, record: int) -> bytes:
+    return b"".join(record_digest(data[i * record:(i + 1) * record]) for i in range(count))
+
+
+def record_layout(data: bytes, count: int) -> int | None:
+    """The fixed record size of a shard whose ``count`` samples are each one tar member of the same size at
+    ``i * record`` (a 512-byte header, then the payload padded to 512), or None if the tar is laid out otherwise."""
+    import tarfile
+
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            members = tar.getmembers()
+    except tarfile.TarError:
+        return None
+    if count == 0 or len(members) != count:
+        return None
+    record = 512 + -(-members[0].size // 512) * 512
+    for i, m in enumerate(members):
+        if m.offset != i * record or m.offset_data != i * record + 512 or m.size != members[0].size:
+            return None
+    return record
 
 
 class SplitWriter:
@@ -200,6 +246,10 @@ def shard_file_problem(data_dir: str, entry: dict, checksum: bool = False) -> st
                 f"{entry['bytes']}: it is truncated or was replaced")
     if checksum and "sha256" in entry and file_sha256(path) != entry["sha256"]:
         return f"shard {path}: sha256 differs from the manifest (file corrupt or replaced)"
+    if checksum and isinstance(entry.get("index"), dict):
+        index = os.path.join(data_dir, entry["index"]["name"])
+        if not os.path.isfile(index) or file_sha256(index) != entry["index"]["sha256"]:
+            return f"record index {index} of shard {path} is missing or differs from the manifest's sha256"
     return None
 
 
@@ -273,7 +323,7 @@ def write_shards(inputs: list[str] | str, tokenizer_path: str, out_dir: str, seq
     os.makedirs(out_dir, exist_ok=True)
     manifest_path, progress_path = os.path.join(out_dir, MANIFEST), os.path.join(out_dir, PROGRESS)
     if overwrite:
-        old = [p for s in SPLITS for p in glob.glob(os.path.join(out_dir, f"{s}-*.tar"))]
+        old = [p for s in SPLITS for ext in ("tar", "idx") for p in glob.glob(os.path.join(out_dir, f"{s}-*.{ext}"))]
         for path in [manifest_path, progress_path, *old]:
             if os.path.isfile(path):
                 os.remove(path)
@@ -293,7 +343,7 @@ def write_shards(inputs: list[str] | str, tokenizer_path: str, out_dir: str, seq
         except (ShardDataError, KeyError, TypeError) as exc:
             problems = [f"{manifest_path}: {exc}"]
         if not problems:
-            return previous
+            return add_record_indexes(out_dir, previous)
         for problem in problems:  # resume from the first bad shard; identical later files are kept
             print(f"write_shards: {problem}: rewriting it", file=sys.stderr)
     for stale in glob.glob(os.path.join(out_dir, ".*.tmp")):
@@ -315,15 +365,32 @@ def write_shards(inputs: list[str] | str, tokenizer_path: str, out_dir: str, seq
         writers[split] = SplitWriter(out_dir, split, seq_len, samples_per_shard, done[split], save_progress)
     first_doc = min(w.start[0] for w in writers.values())
 
+    from jambatrain.data.prep_tasks import Progress, empty_message
+
+    sizes = {p: os.path.getsize(p) for p in paths}
+    before = dict(zip(paths, np.cumsum([0] + [sizes[p] for p in paths[:-1]]).tolist()))
+    progress = Progress("write_shards", sum(sizes.values()))
+    read = {"path": paths[0], "chars": 0}
+
     def wanted() -> Iterator[tuple[int, str]]:
-        for index, _, text in iter_documents(paths, start=first_doc):
+        for index, doc_id, text in iter_documents(paths, start=first_doc):
+            path = doc_id if doc_id in sizes else doc_id.rsplit(":", 1)[0]
+            if path != read["path"]:
+                read["path"], read["chars"] = path, 0
+            read["chars"] += len(text or "")
             split = "val" if is_val_document(index, val_fraction) else "train"
             if text and index >= writers[split].start[0]:
                 yield index, text
 
     for index, tokens in tokenize_documents(wanted(), tokenizer_path, num_workers):
         writers["val" if is_val_document(index, val_fraction) else "train"].add(index, tokens)
+        path = read["path"]
+        progress.update(before.get(path, 0) + min(read["chars"], sizes.get(path, 0)), progress.tokens + len(tokens))
     dropped = {s: w.finish() for s, w in writers.items()}
+    progress.update(progress.total, progress.tokens, force=True)
+    print(progress.summary(num_workers), file=sys.stderr, flush=True)
+    if not writers["train"].shards:
+        raise ShardDataError(empty_message(config, dropped["train"]))
     manifest = {
         "format": FORMAT, "seq_len": seq_len, "vocab_size": tok_vocab, "eos_id": eos_id,
         "tokenizer": {"path": "tokenizer.model", "source": os.path.abspath(tokenizer_path), "sha256": tok_sha},
@@ -333,6 +400,29 @@ def write_shards(inputs: list[str] | str, tokenizer_path: str, out_dir: str, seq
     _write_json(manifest_path, manifest)
     if os.path.isfile(progress_path):
         os.remove(progress_path)
+    return manifest
+
+
+def add_record_indexes(out_dir: str, manifest: dict) -> dict:
+    """Give the shards of a build made before record indexes existed their ``.idx`` (so that the loader reads
+    only each rank's records), rewriting the manifest; a no-op when every shard has one."""
+    changed = False
+    for info in manifest["splits"].values():
+        for entry in info["shards"]:
+            if isinstance(entry.get("index"), dict):
+                continue
+            with open(os.path.join(out_dir, entry["name"]), "rb") as f:
+                data = f.read()
+            record = record_layout(data, int(entry["num_samples"]))
+            if record:
+                index = record_digests(data, int(entry["num_samples"]), record)
+                entry["record_bytes"] = record
+                entry["index"] = {"name": index_name(entry["name"]), "sha256": hashlib.sha256(index).hexdigest()}
+                _write_if_changed(out_dir, index_name(entry["name"]), index, entry["index"]["sha256"])
+                changed = True
+    if changed:
+        print(f"write_shards: added record indexes (.idx) to the shards of {out_dir}", file=sys.stderr)
+        _write_json(os.path.join(out_dir, MANIFEST), manifest)
     return manifest
 
 
@@ -359,23 +449,39 @@ def manifest_summary(manifest: dict) -> str:
                      f"{info['num_tokens']} tokens" for split, info in manifest["splits"].items())
 
 
-def read_manifest(data_dir: str, check_files: bool = True, check_tokenizer: bool = True) -> dict:
+def read_manifest(data_dir: str, check_files: bool = True, check_tokenizer: bool = True,
+                  store_options: dict | None = None) -> dict:
     """Load and validate ``data_dir/manifest.json``; raise ``ShardDataError`` naming the problem.
 
     ``check_files``: every shard exists with its recorded size (no checksums: the loader verifies each
     shard's sha256 when it reads it). ``check_tokenizer``: the data dir's tokenizer copy has the manifest's
     sha256 (a replaced tokenizer would silently mismatch the token ids)."""
-    path = os.path.join(data_dir, MANIFEST)
+    from jambatrain.data.remote import StoreError, is_url, open_store
+
+    remote = is_url(data_dir)
+    path = f"{data_dir.rstrip('/')}/{MANIFEST}" if remote else os.path.join(data_dir, MANIFEST)
     rebuild = f"rebuild with {BUILD_HINT.format(dir=data_dir)}"
-    if not os.path.isfile(path):
+    if remote:  # the shards' sizes and the tokenizer are checked when read (no request per shard up front)
+        check_files = check_tokenizer = False
+        try:
+            manifest = json.loads(open_store(data_dir, **(store_options or {})).read(MANIFEST))
+        except FileNotFoundError as exc:
+            raise ShardDataError(f"{path} not found ({exc}): check data.dir, or upload the directory that "
+                                 "write_shards built (manifest.json, *.tar, *.idx)") from exc
+        except StoreError as exc:
+            raise ShardDataError(str(exc)) from exc
+        except (OSError, ValueError) as exc:
+            raise ShardDataError(f"{path} is unreadable ({exc})") from exc
+    elif not os.path.isfile(path):
         raise ShardDataError(f"{MANIFEST} missing in {data_dir}: the shards were never built or the build "
                              f"did not finish; run {BUILD_HINT.format(dir=data_dir)} "
                              "(or python -m data_prep.default_corpus for the built-in corpus)")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ShardDataError(f"{path} is unreadable ({exc}): {rebuild}") from exc
+    else:
+        try:
+            with open(path) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ShardDataError(f"{path} is unreadable ({exc}): {rebuild}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ShardDataError(f"{path}: expected a manifest with format {FORMAT}: {rebuild}")
     for key in ("seq_len", "vocab_size"):

@@ -43,18 +43,34 @@ def expand_inputs(inputs: list[str] | str) -> list[str]:
     return sorted(paths)
 
 
+def open_text(path: str):
+    """A text stream of ``path``, decompressing ``.gz`` (gzip) and ``.zst`` (zstandard, pip install zstandard)."""
+    if path.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8")
+    if path.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError as exc:
+            raise ImportError(f"reading {path} needs zstandard: pip install zstandard") from exc
+        raw = open(path, "rb")
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
 def iter_documents(paths: list[str], start: int = 0) -> Iterator[tuple[int, str, str | None]]:
     """Yield ``(doc_index, doc_id, text)`` for every document of ``paths``.
 
-    A document is a whole text file, one ``.jsonl`` record (field ``"text"``)
+    A document is a whole text file, one ``.jsonl`` / ``.jsonl.gz`` / ``.jsonl.zst`` record (field ``"text"``)
     or one ``.parquet`` row (column ``"text"``, needs pyarrow). Documents with
     index < ``start`` are yielded with ``text=None`` without reading them where
     possible (used to resume shard writing).
     """
     index = 0
     for path in paths:
-        if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
+        if path.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
+            with open_text(path) as f:
                 for line_no, line in enumerate(f, 1):
                     if not line.strip():
                         continue
