@@ -38,6 +38,7 @@ import torch.distributed as tdist
 
 from .config import TrainConfig
 from .data.sources import doc_starts
+from .fileio import atomic_write
 
 
 # ------------------------------------------------------------------------------------------------ the metrics
@@ -237,10 +238,7 @@ def flat_metrics(result: dict) -> dict:
 
 def _write(result: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(result, indent=1))
 
 
 def evaluate_in_training(model, cfg: TrainConfig, dist, data_dir: str, step: int, run_dir: str) -> dict:

@@ -28,6 +28,7 @@ from .models.fast_paths import describe as describe_fast_paths
 from .parallel import barrier, build_deepspeed_config, build_engine, expert_parallel, init_distributed, reduce_mean
 from .parallel.deepspeed_setup import resolve_precision
 from .parallel.distributed import DistInfo, any_rank, export_submitit_env
+from .parallel.ds_compat import install_skip_hook
 from .parallel.expert_parallel import ExpertParallel
 from .paths import CONF_DIR, require_configs
 from .step_guard import StepGuard
@@ -262,6 +263,7 @@ def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
         for w in paths.warnings:
             print(f"jambatrain: WARNING: {w}", flush=True)
     guard = StepGuard(engine, tr.skip_spike_factor, tr.skip_spike_warmup, tr.max_skipped_steps)
+    install_skip_hook(engine.optimizer, guard.skip_requested)  # the guard's skips reach DeepSpeed's optimizer
     guard.load_state_dict(state.guard)
     engine.train()
     return Run(cfg, run_dir, dist, data_dir, loader, model, engine, ep, state, guard, logger, meter, stop,

@@ -98,7 +98,7 @@ def test_prune_keeps_the_newest_complete_tags_and_never_newer_or_incomplete_ones
         _write(run, cfg, step=step)
     broken = _write(run, cfg, step=25)
     os.remove(os.path.join(run, "checkpoints", broken, "manifest.json"))
-    checkpoint._prune(os.path.join(run, "checkpoints"), keep=2, current="step_00000030")
+    checkpoint.prune(os.path.join(run, "checkpoints"), keep=2, current="step_00000030")
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step_00000020", "step_00000025",
                                                                      "step_00000030", "step_00000040"]
 
