@@ -37,6 +37,7 @@ import torch
 import torch.distributed as tdist
 
 from .fileio import atomic_write
+from .models.config import architecture_changes
 from .parallel import ds_compat
 from .parallel.distributed import barrier
 
@@ -434,8 +435,7 @@ def check_resumable(run_dir: str, tag: str, model_config: dict, world_size: int,
     with open(os.path.join(tag_dir, "manifest.json")) as f:
         kind = json.load(f)["kind"]
     problems = []
-    diff = {k: (state.model_config.get(k), v) for k, v in model_config.items()
-            if k in state.model_config and state.model_config[k] != v and k not in _RUNTIME_ONLY_KEYS}
+    diff = architecture_changes(state.model_config, model_config)  # run-time knobs (models/config.py) may change
     if diff:
         problems.append(f"checkpoint {tag_dir} was trained with a different model config (key: checkpoint vs "
                         f"now): {diff}. Use a new run dir (hydra.run.dir=...), remove {run_dir} to start afresh, or "
@@ -497,6 +497,3 @@ def resume_grad_accum(saved: dict, world_size: int, micro_batch_size: int, grad_
         f"parallel.micro_batch_size={micro_batch_size} cannot make it with whole accumulation steps: choose a micro "
         f"batch size m with {global_batch} divisible by m x {world_size}")
 
-
-_RUNTIME_ONLY_KEYS = ("mamba_impl", "moe_impl", "activation_checkpointing", "loss_chunk_tokens", "init_from", "name",
-                      "compile_elementwise", "fused_rms_norm", "mamba_kernel_layout")

@@ -263,35 +263,10 @@ def _split_argv(argv: list[str]) -> tuple[str, list[str]]:
 
 def compose_config(src: str, overrides: list[str]):
     """(TrainConfig, checkpoint root, tag, run dir): Hydra-composed from the run's overrides + ``overrides``; the
-    model's architecture from the checkpoint's train_state.json (runtime-only keys may be overridden)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    model's architecture from the checkpoint's train_state.json (run-time knobs may be overridden)."""
+    from .runs import compose_for_checkpoint
 
-    from .checkpoint import _RUNTIME_ONLY_KEYS
-    from .config import register_schema, to_train_config
-    from .export_hf import find_run_config, model_config_from_checkpoint, model_config_from_dict, resolve_checkpoint
-    from .train import CONF_DIR, require_configs
-
-    require_configs()
-    try:
-        root, tag = resolve_checkpoint(src)
-    except FileNotFoundError as exc:
-        raise SystemExit(f"eval: {exc}") from None
-    run_config = find_run_config(root)
-    run_dir = os.path.dirname(os.path.dirname(run_config)) if run_config else os.path.dirname(root)
-    run_overrides = []
-    if run_config and os.path.isfile(os.path.join(os.path.dirname(run_config), "overrides.yaml")):
-        saved = OmegaConf.load(os.path.join(os.path.dirname(run_config), "overrides.yaml"))
-        run_overrides = [o for o in saved if not o.lstrip("+~").startswith("hydra")]
-    register_schema()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        raw = compose(config_name="train", overrides=run_overrides + overrides)
-    cfg = to_train_config(raw)
-    stored = model_config_from_checkpoint(root, tag)
-    if stored:
-        runtime = {k: getattr(cfg.model, k) for k in _RUNTIME_ONLY_KEYS}
-        cfg.model = model_config_from_dict({**stored, **runtime}, "train_state.json")
-    return cfg, root, tag, run_dir
+    return compose_for_checkpoint(src, overrides, tool="eval")
 
 
 def load_model(cfg: TrainConfig, root: str, tag: str, device: torch.device, dtype: torch.dtype):
