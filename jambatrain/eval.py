@@ -37,7 +37,7 @@ import torch
 import torch.distributed as tdist
 
 from .config import TrainConfig
-from .data.sources import doc_starts
+from .data.sources import BatchSource, data_kind, doc_starts
 from .fileio import atomic_write
 
 
@@ -59,7 +59,8 @@ def _scored_logits(model, input_ids: torch.Tensor, labels: torch.Tensor, doc_sta
 
 
 @torch.no_grad()
-def val_metrics(model, cfg: TrainConfig, loader, device: torch.device, max_batches: int = 0, bar=None) -> dict:
+def val_metrics(model, cfg: TrainConfig, loader: BatchSource, device: torch.device, max_batches: int = 0,
+                bar=None) -> dict:
     """Token-weighted mean cross-entropy over every rank's batches (the sums and counts are all-reduced)."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for i, batch in enumerate(loader):
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     if errors:
         raise SystemExit("eval: invalid configuration:\n  - " + "\n  - ".join(errors))
     dist = init_distributed(cfg.parallel)
-    data_dir = os.path.expanduser(cfg.data.dir) if cfg.data.kind == "shards" else ""
+    data_dir = data_kind(cfg).data_dir(cfg)  # "" for synthetic data
     if "val" in cfg.eval.tasks and data_dir and not os.path.isfile(os.path.join(data_dir, "manifest.json")):
         raise SystemExit(f"eval: the val task needs the run's shards at data.dir={data_dir} (no manifest.json "
                          "there): point data.dir at them or drop val from eval.tasks")

@@ -46,6 +46,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from jambatrain.data.shards import REPAIR_HINT, ShardDataError, read_manifest, shard_file_problem
+from jambatrain.data.sources import BatchSource
 
 STATE_FORMAT = 1
 
@@ -284,7 +285,7 @@ class _BatchStream(IterableDataset):
             g += workers
 
 
-class TokenShardLoader:
+class TokenShardLoader(BatchSource):
     """Iterable over ``{"input_ids", "labels"}`` LongTensor(B, seq_len) batches of one DP rank.
 
     Iterates epoch after epoch forever (or ``max_epochs``, after which a new
