@@ -496,4 +496,3 @@ def resume_grad_accum(saved: dict, world_size: int, micro_batch_size: int, grad_
         f"the checkpoint's global batch is {global_batch} sequences per step; {world_size} ranks x "
         f"parallel.micro_batch_size={micro_batch_size} cannot make it with whole accumulation steps: choose a micro "
         f"batch size m with {global_batch} divisible by m x {world_size}")
-
