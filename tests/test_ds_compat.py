@@ -202,3 +202,20 @@ def test_every_private_deepspeed_access_is_in_ds_compat():
             if private.search(line):
                 offenders.append(f"{path}:{i}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_a_guard_without_the_hook_stops_rather_than_apply_a_bad_step():
+    """StepGuard only decides; the skip happens in the hook ``train.setup`` installs. A forced skip the engine did
+    not count (no hook) is an error, not a silently applied bad step."""
+    from jambatrain.step_guard import StepGuard
+
+    class Engine:
+        skipped_steps = 0
+
+    guard = StepGuard(Engine(), spike_factor=5.0, spike_warmup=0, max_skipped=3)
+    assert guard.check(torch.tensor(float("nan")), 1) == "loss nan" and guard.skip_requested()
+    with pytest.raises(RuntimeError, match="the skip hook is not installed"):
+        guard.after_step(skipped_before=0)
+    Engine.skipped_steps = 1  # as DeepSpeed counts a step the hook skipped
+    guard.check(torch.tensor(float("nan")), 1)
+    assert guard.after_step(skipped_before=0) and not guard.skip_requested()
