@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from jambatrain.memory import _compose_model, layout_of, measure, report  # noqa: E402
+from jambatrain.memory import layout_of, measure, report  # noqa: E402
+from jambatrain.runs import compose_model_config  # noqa: E402
 from jambatrain.models import JambaLM  # noqa: E402
 
 
@@ -28,7 +29,7 @@ def main() -> dict:
     p.add_argument("--contexts", default="4096,32768,262144")
     p.add_argument("--out", default="")
     args, overrides = p.parse_known_args()
-    mcfg = _compose_model(overrides or ["model=1.3b"])
+    mcfg = compose_model_config(overrides or ["model=1.3b"])
     mcfg.init_from = None
     cuda = torch.cuda.is_available()
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)

@@ -12,7 +12,8 @@ Layout: ``RUN_DIR/checkpoints/step_00000100/`` holds
   manifest.json       written last: every file of the tag with its size, and where each parameter is
 
 The portable format does not depend on the topology: a run saved on (world 4, ep 2) resumes on (4, 4), (2, 1),
-(1, 1)... with the same weights and moments (tests/test_checkpoint_reshard.py); the trainer keeps the global
+(1, 1)... with the same weights and moments (tests/test_expert_parallel.py,
+``test_checkpoint_saved_at_world4_ep2_resumes_on_other_topologies``); the trainer keeps the global
 batch by adjusting gradient accumulation.
 
 Commit protocol: the files are written into ``step_X.partial/`` and fsynced by the rank that wrote them; the
@@ -35,6 +36,9 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from .fileio import atomic_write
+from .models.config import architecture_changes
+from .parallel import ds_compat
 from .parallel.distributed import barrier
 
 FORMAT = 2
@@ -104,13 +108,7 @@ def has_checkpoints(run_dir: str) -> bool:
 # ---------------------------------------------------------------- files
 def _fsync_write(path: str, write) -> int:
     """Write through ``write(fileobj)`` to ``path`` via a temp file, fsync, rename; returns the size."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return os.path.getsize(path)
+    return atomic_write(path, write)
 
 
 def _fsync_dir(path: str) -> None:
@@ -150,26 +148,11 @@ def _torch_optimizer(engine):
     return getattr(opt, "optimizer", opt)
 
 
-def _zero_wrapper(engine):
-    """DeepSpeed's ZeRO-1/2 or bf16 optimizer (which keep the fp32 masters apart from the model), else None."""
-    opt = engine.optimizer
-    return opt if hasattr(opt, "_lazy_init_hp_params_optimizer_state") else None
-
-
-def _link_optimizer_state(engine) -> None:
-    """DeepSpeed 0.19 links a parameter's view of the Adam state once, after the first parameter group's first
-    step, before later groups have state: re-link so every group's moments are reachable (private API, pinned)."""
-    z = _zero_wrapper(engine)
-    if z is not None:
-        z._hp_optimizer_states_linked = False
-        z._lazy_init_hp_params_optimizer_state()
-
-
 def _full_state(engine, p: torch.Tensor) -> dict[str, torch.Tensor]:
     """fp32 master and Adam moments of ``p``, whole (collectives over ``p``'s ZeRO group), on the CPU."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):  # ZeRO-1/2, bf16 optimizer (mapping None where p has no
+    if ds_compat.has_fp32_fragment(p):  # ZeRO-1/2, bf16 optimizer (mapping None where p has no
         vals = {"fp32": safe_get_full_fp32_param(p)}  # fragment on this rank), ZeRO-3
         for k in ADAM_KEYS:
             vals[k] = safe_get_full_optimizer_state(p, k)
@@ -179,6 +162,14 @@ def _full_state(engine, p: torch.Tensor) -> dict[str, torch.Tensor]:
         for k in ADAM_KEYS:
             vals[k] = st[k].detach().float() if k in st else torch.zeros_like(vals["fp32"])
     return {k: v.detach().cpu() for k, v in vals.items()}
+
+
+def optimizer_states(engine, model) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter's fp32 master and Adam moments (``fp32``, ``exp_avg``, ``exp_avg_sq``), whole, on the CPU, as
+    a checkpoint saves them (collectives: every rank calls it; this rank's experts under expert parallelism)."""
+    ds_compat.relink_optimizer_state(engine)
+    return {name: {k: v.clone() for k, v in _full_state(engine, p).items()}  # copies: on CPU .cpu() aliases
+            for name, p in model.named_parameters()}
 
 
 def _adam_step(engine) -> float:
@@ -192,24 +183,19 @@ def _prepare_optimizer_state(engine, step: float) -> None:
     """A fresh engine has no Adam state until its first step: create it (zeros, ``step``) so it can be filled."""
     opt = _torch_optimizer(engine)
     fused = bool(opt.defaults.get("fused"))
-    z = _zero_wrapper(engine)
-    flats = []
-    if z is not None:
-        flats = getattr(z, "single_partition_of_fp32_groups", None) or getattr(z, "fp32_groups_flat_partition")
-    else:
+    flats = ds_compat.fp32_partitions(engine)
+    if flats is None:  # no ZeRO wrapper: the torch optimizer steps the parameters themselves
         flats = [p for g in opt.param_groups for p in g["params"]]
     for flat in flats:
         opt.state[flat] = {"step": torch.tensor(step, dtype=torch.float32, device=flat.device if fused else "cpu"),
                            "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
-    if z is not None:
-        z._hp_optimizer_states_linked = False
-        z._lazy_init_hp_params_optimizer_state()
+    ds_compat.relink_optimizer_state(engine)
 
 
 def _set_full_state(engine, p: torch.Tensor, vals: dict[str, torch.Tensor]) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    if hasattr(p, "_hp_mapping"):  # ZeRO-1/2 or bf16 optimizer (None where p has no fragment on this rank)
+    if ds_compat.has_fp32_fragment(p, zero3=False):  # ZeRO-1/2 or bf16 optimizer (None where p has no fragment on this rank)
         safe_set_full_fp32_param(p, vals["fp32"].to(p.device))
         for k in ADAM_KEYS:
             safe_set_full_optimizer_state(p, vals[k].to(p.device), k)
@@ -221,7 +207,7 @@ def _set_full_state(engine, p: torch.Tensor, vals: dict[str, torch.Tensor]) -> N
         p.copy_(vals["fp32"].to(p.dtype))  # the working (possibly bf16) copy every rank computes with
 
 
-def _expert_range(model, name: str) -> tuple[int, int] | None:
+def expert_range(model, name: str) -> tuple[int, int] | None:
     """Global expert ids [lo, hi) held by parameter ``name`` (None: a dense parameter)."""
     from .models.moe import MoE
 
@@ -230,11 +216,11 @@ def _expert_range(model, name: str) -> tuple[int, int] | None:
     return m.expert_range if isinstance(m, MoE) and leaf in ("w_gate", "w_up", "w_down") else None
 
 
-def _save_params(engine, model, tag_dir: str, rank: int, world: int, ep) -> tuple[dict, dict]:
+def _save_params(engine, model, tag_dir: str, rank: int, world: int, ep) -> tuple[dict, dict, list[str]]:
     """Every parameter's state, whole, written by one writer: dense parameters round-robin over all ranks,
     expert blocks round-robin over the ranks of their expert-data-parallel group. Returns (this rank's files
-    with sizes, this rank's index entries {name: [[file, lo, hi], ...]})."""
-    _link_optimizer_state(engine)
+    with sizes, this rank's index entries {name: [[file, lo, hi], ...]}, the write errors of this rank)."""
+    ds_compat.relink_optimizer_state(engine)
     files, index, buf, size, part = {}, {}, {}, 0, 0
     failed: list[str] = []  # a write that failed: this rank stops writing but keeps joining the collectives
 
@@ -253,7 +239,7 @@ def _save_params(engine, model, tag_dir: str, rank: int, world: int, ep) -> tupl
     dense_i = expert_i = 0
     for name, p in model.named_parameters():  # the same order on every rank: the gathers are collectives
         vals = _full_state(engine, p)
-        rng = _expert_range(model, name)
+        rng = expert_range(model, name)
         if rng is None:
             mine = dense_i % world == rank
             dense_i += 1
@@ -299,7 +285,7 @@ def _load_params(engine, model, tag_dir: str, manifest: dict) -> None:
     for name, p in model.named_parameters():
         if name not in where:
             raise RuntimeError(f"checkpoint {tag_dir} holds no {name}: it was written by another model")
-        rng = _expert_range(model, name)
+        rng = expert_range(model, name)
         if rng is None:
             rel, _, _ = where[name][0]
             vals = {k: v for k, v in entry(rel)[f"{name}@None"].items() if k != "where"}
@@ -403,25 +389,16 @@ def save(engine, model, run_dir: str, state: TrainState, rank: int, keep: int, e
         os.replace(partial, final)
         _fsync_dir(root)
         _fsync_write(os.path.join(root, "latest"), lambda f: f.write(tag.encode()))
-        _prune(root, keep, current=tag)
+        prune(root, keep, current=tag)
     barrier()
     return final
 
 
-def _prune(root: str, keep: int, current: str) -> None:
+def prune(root: str, keep: int, current: str) -> None:
     """Keep the ``keep`` newest complete tags up to ``current``; never a newer tag, never an incomplete one."""
     complete = [t for t in _tags(root) if t <= current and incomplete_reason(os.path.join(root, t)) is None]
     for t in complete[max(1, keep):]:
         shutil.rmtree(os.path.join(root, t), ignore_errors=True)
-
-
-def _set_schedule_step(s, last_epoch: int) -> None:
-    """Put a ``LambdaLR`` at ``last_epoch`` with the learning rate of every group set as its ``step`` would."""
-    s.last_epoch = last_epoch
-    lrs = [base * fn(last_epoch) for base, fn in zip(s.base_lrs, s.lr_lambdas)]
-    for group, lr in zip(s.optimizer.param_groups, lrs):
-        group["lr"] = lr
-    s._last_lr = lrs
 
 
 def read_state(run_dir: str, tag: str) -> TrainState:
@@ -442,9 +419,7 @@ def load(engine, model, run_dir: str, tag: str, rank: int) -> TrainState:
     else:
         _load_params(engine, model, tag_dir, manifest)
         sched = torch.load(os.path.join(tag_dir, "scheduler.pt"), weights_only=True)
-        if engine.lr_scheduler is not None and sched["last_epoch"] is not None:
-            _set_schedule_step(engine.lr_scheduler, sched["last_epoch"])
-        engine.global_steps = state.step
+        ds_compat.set_schedule_position(engine, state.step, sched["last_epoch"])
     rng_file = os.path.join(tag_dir, f"rng_rank{rank}.pt")
     if os.path.isfile(rng_file):  # a rank the writing run did not have starts from its seed stream
         _set_rng_state(torch.load(rng_file, weights_only=False))
@@ -460,8 +435,7 @@ def check_resumable(run_dir: str, tag: str, model_config: dict, world_size: int,
     with open(os.path.join(tag_dir, "manifest.json")) as f:
         kind = json.load(f)["kind"]
     problems = []
-    diff = {k: (state.model_config.get(k), v) for k, v in model_config.items()
-            if k in state.model_config and state.model_config[k] != v and k not in _RUNTIME_ONLY_KEYS}
+    diff = architecture_changes(state.model_config, model_config)  # run-time knobs (models/config.py) may change
     if diff:
         problems.append(f"checkpoint {tag_dir} was trained with a different model config (key: checkpoint vs "
                         f"now): {diff}. Use a new run dir (hydra.run.dir=...), remove {run_dir} to start afresh, or "
@@ -522,7 +496,3 @@ def resume_grad_accum(saved: dict, world_size: int, micro_batch_size: int, grad_
         f"the checkpoint's global batch is {global_batch} sequences per step; {world_size} ranks x "
         f"parallel.micro_batch_size={micro_batch_size} cannot make it with whole accumulation steps: choose a micro "
         f"batch size m with {global_batch} divisible by m x {world_size}")
-
-
-_RUNTIME_ONLY_KEYS = ("mamba_impl", "moe_impl", "activation_checkpointing", "loss_chunk_tokens", "init_from", "name",
-                      "compile_elementwise", "fused_rms_norm", "mamba_kernel_layout")

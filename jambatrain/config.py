@@ -3,32 +3,32 @@
 Hydra composes ``conf/train.yaml`` on top of this schema, so a misspelt key, a wrong type or a value outside a
 choice (the ``Choice`` enums) fails at start-up. The defaults live here only: the yaml files hold what differs
 from them (tests/test_config.py checks). ``problems()`` then checks cross-field consistency and names the fix for
-each problem; ``data_problems()`` does the same against the shards' manifest.
+each problem (each data kind's own checks: data/sources.py KINDS).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .data.mqar import MqarConfig
-from .models.config import ModelConfig, choice, coerce_choices
+from .data.sources import KINDS, data_kind, shards_manifest_problems
 from .paths import cache_root
+from .models.config import ModelConfig, choice, coerce_choices
 
 Prepare = choice("Prepare", "none", "stdlib", module=__name__)
 OnError = choice("OnError", "raise", "skip", module=__name__)
 Precision = choice("Precision", "auto", "bf16", "fp32", module=__name__)
 Backend = choice("Backend", "auto", "nccl", "gloo", module=__name__)
 Device = choice("Device", "auto", "cpu", "cuda", module=__name__)
-Kind = choice("Kind", "shards", "mqar", module=__name__)
+Kind = choice("Kind", *KINDS, module=__name__)  # data/sources.py KINDS: one entry per data kind
 WandbMode = choice("WandbMode", "offline", "online", "disabled", module=__name__)
 
 
 @dataclass
 class DataConfig:
-    kind: Kind = Kind.shards  # shards | mqar (synthetic associative recall, jambatrain/data/mqar.py; no dir)
+    kind: Kind = Kind.shards  # a KINDS entry of data/sources.py: shards | mqar (synthetic associative recall; no dir)
     dir: str = MISSING  # directory holding manifest.json + webdataset shards (data=stdlib_py: in the cache)
     # stdlib: build the embedded default corpus into `dir` if it is missing (only under the cache, $JAMBATRAIN_CACHE
     # or ~/.cache/jambatrain, or where such a corpus already is: a mistyped path gets no new corpus)
@@ -201,49 +201,12 @@ def problems(cfg: TrainConfig, world_size: int = 1) -> list[str]:
 
 
 def _data_config_problems(cfg: TrainConfig) -> list[str]:
-    p, data = [], cfg.data
+    p = []
     for t in cfg.eval.tasks:
         if t not in ("val", "mqar", "passkey"):
             p.append(f"eval.tasks has {t!r}: choose from val, mqar, passkey")
-    if data.kind == "mqar":  # synthetic: no files
-        return p + data.mqar.problems(cfg.model.vocab_size)
-    data_dir = os.path.expanduser(data.dir)
-    if data.prepare == "stdlib":
-        if data.vocab_size is None or data.seq_len is None:
-            p.append("data.prepare=stdlib builds a corpus and needs data.vocab_size and data.seq_len "
-                     "(conf/data/stdlib_py.yaml sets them)")
-        elif data.vocab_size > cfg.model.vocab_size:
-            p.append(f"data.vocab_size={data.vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}: token ids "
-                     "would fall outside the embedding; lower data.vocab_size or raise model.vocab_size")
-        root = cache_root()
-        inside = os.path.commonpath([os.path.abspath(data_dir), os.path.abspath(root)]) == os.path.abspath(root)
-        if not inside and not os.path.isfile(os.path.join(data_dir, "manifest.json")):
-            p.append(f"data.dir={data.dir} holds no corpus, and data.prepare=stdlib builds the embedded corpus only "
-                     f"under the cache {root} (so that a mistyped path does not get a new corpus silently): check "
-                     "the path, or set JAMBATRAIN_CACHE to the directory to build it under, or train on your own "
-                     "shards with data=shards data.dir=...")
-    elif not os.path.isdir(data_dir) and "://" not in data_dir and not data_dir.startswith("pipe:"):  # URL: read later
-        p.append(f"data.dir={data.dir} does not exist: write shards there with `python -m data_prep.write_shards` "
-                 "or use data=stdlib_py to build the embedded default corpus")
-    return p
+    return p + data_kind(cfg).config_problems(cfg)  # each data.kind's own checks (data/sources.py KINDS)
 
 
-def data_problems(cfg: TrainConfig, manifest: dict, data_dir: str) -> list[str]:
-    """Fill ``data.seq_len``, ``data.vocab_size`` and ``data.eos_id`` left unset (None) from the shards' manifest,
-    and return every way the shards disagree with the config (all at once, each with its fix)."""
-    data, p = cfg.data, []
-    for key, theirs in (("seq_len", manifest["seq_len"]), ("vocab_size", manifest["vocab_size"]),
-                        ("eos_id", manifest.get("eos_id"))):
-        ours = getattr(data, key)
-        if ours is None:
-            setattr(data, key, theirs)
-        elif ours != theirs and (key != "eos_id" or data.doc_mask):
-            p.append(f"data.{key}={ours} but the shards in {data_dir} have {key} {theirs}: set data.{key}={theirs} "
-                     "(or leave it unset to take the manifest's), or rewrite the shards")
-    if manifest["vocab_size"] > cfg.model.vocab_size:
-        p.append(f"the tokenizer of {data_dir} has {manifest['vocab_size']} tokens but model.vocab_size="
-                 f"{cfg.model.vocab_size}: raise model.vocab_size or retokenize with a smaller vocabulary")
-    if data.doc_mask and (data.eos_id is None or data.eos_id < 0):
-        p.append(f"data.doc_mask=true but the shards in {data_dir} record no EOS token: set data.doc_mask=false or "
-                 "rewrite the shards with a tokenizer that has one")
-    return p
+# the shards' manifest against the config (data.kind=shards; data/sources.py)
+data_problems = shards_manifest_problems

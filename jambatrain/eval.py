@@ -37,7 +37,9 @@ import torch
 import torch.distributed as tdist
 
 from .config import TrainConfig
-from .data.sources import doc_starts
+from .data.remote import is_url
+from .data.sources import BatchSource, data_kind, doc_starts
+from .fileio import atomic_write
 
 
 # ------------------------------------------------------------------------------------------------ the metrics
@@ -58,7 +60,8 @@ def _scored_logits(model, input_ids: torch.Tensor, labels: torch.Tensor, doc_sta
 
 
 @torch.no_grad()
-def val_metrics(model, cfg: TrainConfig, loader, device: torch.device, max_batches: int = 0, bar=None) -> dict:
+def val_metrics(model, cfg: TrainConfig, loader: BatchSource, device: torch.device, max_batches: int = 0,
+                bar=None) -> dict:
     """Token-weighted mean cross-entropy over every rank's batches (the sums and counts are all-reduced)."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for i, batch in enumerate(loader):
@@ -237,10 +240,7 @@ def flat_metrics(result: dict) -> dict:
 
 def _write(result: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(result, indent=1))
 
 
 def evaluate_in_training(model, cfg: TrainConfig, dist, data_dir: str, step: int, run_dir: str) -> dict:
@@ -265,35 +265,10 @@ def _split_argv(argv: list[str]) -> tuple[str, list[str]]:
 
 def compose_config(src: str, overrides: list[str]):
     """(TrainConfig, checkpoint root, tag, run dir): Hydra-composed from the run's overrides + ``overrides``; the
-    model's architecture from the checkpoint's train_state.json (runtime-only keys may be overridden)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    model's architecture from the checkpoint's train_state.json (run-time knobs may be overridden)."""
+    from .runs import compose_for_checkpoint
 
-    from .checkpoint import _RUNTIME_ONLY_KEYS
-    from .config import register_schema, to_train_config
-    from .export_hf import find_run_config, model_config_from_checkpoint, model_config_from_dict, resolve_checkpoint
-    from .train import CONF_DIR, require_configs
-
-    require_configs()
-    try:
-        root, tag = resolve_checkpoint(src)
-    except FileNotFoundError as exc:
-        raise SystemExit(f"eval: {exc}") from None
-    run_config = find_run_config(root)
-    run_dir = os.path.dirname(os.path.dirname(run_config)) if run_config else os.path.dirname(root)
-    run_overrides = []
-    if run_config and os.path.isfile(os.path.join(os.path.dirname(run_config), "overrides.yaml")):
-        saved = OmegaConf.load(os.path.join(os.path.dirname(run_config), "overrides.yaml"))
-        run_overrides = [o for o in saved if not o.lstrip("+~").startswith("hydra")]
-    register_schema()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        raw = compose(config_name="train", overrides=run_overrides + overrides)
-    cfg = to_train_config(raw)
-    stored = model_config_from_checkpoint(root, tag)
-    if stored:
-        runtime = {k: getattr(cfg.model, k) for k in _RUNTIME_ONLY_KEYS}
-        cfg.model = model_config_from_dict({**stored, **runtime}, "train_state.json")
-    return cfg, root, tag, run_dir
+    return compose_for_checkpoint(src, overrides, tool="eval")
 
 
 def load_model(cfg: TrainConfig, root: str, tag: str, device: torch.device, dtype: torch.dtype):
@@ -320,8 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
     if errors:
         raise SystemExit("eval: invalid configuration:\n  - " + "\n  - ".join(errors))
     dist = init_distributed(cfg.parallel)
-    data_dir = os.path.expanduser(cfg.data.dir) if cfg.data.kind == "shards" else ""
-    if "val" in cfg.eval.tasks and data_dir and "://" not in data_dir and not data_dir.startswith("pipe:") \
+    data_dir = data_kind(cfg).data_dir(cfg)  # "" for synthetic data
+    if "val" in cfg.eval.tasks and data_dir and not is_url(data_dir) \
             and not os.path.isfile(os.path.join(data_dir, "manifest.json")):
         raise SystemExit(f"eval: the val task needs the run's shards at data.dir={data_dir} (no manifest.json "
                          "there): point data.dir at them or drop val from eval.tasks")

@@ -25,77 +25,10 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import fields
 
 from .models.config import ModelConfig
-
-
-def resolve_checkpoint(src: str, tag: str | None = None) -> tuple[str, str]:
-    """(checkpoint root, tag) for a run dir, a checkpoint root or a single checkpoint dir; without ``tag``, the
-    newest complete checkpoint (the one a resume would take, never a half-written one)."""
-    from .checkpoint import _tags, incomplete_reason
-
-    src = os.path.abspath(src)
-    if not os.path.isdir(src):
-        raise FileNotFoundError(f"{src} is not a directory")
-    if os.path.isfile(os.path.join(src, "manifest.json")):  # a tag dir
-        return os.path.dirname(src), os.path.basename(src)
-    root = os.path.join(src, "checkpoints") if os.path.isdir(os.path.join(src, "checkpoints")) else src
-    if tag is None:
-        tag = next((t for t in _tags(root) if incomplete_reason(os.path.join(root, t)) is None), None)
-        if tag is None:
-            raise FileNotFoundError(f"no complete checkpoint at {src}: expected RUN_DIR/checkpoints/step_XXXXXXXX, "
-                                    "CKPT_ROOT/step_XXXXXXXX or a step dir, each with its manifest.json (or pass --tag)")
-    reason = incomplete_reason(os.path.join(root, tag))
-    if reason:
-        raise FileNotFoundError(f"checkpoint {os.path.join(root, tag)} is not complete ({reason})")
-    return root, tag
-
-
-def find_run_config(start: str) -> str | None:
-    d = os.path.abspath(start)
-    for _ in range(4):
-        p = os.path.join(d, ".hydra", "config.yaml")
-        if os.path.isfile(p):
-            return p
-        d = os.path.dirname(d)
-    return None
-
-
-def load_run_config(path: str) -> dict:
-    """The run's Hydra config as a dict; each top-level section resolved on its own (a section whose
-    interpolations cannot be resolved outside the run, e.g. ${hydra:...}, is kept unresolved)."""
-    from omegaconf import OmegaConf
-
-    from . import config  # noqa: F401 - registers the ${jambatrain_cache:} resolver of the data config
-
-    cfg = OmegaConf.load(path)
-    out = {}
-    for k in cfg:
-        try:
-            v = cfg[k]
-            out[k] = OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-        except Exception:  # noqa: BLE001
-            out[k] = OmegaConf.to_container(cfg, resolve=False)[k]
-    return out
-
-
-def model_config_from_checkpoint(root: str, tag: str) -> dict | None:
-    """The model config jambatrain.checkpoint stored next to the weights (train_state.json), if any."""
-    p = os.path.join(root, tag, "train_state.json")
-    if not os.path.isfile(p):
-        return None
-    with open(p) as f:
-        mc = json.load(f).get("model_config")
-    return mc or None
-
-
-def model_config_from_dict(model: dict, source: str = "") -> ModelConfig:
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(model) - known - {"_target_"})
-    if unknown:
-        print(f"export_hf: ignoring model keys ModelConfig does not know ({source}): {unknown}", file=sys.stderr)
-    return ModelConfig(**{k: v for k, v in model.items() if k in known})
+from .runs import (find_run_config, load_run_config, model_config_from_checkpoint, model_config_from_dict,
+                   resolve_checkpoint)
 
 
 def find_tokenizer(run_cfg: dict, run_dir: str | None) -> str | None:
@@ -142,8 +75,6 @@ def check_tokenizer(tokenizer: str, run_cfg: dict) -> None:
 
 def consolidated_state_dict(root: str, tag: str) -> dict:
     """fp32 state dict with the JambaLM's own parameter names (all experts), from a checkpoint of any layout."""
-    import json
-
     from .checkpoint import portable_state_dict
 
     ckpt = os.path.join(root, tag)

@@ -25,24 +25,11 @@ from typing import Iterator
 
 import torch
 
-from .models.config import ModelConfig
+from .models.config import ModelConfig, hf_fields, weight_fields
 
-# ModelConfig fields that HF JambaConfig has under the same name and meaning.
-_SHARED_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "attn_layer_period", "attn_layer_offset", "expert_layer_period",
-    "expert_layer_offset", "num_experts", "num_experts_per_tok", "router_aux_loss_coef", "mamba_d_state",
-    "mamba_d_conv", "mamba_expand", "mamba_conv_bias", "mamba_proj_bias", "rms_norm_eps",
-    "tie_word_embeddings", "initializer_range", "max_position_embeddings",
-)
-# Fields that change the weights' shapes or the function the weights compute: they must agree for
-# HF weights to be loaded into a model.
-_ARCH_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "attn_layer_period", "attn_layer_offset", "num_experts", "num_experts_per_tok",
-    "mamba_d_state", "mamba_d_conv", "mamba_expand", "dt_rank", "mamba_conv_bias", "mamba_proj_bias",
-    "rms_norm_eps", "tie_word_embeddings", "use_rope",
-)
+# ModelConfig fields that HF JambaConfig has under the same name and meaning: the ones marked ``arch(hf=True)`` in
+# models/config.py (a new field declares it there; nothing is listed here)
+_SHARED_FIELDS = hf_fields()
 
 _MAMBA_PARAMS = ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj", "dt_layernorm",
                  "b_layernorm", "c_layernorm")
@@ -115,12 +102,11 @@ def from_hf_config(hf_cfg, **overrides) -> ModelConfig:
 
 
 def config_mismatches(cfg: ModelConfig, other: ModelConfig) -> list[str]:
-    """Architecture fields on which two configs disagree (the expert period/offset only when MoE is on)."""
+    """Fields HF weights must agree on (``weight_fields``: shapes or the function computed; the expert period/offset
+    only when MoE is on) on which two configs disagree."""
     out = []
-    keys = list(_ARCH_FIELDS)
-    if cfg.num_experts > 1 or other.num_experts > 1:
-        keys += ["expert_layer_period", "expert_layer_offset"]
-    for k in keys:
+    for k in weight_fields(moe=cfg.num_experts > 1 or other.num_experts > 1):
+        k = "dt_rank" if k == "mamba_dt_rank" else k  # compared resolved: 0 means "auto"
         a, b = getattr(cfg, k), getattr(other, k)
         if a != b:
             out.append(f"{k}: model has {a!r}, checkpoint has {b!r}")

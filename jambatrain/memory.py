@@ -123,20 +123,6 @@ def measure(model, context: int, device, dtype) -> dict:
             "forward_peak_bytes": peak}
 
 
-def _compose_model(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from .config import register_schema
-    from .train import CONF_DIR, require_configs
-
-    require_configs()
-    register_schema()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        raw = compose(config_name="train", overrides=overrides)
-    return OmegaConf.to_object(raw.model)  # the model section only: a data.dir=??? preset needs no data here
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m jambatrain.memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--context", type=int, required=True, help="tokens in the sequence, e.g. 262144")
@@ -145,7 +131,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     bad = [o for o in overrides if "=" not in o]
     if bad or args.context < 1:
         p.error(f"arguments other than --context N (>= 1) and --dtype must be Hydra overrides key=value: {bad}")
-    mine = layout_of(_compose_model(overrides))
+    from .runs import compose_model_config
+
+    mine = layout_of(compose_model_config(overrides))
     rows = [report(x, args.context, args.dtype) for x in (MIXTRAL_8X7B, LLAMA2_7B, mine)]
     print(f"{'model':<16}{'attn/mamba layers':>18}{'KV cache':>14}{'Mamba state':>14}   ({args.context:,} tokens, "
           f"{args.dtype}, per sequence)")

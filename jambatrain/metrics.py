@@ -12,6 +12,7 @@ import time
 import torch
 
 from .config import TrainConfig
+from .fileio import atomic_write
 
 
 class Throughput:
@@ -113,12 +114,7 @@ class MetricsLogger:
                 f.writelines(moved)
                 f.flush()
                 os.fsync(f.fileno())
-            tmp = f"{self.path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.writelines(keep)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            atomic_write(self.path, "".join(keep))
         self.file = open(self.path, "a", buffering=1)
         return len(moved)
 

@@ -83,18 +83,6 @@ def _manifest_seq_len(data_dir: str) -> int:
                          "data.seq_len=N") from None
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from .config import register_schema, to_train_config
-    from .paths import CONF_DIR, require_configs
-
-    require_configs()
-    register_schema()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_train_config(compose(config_name="train", overrides=overrides))
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,7 +95,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for jambatrain.train")
     args = ap.parse_args(argv)
     os.environ.setdefault("JAMBATRAIN_RUN_DIR", os.path.join(os.getcwd(), "runs", "plan"))
-    cfg = _compose(args.overrides)
+    from .runs import compose_train_config
+
+    cfg = compose_train_config(args.overrides)
     p = plan(cfg, args.gpus, args.tokens, args.mfu, args.peak)
     print(f"{cfg.name}: {p['params'] / 1e9:.2f}B parameters ({p['active_params'] / 1e9:.2f}B active), "
           f"layers [{p['layer_pattern']}]")

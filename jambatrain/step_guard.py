@@ -8,12 +8,10 @@ overflow (gradients dropped, no update, no scheduler step, ``engine.skipped_step
 optimizer also skips by itself when a gradient is non-finite; those skips are counted the same way. After
 ``trainer.max_skipped_steps`` skips in a row the run stops, its last checkpoint (from before the streak) intact.
 
-How the skip reaches each DeepSpeed optimizer (DeepSpeed 0.19, pinned):
-  ZeRO-1/2      ``check_overflow`` (called every step with ``check_grad_overflow``) also reports the forced skip
-  ZeRO-3        ``_overflow_check_and_loss_scale_update`` also checks bf16/fp32 gradients (DeepSpeed checks only
-                fp16) and reports the forced skip
-  bf16, ZeRO-0  ``step`` drops the gradients and reports overflow, as it does for a non-finite norm
-  fp32, ZeRO-0  the torch optimizer's ``step`` is not run; ``overflow`` tells the engine not to step the schedule
+The skip reaches DeepSpeed's optimizer through ``parallel.ds_compat.install_skip_hook(engine.optimizer,
+guard.skip_requested)``, which the trainer's ``setup`` calls once after building the guard (the one place that
+patches DeepSpeed's optimizer; it documents the path per ZeRO stage). A forced skip the engine did not count
+means the hook is missing: ``after_step`` raises rather than let a bad step through.
 """
 from __future__ import annotations
 
@@ -33,7 +31,6 @@ class StepGuard:
         self.in_a_row = 0
         self.last_loss: float | None = None  # this rank's mean loss of the last checked step
         self._skip_next = False
-        self._install(engine.optimizer)
 
     # ------------------------------------------------------------ deciding
     def check(self, step_loss: torch.Tensor, micro_steps: int) -> str | None:
@@ -52,11 +49,19 @@ class StepGuard:
             return reason or "a bad loss on another rank"
         return None
 
+    def skip_requested(self) -> bool:
+        """Whether the coming ``engine.step()`` must be skipped (read by the hook ``ds_compat.install_skip_hook``)."""
+        return self._skip_next
+
     def after_step(self, skipped_before: int) -> bool:
         """After the step's ``engine.step()``: whether the step was skipped (forced or by DeepSpeed); updates the
         streak and the running mean. Raises SystemExit past ``max_skipped`` skips in a row."""
-        self._skip_next = False
+        forced, self._skip_next = self._skip_next, False
         skipped = self.engine.skipped_steps > skipped_before
+        if forced and not skipped:
+            raise RuntimeError("jambatrain: a step the guard skipped was applied: the skip hook is not installed on "
+                               "this engine's optimizer (call parallel.ds_compat.install_skip_hook after building "
+                               "the StepGuard)")
         if skipped:
             self.in_a_row += 1
             if self.max_skipped and self.in_a_row >= self.max_skipped:
@@ -76,47 +81,3 @@ class StepGuard:
 
     def load_state_dict(self, sd: dict) -> None:
         self.mean, self.good_steps = sd.get("mean"), sd.get("good_steps", 0)
-
-    # ------------------------------------------------------------ skipping inside DeepSpeed's optimizer
-    def _install(self, opt) -> None:
-        guard = self
-        if hasattr(opt, "check_grad_overflow") and hasattr(opt, "check_overflow"):  # ZeRO-1/2
-            opt.check_grad_overflow = True
-            original = opt.check_overflow
-
-            def check_overflow(*args, **kwargs):
-                original(*args, **kwargs)
-                opt.overflow = opt.overflow or guard._skip_next
-
-            opt.check_overflow = check_overflow
-        elif hasattr(opt, "_overflow_check_and_loss_scale_update"):  # ZeRO-3
-            def overflow_check(update_scale=True):
-                opt.overflow = False
-                opt.check_overflow()  # bf16/fp32 gradients too
-                opt.overflow = opt.overflow or guard._skip_next
-                if not update_scale:
-                    return opt.overflow
-                return opt._loss_scale_update_and_overflow_cleanup()
-
-            opt._overflow_check_and_loss_scale_update = overflow_check
-        elif hasattr(opt, "clear_hp_grads"):  # DeepSpeed's bf16 optimizer (ZeRO-0)
-            original = opt.step
-
-            def step(*args, **kwargs):
-                if not guard._skip_next:
-                    return original(*args, **kwargs)
-                opt.overflow = True
-                opt._global_grad_norm = float("inf")
-                opt.clear_hp_grads()
-                opt.clear_lp_grads()
-
-            opt.step = step
-        else:  # the torch optimizer itself (ZeRO-0, fp32); the engine zeroes the gradients after it
-            original = opt.step
-
-            def step(*args, **kwargs):
-                opt.overflow = guard._skip_next
-                if not guard._skip_next:
-                    return original(*args, **kwargs)
-
-            opt.step = step

@@ -19,8 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint, profiling
-from .config import TrainConfig, data_problems, problems, register_schema, to_train_config
-from .data.sources import doc_starts
+from .config import TrainConfig, problems, register_schema, to_train_config
+from .data.sources import BatchSource, data_kind, doc_starts
 from .metrics import (MetricsLogger, Throughput, grad_norm, memory_stats, moe_load_stats, peak_flops, runtime_info,
                       train_flops_per_token)
 from .models import JambaLM, ModelConfig
@@ -28,6 +28,7 @@ from .models.fast_paths import describe as describe_fast_paths
 from .parallel import barrier, build_deepspeed_config, build_engine, expert_parallel, init_distributed, reduce_mean
 from .parallel.deepspeed_setup import resolve_precision
 from .parallel.distributed import DistInfo, any_rank, export_submitit_env
+from .parallel.ds_compat import install_skip_hook
 from .parallel.expert_parallel import ExpertParallel
 from .paths import CONF_DIR, require_configs
 from .step_guard import StepGuard
@@ -36,29 +37,10 @@ register_schema()
 
 
 def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
-    """Build the embedded corpus on first use (local rank 0 of every node, so nodes without a shared cache get
-    their own copy; a file lock serialises builders on a shared one; the other ranks wait), then check the
-    shards against the config before any model is built: data.seq_len / vocab_size / eos_id left unset are taken
-    from the manifest, and every disagreement is reported at once."""
-    from .data import ShardDataError, read_manifest
-
-    if cfg.data.kind == "mqar":  # synthetic: nothing on disk
-        return ""
-    data_dir = os.path.expanduser(cfg.data.dir)
-    if cfg.data.prepare == "stdlib":
-        if dist.local_rank == 0:
-            from .data.corpus import prepare_default_corpus
-
-            prepare_default_corpus(data_dir, vocab_size=cfg.data.vocab_size, seq_len=cfg.data.seq_len)
-        barrier()
-    try:  # skip: the loader warns per shard; a URL's manifest is fetched here (a dead or wrong URL: one line)
-        manifest = read_manifest(data_dir, check_files=cfg.data.on_error == "raise")
-    except ShardDataError as exc:
-        raise SystemExit(f"jambatrain: {exc}") from None
-    errors = data_problems(cfg, manifest, data_dir)
-    if errors:
-        raise SystemExit("jambatrain: the data does not fit the config:\n  - " + "\n  - ".join(errors))
-    return data_dir
+    """The data kind's preparation (``data/sources.py`` KINDS; shards: build the embedded corpus on first use, then
+    check the shards against the config, filling data.seq_len / vocab_size / eos_id left unset), before any model
+    is built. Returns the data directory ("" for synthetic data)."""
+    return data_kind(cfg).prepare(cfg, dist)
 
 
 def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict, ep: ExpertParallel | None = None) -> JambaLM:
@@ -158,7 +140,7 @@ class Run:
     run_dir: str
     dist: DistInfo
     data_dir: str
-    loader: object
+    loader: BatchSource
     model: JambaLM
     engine: object
     ep: ExpertParallel | None
@@ -228,7 +210,7 @@ def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
 
     from .data import make_loader
 
-    loader = make_loader(cfg, "train", dist.rank, dist.world_size, data_dir,  # data.kind: shards | mqar
+    loader = make_loader(cfg, "train", dist.rank, dist.world_size, data_dir,  # data.kind's (data/sources.py)
                          pin_memory=dist.device.type == "cuda")  # async host-to-device copies
     ds_config = build_deepspeed_config(cfg, dist.world_size, dist.device)
     ep = expert_parallel.create_groups(par.expert_parallel_size) if par.expert_parallel_size > 1 else None
@@ -265,6 +247,7 @@ def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
         for w in paths.warnings:
             print(f"jambatrain: WARNING: {w}", flush=True)
     guard = StepGuard(engine, tr.skip_spike_factor, tr.skip_spike_warmup, tr.max_skipped_steps)
+    install_skip_hook(engine.optimizer, guard.skip_requested)  # the guard's skips reach DeepSpeed's optimizer
     guard.load_state_dict(state.guard)
     engine.train()
     return Run(cfg, run_dir, dist, data_dir, loader, model, engine, ep, state, guard, logger, meter, stop,

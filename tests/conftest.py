@@ -31,6 +31,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def record_moe_backends(monkeypatch) -> list[str]:
+    """The MoE backends the layers run from now on, by name, one entry per expert computation: observed through
+    ``moe_backends.BACKENDS``, the table every MoE forward takes its backend from."""
+    import dataclasses
+
+    from jambatrain.models import moe_backends
+
+    ran: list[str] = []
+    for name, backend in list(moe_backends.BACKENDS.items()):
+        def expert_mlp(*args, _backend=backend, **kwargs):
+            ran.append(_backend.name)
+            return _backend.expert_mlp(*args, **kwargs)
+
+        monkeypatch.setitem(moe_backends.BACKENDS, name, dataclasses.replace(backend, expert_mlp=expert_mlp))
+    return ran
+
+
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Random values in every parameter, norm weights (model, dt/B/C) and router included, so parity and
     causality tests exercise every weight non-trivially."""

@@ -8,6 +8,8 @@
   load STAGE EP DIR    a differently initialised engine loads DIR, trains STEPS_B steps; compared with one process
                        that trained STEPS_A + STEPS_B steps. SKIP_MOMENTS=1 (negative control) drops the moments;
                        SAVE_AFTER=DIR2 then writes a checkpoint into DIR2.
+  hooks                every hook of jambatrain/parallel/ds_compat.py on a real engine per ZeRO stage and precision
+                       (tests/test_ds_compat.py)
   guard STAGE EP       the step guard through the trainer's train_step: a NaN loss on rank 1, then a loss spike on
                        rank 0, are skipped on both ranks (weights, Adam state and LR schedule unchanged); the next
                        clean step applies; max_skipped_steps skips in a row stop the run
@@ -175,7 +177,7 @@ def compare(model, ref, engine=None, ref_opt_state=None) -> dict:
     refs = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         r = refs[name]
-        rng = checkpoint._expert_range(model, name)
+        rng = checkpoint.expert_range(model, name)
         if rng is not None:
             r = r[rng[0]:rng[1]]
         errs[name] = max_err(p, r)
@@ -187,6 +189,7 @@ def compare(model, ref, engine=None, ref_opt_state=None) -> dict:
 def guard_case(stage: int, ep: int, dist_info) -> dict:
     import dataclasses
 
+    from jambatrain.parallel.ds_compat import install_skip_hook
     from jambatrain.step_guard import StepGuard
     from jambatrain.train import train_step
 
@@ -203,6 +206,7 @@ def guard_case(stage: int, ep: int, dist_info) -> dict:
 
     model.register_forward_hook(hook)
     guard = StepGuard(engine, spike_factor=5.0, spike_warmup=1, max_skipped=3)
+    install_skip_hook(engine.optimizer, guard.skip_requested)  # as train.setup does
     step = [0]
 
     def batches():
@@ -214,9 +218,7 @@ def guard_case(stage: int, ep: int, dist_info) -> dict:
 
     it = batches()
     def snapshot():  # fp32 masters and Adam moments, whole (collectives: every rank calls it)
-        checkpoint._link_optimizer_state(engine)
-        return {n: {k: v.clone() for k, v in checkpoint._full_state(engine, p).items()}
-                for n, p in model.named_parameters()}
+        return checkpoint.optimizer_states(engine, model)
 
     def same(a, b):
         diff = [(n, k, a[n][k].flatten()[:3].tolist(), b[n][k].flatten()[:3].tolist()) for n in a for k in a[n]
@@ -249,6 +251,52 @@ def guard_case(stage: int, ep: int, dist_info) -> dict:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, out)
     return {"ranks": gathered}
+
+
+def hooks_case(dist_info) -> dict:
+    """Each private DeepSpeed hook (jambatrain/parallel/ds_compat.py) doing its job on a real engine of every ZeRO
+    stage: the skip hook's path, a forced skip leaving masters, moments and schedule unchanged and counted; the Adam
+    state of every parameter group reachable after a step (re-link); the fp32 partitions; which parameters have a
+    ZeRO fragment; the schedule position; the expert groups."""
+    from jambatrain.parallel import ds_compat
+
+    out = {}
+    for stage, precision in ((0, "fp32"), (0, "bf16"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (1, "bf16-fp32acc")):
+        cfg = train_config(stage, 1, NS // dist.get_world_size())
+        cfg.parallel.precision = precision.split("-")[0]
+        ds = build_deepspeed_config(cfg, dist.get_world_size(), torch.device("cpu"))
+        if precision == "bf16-fp32acc":  # the one layout that makes DeepSpeed pick its BF16_Optimizer
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        model = fresh_model(0)
+        engine = build_engine(model, cfg, dist_info, ds)
+        skip = [False]
+        path = ds_compat.install_skip_hook(engine.optimizer, lambda: skip[0])
+        run_steps(engine, 0, 1)
+        before, epoch, skipped = checkpoint.optimizer_states(engine, model), engine.lr_scheduler.last_epoch, \
+            engine.skipped_steps
+        skip[0] = True
+        run_steps(engine, 1, 1)
+        after, held = checkpoint.optimizer_states(engine, model), engine.lr_scheduler.last_epoch == epoch
+        skip[0] = False
+        run_steps(engine, 2, 1)
+        applied = checkpoint.optimizer_states(engine, model)
+        flats = ds_compat.fp32_partitions(engine)
+        ds_compat.set_schedule_position(engine, 7, 5)
+        out[f"zero{stage}_{precision}"] = {
+            "path": path,
+            "skip_unchanged": all(torch.equal(before[n][k], after[n][k]) for n in before for k in before[n]),
+            "optimizer": type(engine.optimizer).__name__,
+            "skip_counted": engine.skipped_steps - skipped, "schedule_held": held,
+            "applied_changed": any(not torch.equal(after[n]["fp32"], applied[n]["fp32"]) for n in after),
+            # every parameter group's moments reachable (without the re-link, the later groups' read as zeros)
+            "moments_everywhere": all(bool(v["exp_avg_sq"].abs().sum() > 0) for v in applied.values()),
+            "fp32_partitions": None if flats is None else len(flats),
+            "fragments": sorted({ds_compat.has_fp32_fragment(p) for p in model.parameters()}),
+            "schedule_position": [engine.global_steps, engine.lr_scheduler.last_epoch,
+                                  engine.get_lr()[0] == cfg.optim.lr * engine.lr_scheduler.lr_lambdas[0](5)]}
+    out["expert_groups"] = {k: v for k, v in ds_compat.expert_groups(dist.get_world_size()).items()
+                            if k in ("name", "rank", "edp_rank")}
+    return out
 
 
 def savefail_case(stage: int, ep: int, dist_info, run_dir: str) -> dict:
@@ -284,6 +332,8 @@ def main() -> None:
     mode = sys.argv[1]
     if mode == "dispatch":
         result = dispatch(rank, world)
+    elif mode == "hooks":
+        result = hooks_case(dist_info)
     else:
         stage, ep = int(sys.argv[2]), int(sys.argv[3])
         if mode == "guard":

@@ -35,7 +35,8 @@ def test_same_setup_resumes_and_runtime_fields_may_change(tmp_path):
     tag = _write(str(tmp_path), cfg)
     assert checkpoint.latest_tag(str(tmp_path)) == tag
     runtime = {**cfg, "mamba_impl": "reference", "moe_impl": "native", "activation_checkpointing": "full",
-               "loss_chunk_tokens": 1024, "name": "b"}
+               "loss_chunk_tokens": 1024, "name": "b", "compile_elementwise": False, "fused_rms_norm": False,
+               "mamba_kernel_layout": False, "init_from": "/some/hf/dir"}
     assert checkpoint.check_resumable(str(tmp_path), tag, runtime, world_size=2, zero_stage=2) == []
 
 
@@ -98,7 +99,7 @@ def test_prune_keeps_the_newest_complete_tags_and_never_newer_or_incomplete_ones
         _write(run, cfg, step=step)
     broken = _write(run, cfg, step=25)
     os.remove(os.path.join(run, "checkpoints", broken, "manifest.json"))
-    checkpoint._prune(os.path.join(run, "checkpoints"), keep=2, current="step_00000030")
+    checkpoint.prune(os.path.join(run, "checkpoints"), keep=2, current="step_00000030")
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step_00000020", "step_00000025",
                                                                      "step_00000030", "step_00000040"]
 
@@ -134,3 +135,22 @@ def test_storage_problems_are_said_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 9 << 30, 1 << 30))
     (problem,) = checkpoint.storage_problems(str(ok), checkpoint.checkpoint_bytes(200_000_000, 2, 8))
     assert "1.00 GiB free" in problem and "2.24 GiB" in problem and "trainer.save_every=0" in problem
+
+
+def test_a_new_runtime_knob_may_change_on_resume_with_no_list_edited(tmp_path, monkeypatch):
+    """The resume check reads the schema's marks (models/config.py ``runtime`` / ``arch``): a knob added as
+    ``runtime(...)`` may differ from the checkpoint's, one added as ``arch(...)`` may not; nothing else is edited."""
+    import dataclasses
+
+    from jambatrain.models import config as model_config
+
+    plus = dataclasses.make_dataclass("ModelConfigPlus", [("new_kernel_switch", bool, model_config.runtime(False)),
+                                                          ("new_width", int, model_config.arch(8, hf=False))],
+                                      bases=(ModelConfig,))
+    monkeypatch.setattr(model_config, "ModelConfig", plus)
+    saved = asdict(plus(num_hidden_layers=8))
+    tag = _write(str(tmp_path), saved)
+    assert checkpoint.check_resumable(str(tmp_path), tag, {**saved, "new_kernel_switch": True}, 2, 2) == []
+    (problem,) = checkpoint.check_resumable(str(tmp_path), tag, {**saved, "new_width": 16}, 2, 2)
+    assert "'new_width': (8, 16)" in problem
+    assert "new_kernel_switch" in model_config.runtime_fields() and "new_width" not in model_config.hf_fields()

@@ -253,7 +253,23 @@ def test_a_saved_run_config_resolves_the_cache_dir_in_export(tmp_path):
 
     saved = tmp_path / "config.yaml"
     saved.write_text("data:\n  dir: ${jambatrain_cache:}/stdlib_py_v4096_s256\n")
-    code = f"from jambatrain.export_hf import load_run_config; print(load_run_config({str(saved)!r})['data']['dir'])"
+    code = f"from jambatrain.runs import load_run_config; print(load_run_config({str(saved)!r})['data']['dir'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "JAMBATRAIN_CACHE": str(tmp_path / "c")}).stdout
     assert out.strip() == str(tmp_path / "c" / "stdlib_py_v4096_s256")
+
+
+def test_every_model_field_is_marked_architecture_or_runtime():
+    """models/config.py declares each ModelConfig field with ``arch(...)`` or ``runtime(...)``: the resume check,
+    the evaluator and the HF conversion read the marks instead of lists kept by hand."""
+    import dataclasses
+
+    from jambatrain.models.config import ModelConfig, hf_fields, runtime_fields, weight_fields
+
+    unmarked = [f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get("kind") not in ("arch", "runtime")]
+    assert not unmarked, f"declare these with arch(...) or runtime(...) in models/config.py: {unmarked}"
+    assert set(runtime_fields()) == {"name", "mamba_impl", "moe_impl", "activation_checkpointing", "loss_chunk_tokens",
+                                     "compile_elementwise", "fused_rms_norm", "mamba_kernel_layout", "init_from"}
+    assert not set(hf_fields()) & set(runtime_fields())
+    assert "expert_layer_period" in weight_fields(moe=True) and "expert_layer_period" not in weight_fields(moe=False)
+    assert "router_aux_loss_coef" not in weight_fields() and "hidden_size" in weight_fields()

@@ -62,14 +62,19 @@ def test_a_config_that_cannot_run_on_that_many_gpus_is_reported(capsys):
     assert p["problems"] and "PROBLEM:" in capsys.readouterr().out
 
 
-def test_plan_does_not_import_the_trainer():
-    """The planner finds the configs through jambatrain.paths, not through the training entry point."""
+def test_plan_memory_and_eval_do_not_import_the_trainer(tmp_path):
+    """The tools compose the config through jambatrain.runs (configs found by jambatrain.paths), not through the
+    training entry point: no eval <-> train import cycle."""
     import subprocess
     import sys
 
-    code = "import sys, jambatrain.plan as p; p._compose(['experiment=tiny_cpu']); print('jambatrain.train' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    code = ("import sys, jambatrain.plan, jambatrain.memory, jambatrain.eval, jambatrain.export_hf; "
+            "jambatrain.plan.main(['--gpus', '2', 'experiment=tiny_cpu']); "
+            "jambatrain.memory.main(['--context', '64', 'experiment=tiny_cpu']); "
+            "print('TRAINER', 'jambatrain.train' in sys.modules)")
+    env = {**__import__("os").environ, "JAMBATRAIN_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip().splitlines()[-1] == "TRAINER False"
 
 
 def test_seq_len_left_to_the_manifest_is_read_from_it(tmp_path):

@@ -1,7 +1,12 @@
 """Regenerates this directory's kernel sources from mamba-ssm 2.3.2.post1's csrc/selective_scan (Apache-2.0,
 LICENSE-mamba-ssm): the Mamba-1 selective scan with a per-position state reset for packed documents.
 
-    python csrc/selective_scan_reset/make_fork.py path/to/mamba_ssm-2.3.2.post1
+    python csrc/selective_scan_reset/make_fork.py SRC [OUT]
+
+SRC is mamba-ssm's source tree, its sdist (``mamba_ssm-2.3.2.post1.tar.gz``) or the extract of it kept here
+(``upstream-mamba_ssm-2.3.2.post1.tar.gz``: LICENSE and csrc/selective_scan's files the fork reads, byte for byte
+from the sdist); OUT defaults to this directory. ``tests/test_kernel_fork.py`` regenerates the fork from the extract
+into a temp dir and holds the files here to it.
 
 What the patch changes, and nothing else:
   * SSMParamsBase gets ``reset_ptr`` / ``reset_batch_stride``: a (batch, seqlen) tensor in u's dtype, nonzero
@@ -16,6 +21,8 @@ import pathlib
 import re
 import shutil
 import sys
+import tarfile
+import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
 FILES = ["selective_scan.h", "selective_scan_common.h", "static_switch.h", "uninitialized_copy.cuh",
@@ -40,33 +47,49 @@ def sub(text: str, old: str, new: str, count: int = 1) -> str:
     return text.replace(old, new)
 
 
-def main(src_root: str) -> None:
-    src = pathlib.Path(src_root) / "csrc" / "selective_scan"
-    for f in FILES:
-        shutil.copy(src / f, HERE / f)
-    shutil.copy(pathlib.Path(src_root) / "LICENSE", HERE / "LICENSE-mamba-ssm")
+UPSTREAM = HERE / "upstream-mamba_ssm-2.3.2.post1.tar.gz"
+NEEDED = ["LICENSE"] + [f"csrc/selective_scan/{f}" for f in FILES + ["selective_scan.cpp"]]
 
-    h = (HERE / "selective_scan.h").read_text()
+
+def main(src_root: str, out: str | None = None) -> list[str]:
+    """Write the fork into ``out`` (default: this directory); returns the names written."""
+    if str(src_root).endswith((".tar.gz", ".tgz")):  # the sdist or the extract of it kept here
+        with tempfile.TemporaryDirectory() as tmp, tarfile.open(src_root) as tar:
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(tmp, members=[m for m in tar.getmembers() if m.name.split("/", 1)[-1] in NEEDED], **safe)
+            (root,) = pathlib.Path(tmp).iterdir()
+            return main(str(root), out)
+    return _generate(pathlib.Path(src_root), pathlib.Path(out) if out else HERE)
+
+
+def _generate(src_root: pathlib.Path, out: pathlib.Path) -> list[str]:
+    src = src_root / "csrc" / "selective_scan"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in FILES:
+        shutil.copy(src / f, out / f)
+    shutil.copy(src_root / "LICENSE", out / "LICENSE-mamba-ssm")
+
+    h = (out / "selective_scan.h").read_text()
     h = sub(h, "    void *__restrict__ x_ptr;\n",
             "    void *__restrict__ x_ptr;\n    void *__restrict__ reset_ptr;  // jambatrain: (batch, seqlen), u's dtype\n"
             "    index_t reset_batch_stride;\n")
-    (HERE / "selective_scan.h").write_text(h)
+    (out / "selective_scan.h").write_text(h)
 
-    fwd = (HERE / "selective_scan_fwd_kernel.cuh").read_text()
+    fwd = (out / "selective_scan_fwd_kernel.cuh").read_text()
     fwd = sub(fwd, "        u += kChunkSize;\n        delta += kChunkSize;\n",
               "        u += kChunkSize;\n        delta += kChunkSize;\n" + RESET_LOAD)
     fwd = sub(fwd, "thread_data[i] = make_float2(exp2f(delta_vals[r][i] * A_val[r]),",
               "thread_data[i] = make_float2((reset_mask >> i) & 1u ? 0.f : exp2f(delta_vals[r][i] * A_val[r]),")
-    (HERE / "selective_scan_fwd_kernel.cuh").write_text(fwd)
+    (out / "selective_scan_fwd_kernel.cuh").write_text(fwd)
 
-    bwd = (HERE / "selective_scan_bwd_kernel.cuh").read_text()
+    bwd = (out / "selective_scan_bwd_kernel.cuh").read_text()
     bwd = sub(bwd, "        float dout_vals[kNItems], delta_vals[kNItems];\n",
               RESET_LOAD + "        float dout_vals[kNItems], delta_vals[kNItems];\n")
     bwd = sub(bwd, "                    const float delta_a_exp = exp2f(delta_vals[i] * A_scaled);",
               "                    const float delta_a_exp = (reset_mask >> i) & 1u ? 0.f : exp2f(delta_vals[i] * A_scaled);")
     bwd = sub(bwd, "                    const float a = thread_data[i].y - (!kIsVariableB",
               "                    const float a = (reset_mask >> i) & 1u ? 0.f : thread_data[i].y - (!kIsVariableB")
-    (HERE / "selective_scan_bwd_kernel.cuh").write_text(bwd)
+    (out / "selective_scan_bwd_kernel.cuh").write_text(bwd)
 
     cpp = (src / "selective_scan.cpp").read_text()
     # fp32 / bf16 inputs, real fp32 weights: the only instantiations the fork builds
@@ -99,15 +122,17 @@ def main(src_root: str) -> None:
               set_ptr + "    // Otherwise the kernel will be launched from cuda:0 device\n", count=2)
     cpp = sub(cpp, '"Selective scan forward");', '"Selective scan forward with document resets");')
     cpp = sub(cpp, '"Selective scan backward");', '"Selective scan backward with document resets");')
-    (HERE / "selective_scan_reset.cpp").write_text(
+    (out / "selective_scan_reset.cpp").write_text(
         "// jambatrain fork of mamba-ssm 2.3.2.post1 csrc/selective_scan/selective_scan.cpp; see make_fork.py.\n" + cpp)
     for kind, params in (("fwd", "SSMParamsBase"), ("bwd", "SSMParamsBwd")):
         for name, t in (("bf16", "at::BFloat16"), ("fp32", "float")):
-            (HERE / f"selective_scan_{kind}_{name}.cu").write_text(
+            (out / f"selective_scan_{kind}_{name}.cu").write_text(
                 f"// jambatrain fork of mamba-ssm's selective scan (see make_fork.py): real weights only.\n"
                 f'#include "selective_scan_{kind}_kernel.cuh"\n\n'
                 f"template void selective_scan_{kind}_cuda<{t}, float>({params} &params, cudaStream_t stream);\n")
+    return FILES + ["LICENSE-mamba-ssm", "selective_scan_reset.cpp"] + [
+        f"selective_scan_{kind}_{name}.cu" for kind in ("fwd", "bwd") for name in ("bf16", "fp32")]
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from jambatrain.data.remote import LocalStore, StoreError, is_url, open_store
 from jambatrain.data.shards import (INDEX_DIGEST, REPAIR_HINT, ShardDataError, read_manifest, record_digest,
                                     shard_file_problem)
+from jambatrain.data.sources import BatchSource
 
 STATE_FORMAT = 2  # 1: per-rank contiguous slices (converted on load)
 
@@ -404,7 +405,7 @@ class _BatchStream(IterableDataset):
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-class TokenShardLoader:
+class TokenShardLoader(BatchSource):
     """Iterable over ``{"input_ids", "labels"}`` LongTensor(B, seq_len) batches of one DP rank.
 
     Iterates forever (or ``max_epochs``, after which a new ``iter()`` starts over). ``state_dict()`` is

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from .sources import BatchSource
+
 if TYPE_CHECKING:
     import torch
 
@@ -106,8 +108,9 @@ def passkey_sequence(rng: np.random.Generator, cfg: MqarConfig, length: int, dep
     return tokens.astype(np.int64), labels
 
 
-class MqarLoader:
-    """``{"input_ids", "labels"}`` LongTensor(B, seq_len) batches of one data-parallel rank (module docstring)."""
+class MqarLoader(BatchSource):
+    """``{"input_ids", "labels"}`` LongTensor(B, seq_len) batches of one data-parallel rank (module docstring). A
+    ``BatchSource`` that never skips a sample (the protocol's default accounting)."""
 
     def __init__(self, cfg: MqarConfig, split: str, seq_len: int, micro_batch_size: int, dp_rank: int,
                  dp_size: int, seed: int = 0, vocab_size: int | None = None, pin_memory: bool = False):
@@ -134,7 +137,6 @@ class MqarLoader:
             if self.batches_per_epoch == 0:
                 raise ValueError(f"data.mqar.val_samples={cfg.val_samples} is fewer than dp_size*micro_batch_size="
                                  f"{dp_size * micro_batch_size}: raise it")
-        self.skipped = 0
         self._position = 0
 
     @property
@@ -176,19 +178,6 @@ class MqarLoader:
                 "batch_in_epoch": self._position % self.batches_per_epoch, "seed": self.seed,
                 "dp_size": self.dp_size, "micro_batch_size": self.batch, "seq_len": self.seq_len,
                 "skipped": 0}
-
-    # the trainer's accounting of bad samples, which synthetic data never has
-    def uncounted_skips(self, device=None) -> torch.Tensor:
-        import torch
-
-        return torch.zeros(1, device=device)
-
-    def count_skips(self, total) -> int:
-        return 0
-
-    @property
-    def skips_counted(self) -> bool:
-        return True
 
     def load_state_dict(self, sd: dict) -> None:
         """Resume right after the last consumed batch of ``sd`` (bit-exact on the same data-parallel size and micro

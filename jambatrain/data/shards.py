@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from jambatrain.data.tokenizer import expand_inputs, file_sha256, iter_documents, load_tokenizer
+from jambatrain.fileio import atomic_write
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -67,10 +68,7 @@ def is_val_document(doc_index: int, val_fraction: float) -> bool:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 def write_shard_file(out_dir: str, name: str, first_index: int, samples: Iterable[np.ndarray]) -> dict:
@@ -98,12 +96,7 @@ def write_shard_file(out_dir: str, name: str, first_index: int, samples: Iterabl
 def _write_if_changed(out_dir: str, name: str, data: bytes, sha: str) -> None:
     path = os.path.join(out_dir, name)
     if not (os.path.isfile(path) and os.path.getsize(path) == len(data) and file_sha256(path) == sha):
-        tmp = os.path.join(out_dir, f".{name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, data, tmp=os.path.join(out_dir, f".{name}.tmp"))  # stale ones: cleaned below
 
 
 INDEX_DIGEST = 16  # bytes of blake2b per record in a shard's .idx file

@@ -16,6 +16,8 @@ from typing import Iterator
 
 import sentencepiece as spm
 
+from jambatrain.fileio import atomic_write
+
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
@@ -164,10 +166,7 @@ def train_tokenizer(
         minloglevel=2,
     )
     path = out_prefix + ".model"
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, path)
+    atomic_write(path, model.getvalue())
     return path
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from enum import Enum
 
 
@@ -44,55 +44,72 @@ MoEImpl = choice("MoEImpl", "auto", "native", "grouped", "megablocks")
 Recompute = choice("Recompute", "none", "full", "ffn", "mixer")
 
 
+def arch(default, *, hf: bool = True, weights: bool = True, moe_only: bool = False):
+    """An architecture field: what the model computes. A checkpoint is resumed or evaluated only with its own value.
+    ``hf``: HF ``JambaConfig`` has it under the same name and meaning (exported and imported 1:1); ``weights``: HF
+    weights load only into a model that agrees on it (it changes their shapes or the function they compute;
+    ``moe_only``: only when the model has MoE layers)."""
+    return field(default=default, metadata={"kind": "arch", "hf": hf, "weights": weights, "moe_only": moe_only})
+
+
+def runtime(default):
+    """A run-time knob: how a run executes the same model (kernels, recomputation, loss chunking, labels). It may
+    differ between a checkpoint and the run that resumes, evaluates or exports it."""
+    return field(default=default, metadata={"kind": "runtime"})
+
+
 @dataclass
 class ModelConfig:
-    name: str = "jamba_v0_1"  # the defaults below are Jamba v0.1 (= HF JambaConfig())
-    vocab_size: int = 65536
-    hidden_size: int = 4096
-    intermediate_size: int = 14336
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 8
+    """Every field is declared with ``arch(...)`` or ``runtime(...)``: the checkpoint's resume check, the evaluator
+    and the HF conversion read these marks (``runtime_fields``, ``hf_fields``, ``weight_fields``), so a new knob
+    needs no list edited anywhere (tests/test_config.py holds every field to having a mark)."""
+    name: str = runtime("jamba_v0_1")  # the defaults below are Jamba v0.1 (= HF JambaConfig())
+    vocab_size: int = arch(65536)
+    hidden_size: int = arch(4096)
+    intermediate_size: int = arch(14336)
+    num_hidden_layers: int = arch(32)
+    num_attention_heads: int = arch(32)
+    num_key_value_heads: int = arch(8)
     # hybrid layout: layer i is attention iff i % attn_layer_period == attn_layer_offset (else Mamba)
-    attn_layer_period: int = 8
-    attn_layer_offset: int = 4
+    attn_layer_period: int = arch(8)
+    attn_layer_offset: int = arch(4)
     # layer i has an MoE FFN iff num_experts > 1 and i % expert_layer_period == expert_layer_offset
-    expert_layer_period: int = 2
-    expert_layer_offset: int = 1
-    num_experts: int = 16
-    num_experts_per_tok: int = 2
-    router_aux_loss_coef: float = 0.001
-    router_z_loss_coef: float = 0.0
+    expert_layer_period: int = arch(2, moe_only=True)
+    expert_layer_offset: int = arch(1, moe_only=True)
+    num_experts: int = arch(16)
+    num_experts_per_tok: int = arch(2)
+    router_aux_loss_coef: float = arch(0.001, weights=False)
+    router_z_loss_coef: float = arch(0.0, hf=False, weights=False)
     # Mamba-1
-    mamba_d_state: int = 16
-    mamba_d_conv: int = 4
-    mamba_expand: int = 2
-    mamba_dt_rank: int = 0  # 0 = "auto" = ceil(hidden_size / 16)
-    mamba_conv_bias: bool = True
-    mamba_proj_bias: bool = False
+    mamba_d_state: int = arch(16)
+    mamba_d_conv: int = arch(4)
+    mamba_expand: int = arch(2)
+    mamba_dt_rank: int = arch(0, hf=False)  # 0 = "auto" = ceil(hidden_size / 16); HF stores the resolved int
+    mamba_conv_bias: bool = arch(True)
+    mamba_proj_bias: bool = arch(False)
     # attention
-    use_rope: bool = False
-    rope_theta: float = 10000.0
+    use_rope: bool = arch(False, hf=False)
+    rope_theta: float = arch(10000.0, hf=False, weights=False)
     # misc
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
-    max_position_embeddings: int = 262144
+    rms_norm_eps: float = arch(1e-6)
+    tie_word_embeddings: bool = arch(False)
+    initializer_range: float = arch(0.02, weights=False)
+    max_position_embeddings: int = arch(262144, weights=False)
     # kernels: "auto" takes the fused kernel when it is importable and tensors are on CUDA
-    mamba_impl: MambaImpl = MambaImpl.auto  # auto | reference | cuda
-    moe_impl: MoEImpl = MoEImpl.auto  # auto | native | grouped (torch._grouped_mm) | megablocks
+    mamba_impl: MambaImpl = runtime(MambaImpl.auto)  # auto | reference | cuda
+    moe_impl: MoEImpl = runtime(MoEImpl.auto)  # auto | native | grouped (torch._grouped_mm) | megablocks
     # recompute in backward instead of storing: none | full (whole layers) | ffn (FFN/MoE sub-layers: the
     # large expert intermediates) | mixer (Mamba/attention sub-layers)
-    activation_checkpointing: Recompute = Recompute.none
+    activation_checkpointing: Recompute = runtime(Recompute.none)
     # >0: training loss computed this many tokens at a time with the logits recomputed in backward (memory)
-    loss_chunk_tokens: int = 0
+    loss_chunk_tokens: int = runtime(0)
     # CUDA only: torch.compile the SwiGLU product and the fp32 cross-entropy (models/fused_ops.py)
-    compile_elementwise: bool = True
+    compile_elementwise: bool = runtime(True)
     # CUDA only, A/B switches of bench/throughput.py (True is the fast path): mamba-ssm's fused Triton RMSNorm; the
     # Mamba kernels in the (d, batch*seq) layout (models/mamba.py) instead of the generic forward
-    fused_rms_norm: bool = True
-    mamba_kernel_layout: bool = True
-    init_from: str | None = None  # HF Jamba directory to initialise weights from
+    fused_rms_norm: bool = runtime(True)
+    mamba_kernel_layout: bool = runtime(True)
+    init_from: str | None = runtime(None)  # HF Jamba directory to initialise weights from
 
     def __post_init__(self):
         coerce_choices(self, "model.")
@@ -149,3 +166,32 @@ class ModelConfig:
             if getattr(self, k) <= 0:
                 p.append(f"model.{k} must be positive, got {getattr(self, k)}")
         return p
+
+
+# ---------------------------------------------------------------- the field classes, read from the marks
+def _marks(schema=None) -> dict[str, dict]:
+    return {f.name: dict(f.metadata) for f in fields(schema or ModelConfig)}
+
+
+def runtime_fields(schema=None) -> tuple[str, ...]:
+    """Run-time knobs: may change between a checkpoint and the run resuming or evaluating it."""
+    return tuple(k for k, m in _marks(schema).items() if m.get("kind") == "runtime")
+
+
+def hf_fields(schema=None) -> tuple[str, ...]:
+    """Fields HF ``JambaConfig`` has under the same name and meaning."""
+    return tuple(k for k, m in _marks(schema).items() if m.get("kind") == "arch" and m.get("hf"))
+
+
+def weight_fields(schema=None, moe: bool = True) -> tuple[str, ...]:
+    """Fields HF weights must agree on to load (their shapes or the function they compute); the expert layout
+    only when ``moe``. A field without a mark counts as one (the safe side)."""
+    return tuple(k for k, m in _marks(schema).items() if m.get("kind") != "runtime" and m.get("weights", True)
+                 and (moe or not m.get("moe_only")))
+
+
+def architecture_changes(saved: dict, now: dict, schema=None) -> dict[str, tuple]:
+    """{field: (saved, now)} for every architecture field (anything not a run-time knob) whose value differs
+    between two ``asdict(ModelConfig)`` dicts; a field one of them lacks (an older checkpoint) is not compared."""
+    skip = set(runtime_fields(schema))
+    return {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v and k not in skip}

@@ -58,7 +58,6 @@ class MoE(nn.Module):
         self.expert_range = (0, E)  # global ids [lo, hi) of the experts this rank holds
         self.exchange = None  # expert parallelism: callable(rows, tokens_per_expert, expert_mlp) -> rows
         self.last_counts: torch.Tensor | None = None
-        self.last_backend: str | None = None  # the backend the last forward ran (tests hold the report to it)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         shape = x.shape
@@ -66,7 +65,6 @@ class MoE(nn.Module):
         routing = route(self.router(x), self.top_k)
         self.last_counts = routing.counts.detach()
         backend = moe_backends.select(self.impl, x, self.w_gate)
-        self.last_backend = backend.name
         y = backend(x, routing, self.w_gate, self.w_up, self.w_down, self.act, exchange=self.exchange)
         return y.view(shape), routing
 

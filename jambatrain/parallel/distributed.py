@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ParallelConfig
+from . import ds_compat
 
 
 @dataclass
@@ -69,23 +70,13 @@ def init_distributed(par: ParallelConfig) -> DistInfo:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     backend = par.backend if par.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cpu":
-        _skip_deepspeed_cpu_shm_op()
+        ds_compat.skip_cpu_shm_op_build()  # DeepSpeed's CPU all-reduce op (~40 s of g++): gloo needs none
     import deepspeed
 
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=par.timeout_minutes),
                                    dist_init_required=True)
     return DistInfo(rank, world, local_rank, device, backend)
-
-
-def _skip_deepspeed_cpu_shm_op() -> None:
-    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op (~40 s of g++) when its comm
-    layer starts. It only speeds up CPU all-reduce; gloo is correct without it, so on CPU we skip the build."""
-    import importlib
-
-    # not `import deepspeed.comm.torch as m`: deepspeed.comm's `torch` attribute is the real torch module
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-    ds_torch_comm.build_shm_op = lambda: None
 
 
 def _free_port() -> int:

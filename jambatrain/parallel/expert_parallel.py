@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import ds_compat
+
 
 @dataclass
 class ExpertParallel:
@@ -50,15 +52,9 @@ class ExpertParallel:
 def create_groups(ep: int) -> ExpertParallel:
     """EP and EDP process groups, registered with DeepSpeed's group registry (where its ZeRO optimizer looks them
     up by ``group_name``). Call once, after ``init_distributed`` and before the model is built."""
-    from deepspeed.utils import groups
-
-    name = f"ep_size_{ep}"
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep)
-    return ExpertParallel(size=ep, rank=groups._get_expert_parallel_rank(name),
-                          group=groups._get_expert_parallel_group(name),
-                          edp_group=groups._get_expert_data_parallel_group(name),
-                          edp_rank=groups._get_expert_data_parallel_rank(name), group_name=name)
+    g = ds_compat.expert_groups(ep)  # DeepSpeed's private group registry
+    return ExpertParallel(size=ep, rank=g["rank"], group=g["group"], edp_group=g["edp_group"], edp_rank=g["edp_rank"],
+                          group_name=g["name"])
 
 
 class _AllToAll(torch.autograd.Function):
@@ -117,17 +113,6 @@ def exchange(rows: torch.Tensor, tokens_per_expert: torch.Tensor, expert_mlp, *,
     return all_to_all(out, send_splits, recv_splits, ep.group)
 
 
-@functools.lru_cache(maxsize=None)
-def _marked_class(cls: type) -> type:
-    """``cls`` with DeepSpeed's MoE layer as a marker base: the engine's ``isinstance(module, MoE)`` then turns its
-    expert-parameter handling on. DeepSpeed's ``MoE.__init__`` is never run; its ``set_deepspeed_parallelism``
-    (which would build DeepSpeed's own groups for its own layer) is replaced by a no-op: ``create_groups`` did it."""
-    from deepspeed.moe.layer import MoE as DeepSpeedMoE
-
-    return type(f"ExpertParallel{cls.__name__}", (cls, DeepSpeedMoE),
-                {"set_deepspeed_parallelism": lambda self, *args, **kwargs: None})
-
-
 def apply(model: nn.Module, ep: ExpertParallel) -> int:
     """Shard every MoE layer of ``model`` by expert: keep this rank's E/ep experts of each stacked weight (meta
     tensors stay meta, so this runs before the model is materialised), mark them as expert parameters for
@@ -150,9 +135,7 @@ def apply(model: nn.Module, ep: ExpertParallel) -> int:
         module.expert_range = (lo, hi)
         module.ep_stats = ExchangeStats()
         module.exchange = functools.partial(exchange, ep=ep, stats=module.ep_stats)
-        # DeepSpeed's bookkeeping attributes of its MoE layer, read by the engine
-        module.ep_size, module.num_local_experts, module.expert_group_name = ep.size, local, ep.group_name
-        module.__class__ = _marked_class(type(module))
+        ds_compat.mark_as_deepspeed_moe(module, ep.size, local, ep.group_name)  # the engine's MoE handling on
         layers += 1
     mark_expert_params(model, ep)
     return layers
