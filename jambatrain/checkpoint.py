@@ -525,4 +525,4 @@ def resume_grad_accum(saved: dict, world_size: int, micro_batch_size: int, grad_
 
 
 _RUNTIME_ONLY_KEYS = ("mamba_impl", "moe_impl", "activation_checkpointing", "loss_chunk_tokens", "init_from", "name",
-                      "compile_elementwise", "fused_rms_norm", "mamba_kernel_layout")
+                      "compile_elementwise", "fused_rms_norm", "mamba_kernel_layout", "fp8", "fp8_experts")
