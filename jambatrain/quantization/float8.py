@@ -167,36 +167,54 @@ def convert(model: nn.Module, cfg) -> Float8Plan:
                                module_filter_fn=lambda m, fqn: fqn in names)
     for name in p.experts():
         model.get_submodule(name).fp8 = True
-    if cfg.compile_elementwise:  # fuse each linear's amax/scale/cast passes (eager: several passes per operand)
+    if cfg.compile_elementwise:  # fuse each GEMM's amax/scale/cast passes (eager: several passes per operand)
+        import types
+
         from torchao.float8.float8_linear import Float8Linear
 
+        dyn = torch._dynamo.config
+        for k in ("recompile_limit", "cache_size_limit"):  # one compiled GEMM function for every shape and layout
+            if hasattr(dyn, k):
+                setattr(dyn, k, max(getattr(dyn, k), 64))
         for m in model.modules():
             if isinstance(m, Float8Linear):
-                m.forward = torch.compile(m.forward)
+                m.forward = types.MethodType(_compiled_forward, m)
                 m.jt_compiled = True
     return p
 
 
-_swapped_compiled = None
-
-
-def _swapped(weight, x_t, mm_config, config):
+def _mm(a, b, mm_config, config):
+    """a @ b through torchao's float8 matmul (dynamic scaling of both operands, the recipe's backward)."""
     from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
 
-    return matmul_with_hp_or_float8_args.apply(weight, x_t, mm_config, config)
+    return matmul_with_hp_or_float8_args.apply(a, b, mm_config, config)
+
+
+_mm_compiled = None
+
+
+def _mm_fn(compiled: bool):
+    global _mm_compiled
+    if not compiled:
+        return _mm
+    if _mm_compiled is None:
+        _mm_compiled = torch.compile(_mm)
+    return _mm_compiled
+
+
+def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """``Float8Linear.forward`` with its matmul (casts included) compiled: one compiled function shared by every
+    converted projection, so Inductor fuses each operand's amax, scale and cast into a kernel or two."""
+    out = _mm_fn(True)(x, self.weight.t(), self.linear_mm_config, self.config)
+    return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
 def float8_weight_mm(proj: nn.Module, x_t: torch.Tensor) -> torch.Tensor:
     """``proj.weight @ x_t`` for a torchao ``Float8Linear``: its own float8 matmul with the operands in the other
     order (weight as the row-major left operand, the (features, tokens) activations as the column-major right
-    one, the same roles and scalings as in ``proj(x)``), so the (out, tokens) result keeps the Mamba kernel layout."""
-    global _swapped_compiled
-    fn = _swapped
-    if getattr(proj, "jt_compiled", False):
-        if _swapped_compiled is None:
-            _swapped_compiled = torch.compile(_swapped)
-        fn = _swapped_compiled
-    return fn(proj.weight, x_t, proj.linear_mm_config, proj.config)
+    one: the same roles and per-row / per-token scalings as in ``proj(x)``), so the (out, tokens) result keeps the
+    Mamba kernel layout."""
+    return _mm_fn(getattr(proj, "jt_compiled", False))(proj.weight, x_t, proj.linear_mm_config, proj.config)
 
 
 def grouped_mm_fp8(a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
