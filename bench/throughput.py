@@ -1,7 +1,8 @@
 """Training throughput on one GPU: jambatrain's JambaLM vs transformers' JambaForCausalLM, same config.
 
-    python bench/throughput.py [--model conf/model/1.3b.yaml] [--set num_experts=16 num_experts_per_tok=2]
-                               [--seq 4096] [--batch 4] [--steps 10] [--warmup 3] [--moe-bench] [--profile]
+    python bench/throughput.py [--model conf/model/1.3b.yaml | v0.1-block] [--set num_experts=16 ...]
+                               [--seq 4096] [--batch 4] [--steps 10] [--warmup 3] [--grad-accum 8]
+                               [--which jambatrain,hf] [--jt-variants opt,opt+fp8] [--moe-bench] [--profile]
 
 Both models are built on the GPU in bf16 (parameters, activations and AdamW state in bf16; torch
 ``AdamW(fused=True)``), fed the same random token batches, and stepped ``--steps`` times after
@@ -10,6 +11,12 @@ model FLOPs utilisation (training FLOPs per token x tokens/s / 989e12, the H100/
 peak), and peak allocated memory. A batch that runs out of memory is halved and retried (reported).
 HF Jamba takes mamba-ssm / causal-conv1d kernels when they import and its default experts
 implementation (grouped_mm in transformers 5) -- the bench prints what it found.
+``--jt-variants opt,opt+fp8`` times the bf16 ``opt`` row and FP8 (``model.fp8``; ``fp8row``: rowwise, ``fp8dense``:
+experts left bf16) side by side in one run. Each optimizer step is ``--grad-accum`` micro batches of
+forward+backward, then AdamW: tokens/s are reported for forward+backward alone and for the full step, and MFU is
+always against the bf16 peak (FP8 rows included). ``--model v0.1-block``: Jamba v0.1 width (the schema defaults:
+hidden 4096, ffn 14336, 16 experts top-2) with 8 layers, 13.3B parameters, one GPU; ``--set num_hidden_layers=4``
+for 80 GB cards. Presets are read with their Hydra ``defaults:`` (52b.yaml -> jamba_v0_1.yaml).
 ``--moe-bench`` times the MoE expert backends alone (fwd+bwd) at the model's shapes.
 ``--profile`` prints a CUDA-kernel time breakdown by op class for a couple of steps of each model.
 Last line: ``ratio jambatrain/hf = X.XX`` (tokens/s).

@@ -220,3 +220,15 @@ def test_converted_model_runs_fp8_gemms_on_cpu_and_tracks_bf16():
     mixer.kernel_layout = False
     y_generic = mixer(x)
     assert ((y_layout.float() - y_generic.float()).norm() / y_generic.float().norm()).item() < 1e-2
+
+
+def test_loss_parity_verdict_uses_the_windowed_final_gap():
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import loss_parity
+
+    base = {s: 5.0 - s / 100 for s in range(0, 300, 5)}
+    close = {s: v * 1.01 for s, v in base.items()}
+    far = {s: v * (1 + s / 3000) for s, v in base.items()}  # drifts to +10%
+    r = loss_parity.compare(base, close, window=5)
+    assert r["last_step"] == 295 and abs(r["final_rel_gap"] - 0.01) < 1e-9
+    assert loss_parity.compare(base, far, window=5)["final_rel_gap"] > 0.09
