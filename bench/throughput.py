@@ -137,7 +137,8 @@ def variant_config(cfg: ModelConfig, variant: str) -> ModelConfig:
     'base' = none of them; 'layout': Mamba kernels in the (d, b*l) layout (model.mamba_kernel_layout); 'norm':
     fused Triton RMSNorm (model.fused_rms_norm); 'compile': torch.compile'd SwiGLU product and cross-entropy
     (model.compile_elementwise); 'grouped' / 'megablocks' / 'native': the MoE backend instead of moe_impl=auto;
-    'fp8' / 'fp8row': model.fp8=tensorwise / rowwise (experts in FP8 too); 'fp8dense': FP8 with model.fp8_experts=false;
+    'fp8' / 'fp8row': model.fp8=tensorwise / rowwise with the experts in FP8 too (model.fp8_experts=true);
+    'fp8dense': model.fp8=tensorwise with the experts left bf16;
     'docs': packed documents (``doc_starts`` with a boundary every ~1k tokens: attention masked per document, Mamba
     state reset; data, not config)."""
     toks = set(variant.replace("opt", "layout+norm+compile").split("+")) - {"", "base"}
@@ -147,7 +148,7 @@ def variant_config(cfg: ModelConfig, variant: str) -> ModelConfig:
                                compile_elementwise="compile" in toks,
                                moe_impl=next(iter(moe)) if moe else cfg.moe_impl,
                                fp8=fp8 if fp8 != "none" else cfg.fp8,
-                               fp8_experts=cfg.fp8_experts and "fp8dense" not in toks)
+                               fp8_experts="fp8dense" not in toks if fp8 != "none" else cfg.fp8_experts)
 
 
 def doc_starts_like(ids: torch.Tensor, mean_len: int = 1024, seed: int = 0) -> torch.Tensor:

@@ -52,12 +52,13 @@ def _classes(names):
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_plan_selects_the_projections_and_experts_and_keeps_the_sensitive_ones_bf16(recipe):
-    cfg = ModelConfig(**TINY, fp8=recipe)
+    cfg = ModelConfig(**TINY, fp8=recipe, fp8_experts=True)
     p = float8.plan_for_config(cfg)
     assert _classes(p.linears()) == FP8_CLASSES
     assert _classes(e.name for e in p.bf16) == {"router", "x_proj", "dt_proj", "lm_head"}
     assert len(p.linears()) == 7 * 2 + 4 + 4 * 3  # 7 Mamba (in, out), 1 attention (q, k, v, o), 4 dense FFNs
     assert p.experts() == {f"layers.{i}.ffn" for i in range(8) if cfg.is_moe_layer(i)}
+    assert float8.plan_for_config(ModelConfig(**TINY, fp8=recipe)).experts() == set()  # experts bf16 by default
     assert abs(sum(p.by_class(True).values()) + sum(p.by_class(False).values()) - 1) < 1e-9
     assert "in_proj" in p.summary() and "lm_head" in p.summary() and set(p.reasons()) == {"router", "x_proj",
                                                                                              "dt_proj", "lm_head"}
@@ -67,20 +68,20 @@ def test_plan_selects_the_projections_and_experts_and_keeps_the_sensitive_ones_b
 
 
 def test_plan_at_v0_1_width_puts_most_gemm_flops_in_fp8():
-    p = float8.plan_for_config(ModelConfig(num_hidden_layers=8, fp8="tensorwise"))  # one v0.1 block, meta
+    p = float8.plan_for_config(ModelConfig(num_hidden_layers=8, fp8="tensorwise", fp8_experts=True))  # v0.1 block
     assert p.share(p.fp8) > 0.85
     assert p.by_class(False)["lm_head"] < 0.1 and p.by_class(False)["router"] < 1e-3
 
 
 def test_plan_keeps_widths_torch_scaled_mm_cannot_take_in_bf16():
-    p = float8.plan_for_config(ModelConfig(**{**TINY, "intermediate_size": 120}, fp8="tensorwise"))
+    p = float8.plan_for_config(ModelConfig(**{**TINY, "intermediate_size": 120}, fp8="tensorwise", fp8_experts=True))
     assert not any(n.endswith(("gate_proj", "up_proj", "down_proj")) for n in p.linears())
     assert p.experts() == set() and any("multiples of 16" in e.reason for e in p.bf16)
 
 
 def test_convert_swaps_exactly_the_planned_modules_and_keeps_the_parameters():
     torchao_float8 = pytest.importorskip("torchao.float8.float8_linear")
-    cfg = ModelConfig(**TINY, fp8="tensorwise", compile_elementwise=False)
+    cfg = ModelConfig(**TINY, fp8="tensorwise", fp8_experts=True, compile_elementwise=False)
     torch.manual_seed(0)
     model = JambaLM(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -105,9 +105,9 @@ def test_fp8_grouped_experts_vs_fp32_native_fwd_bwd(counts_seed):
     gy = torch.randn(T, h, device=DEV, generator=g).to(torch.bfloat16)
     routing = route(logits, k)
 
-    def run(backend, dtype):
-        xx = x.to(dtype).requires_grad_()
-        ps = [w.to(dtype).requires_grad_() for w in ws]
+    def run(backend, dtype):  # fresh leaves per run (x.to(bf16) would be x itself, shared between the runs)
+        xx = x.detach().clone().to(dtype).requires_grad_()
+        ps = [w.detach().clone().to(dtype).requires_grad_() for w in ws]
         y = backend(xx, routing, *ps)
         y.backward(gy.to(dtype))
         return [y, xx.grad] + [p.grad for p in ps]
@@ -126,7 +126,8 @@ def test_jamba_fp8_model_loss_and_grads_track_bf16():
     from torchao.float8.float8_linear import Float8Linear
 
     cfg = ModelConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=2, num_experts=4, fp8="tensorwise")
+                      num_attention_heads=8, num_key_value_heads=2, num_experts=4, fp8="tensorwise",
+                      fp8_experts=True)
     torch.manual_seed(0)
     with torch.device(DEV):
         bf = JambaLM(cfg).to(torch.bfloat16)
@@ -153,7 +154,8 @@ def test_zero2_fp8_training_run_resumes_and_exports_bf16(tmp_path):
     """The trainer with model.fp8 on one GPU under DeepSpeed ZeRO-2: trains, checkpoints, resumes, exports."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     run = str(tmp_path / "run")
-    common = ["experiment=tiny_cpu", "data=mqar", "model.fp8=tensorwise", "parallel=zero2", "parallel.device=cuda",
+    common = ["experiment=tiny_cpu", "data=mqar", "model.fp8=tensorwise", "model.fp8_experts=true", "parallel=zero2",
+              "parallel.device=cuda",
               "parallel.precision=bf16", "logger=none", f"hydra.run.dir={run}", "trainer.progress_bar=false",
               "trainer.save_every=4", "trainer.log_every=1", "model.activation_checkpointing=ffn"]
     p = subprocess.run([sys.executable, "-m", "jambatrain.train", *common, "trainer.max_steps=4"], cwd=REPO, env=env,

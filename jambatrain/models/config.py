@@ -96,9 +96,10 @@ class ModelConfig:
     # CUDA sm89+ only (Hopper: H100/H200): the projections' GEMMs in float8 through torchao's float8 training,
     # applied by a model converter after the model is built (jambatrain/quantization/float8.py): none | tensorwise |
     # rowwise (torchao's recipes); refused elsewhere, never silently bf16. fp8_experts: the MoE experts' grouped GEMMs
-    # too (torchao's rowwise FP8 grouped GEMM on torch._scaled_grouped_mm)
+    # too (torchao's rowwise FP8 grouped GEMM on torch._scaled_grouped_mm); off by default: measured slower than the
+    # bf16 experts (docs/benchmarks.md, "FP8 training")
     fp8: Fp8 = Fp8.none
-    fp8_experts: bool = True
+    fp8_experts: bool = False
     init_from: str | None = None  # HF Jamba directory to initialise weights from
 
     def __post_init__(self):

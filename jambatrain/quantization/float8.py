@@ -102,7 +102,7 @@ def plan(model: nn.Module, recipe: str, experts: bool = True) -> Float8Plan:
             E, f, h = getattr(m.w_gate, "ds_shape", m.w_gate.shape)
             reason = None
             if not experts:
-                reason = "model.fp8_experts=false"
+                reason = "model.fp8_experts=false (the default: the FP8 grouped GEMM measured slower, docs/benchmarks.md)"
             elif f % 16 or h % 16:
                 reason = f"expert widths {h}x{f} not multiples of 16 (torch._scaled_grouped_mm)"
             p.entries.append(Entry(name, "experts", 3 * 2 * h * f * m.top_k, reason))
