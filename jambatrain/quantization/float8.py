@@ -27,10 +27,10 @@ import torch.nn as nn
 
 # module name suffix -> why that projection stays bf16
 KEEP_BF16 = {
-    "router": "routing (top-k of a softmax) flips on small logit errors; tiny GEMM",
-    "x_proj": "feeds the scan's dt/B/C (dt through softplus and exp); narrow GEMM",
-    "dt_proj": "the scan's step size (through softplus and exp); narrow GEMM",
-    "lm_head": "the logits and the loss (kept bf16 as in torchtitan / TE recipes)",
+    "router": "top-k routing flips on small logit errors",
+    "x_proj": "feeds the scan's dt, B, C",
+    "dt_proj": "the scan's step size, through softplus and exp",
+    "lm_head": "the logits and the loss",
 }
 MIN_CAPABILITY = (8, 9)  # float8 tensor cores: Ada (sm89) and Hopper (sm90); measured on Hopper only
 
@@ -78,7 +78,8 @@ class Float8Plan:
         if self.recipe == "none":
             return "off"
         fp8 = ", ".join(f"{k} {v:.1%}" for k, v in self.by_class(True).items())
-        bf16 = ", ".join(f"{k} {v:.1%}" for k, v in self.by_class(False).items())
+        why = self.reasons()
+        bf16 = ", ".join(f"{k} {v:.1%} ({why[k]})" for k, v in self.by_class(False).items())
         return (f"{self.recipe}: {len(self.linears())} linears + {len(self.experts())} expert stacks in FP8 "
                 f"({self.share(self.fp8):.1%} of forward GEMM FLOPs: {fp8}); bf16: {bf16 or 'none'}")
 
@@ -96,15 +97,15 @@ def plan(model: nn.Module, recipe: str, experts: bool = True) -> Float8Plan:
         if isinstance(m, nn.Linear):
             reason = KEEP_BF16.get(name.rsplit(".", 1)[-1])
             if reason is None and (m.in_features % 16 or m.out_features % 16):
-                reason = f"widths {m.in_features}x{m.out_features} not multiples of 16 (torch._scaled_mm)"
+                reason = f"widths {m.in_features}x{m.out_features} not multiples of 16"
             p.entries.append(Entry(name, "linear", 2 * m.in_features * m.out_features, reason))
         elif isinstance(m, MoE):
             E, f, h = getattr(m.w_gate, "ds_shape", m.w_gate.shape)
             reason = None
             if not experts:
-                reason = "model.fp8_experts=false (the default: the FP8 grouped GEMM measured slower, docs/benchmarks.md)"
+                reason = "model.fp8_experts=false, the default: measured slower, docs/benchmarks.md"
             elif f % 16 or h % 16:
-                reason = f"expert widths {h}x{f} not multiples of 16 (torch._scaled_grouped_mm)"
+                reason = f"expert widths {h}x{f} not multiples of 16"
             p.entries.append(Entry(name, "experts", 3 * 2 * h * f * m.top_k, reason))
     if str(recipe) == "none":
         for e in p.entries:
