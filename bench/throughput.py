@@ -1,7 +1,8 @@
 """Training throughput on one GPU: jambatrain's JambaLM vs transformers' JambaForCausalLM, same config.
 
-    python bench/throughput.py [--model conf/model/1.3b.yaml] [--set num_experts=16 num_experts_per_tok=2]
-                               [--seq 4096] [--batch 4] [--steps 10] [--warmup 3] [--moe-bench] [--profile]
+    python bench/throughput.py [--model conf/model/1.3b.yaml | v0.1-block] [--set num_experts=16 ...]
+                               [--seq 4096] [--batch 4] [--steps 10] [--warmup 3] [--grad-accum 8]
+                               [--which jambatrain,hf] [--jt-variants opt,opt+fp8] [--moe-bench] [--profile]
 
 Both models are built on the GPU in bf16 (parameters, activations and AdamW state in bf16; torch
 ``AdamW(fused=True)``), fed the same random token batches, and stepped ``--steps`` times after
@@ -10,6 +11,12 @@ model FLOPs utilisation (training FLOPs per token x tokens/s / 989e12, the H100/
 peak), and peak allocated memory. A batch that runs out of memory is halved and retried (reported).
 HF Jamba takes mamba-ssm / causal-conv1d kernels when they import and its default experts
 implementation (grouped_mm in transformers 5) -- the bench prints what it found.
+``--jt-variants opt,opt+fp8`` times the bf16 ``opt`` row and FP8 (``model.fp8``; ``fp8row``: rowwise, ``fp8dense``:
+experts left bf16) side by side in one run. Each optimizer step is ``--grad-accum`` micro batches of
+forward+backward, then AdamW: tokens/s are reported for forward+backward alone and for the full step, and MFU is
+always against the bf16 peak (FP8 rows included). ``--model v0.1-block``: Jamba v0.1 width (the schema defaults:
+hidden 4096, ffn 14336, 16 experts top-2) with 8 layers, 13.3B parameters, one GPU; ``--set num_hidden_layers=4``
+for 80 GB cards. Presets are read with their Hydra ``defaults:`` (52b.yaml -> jamba_v0_1.yaml).
 ``--moe-bench`` times the MoE expert backends alone (fwd+bwd) at the model's shapes.
 ``--profile`` prints a CUDA-kernel time breakdown by op class for a couple of steps of each model.
 Last line: ``ratio jambatrain/hf = X.XX`` (tokens/s).
@@ -35,18 +42,36 @@ from jambatrain.models import moe_backends, ssm_ops  # noqa: E402
 
 PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16 datasheet peak
 
-def load_cfg(path: str | None, overrides: list[str]) -> ModelConfig:
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
+V01_BLOCK = "v0.1-block"  # --model v0.1-block: Jamba v0.1 width (the schema defaults), 8 layers (one Jamba block)
+
+
+def _read_preset(path: str) -> dict:
+    """A conf/model preset's keys, following its Hydra ``defaults:`` list (52b.yaml -> jamba_v0_1.yaml); an empty
+    preset (jamba_v0_1.yaml: every value is the schema default) is {}."""
     import yaml
 
     with open(path) as f:  # conf/model/*.yaml: a missing file is an error, not a silent stand-in
-        raw = yaml.safe_load(f)
+        raw = yaml.safe_load(f) or {}
+    kw = {}
+    for d in raw.pop("defaults", None) or []:
+        if isinstance(d, str) and d != "_self_":
+            kw.update(_read_preset(os.path.join(os.path.dirname(path), d + ".yaml")))
+    kw.update(raw)
+    return kw
+
+
+def load_cfg(path: str | None, overrides: list[str]) -> ModelConfig:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    if path == V01_BLOCK:
+        raw = {"name": V01_BLOCK, "num_hidden_layers": 8}
+    else:
+        raw = _read_preset(path)
     kw = {k: v for k, v in raw.items() if k in names}
     print(f"config: {path}")
     for o in overrides:
         k, v = o.split("=", 1)
         kw[k] = yaml_scalar(v)
-        if k in ("num_experts",) and "name" in kw:
+        if k in ("num_experts", "num_hidden_layers") and "name" in kw:
             kw["name"] = f"{kw['name']}+{k}={v}"
     return ModelConfig(**kw)
 
@@ -76,7 +101,14 @@ def _build_bf16_on_gpu(ctor):
 
 
 def build_jambatrain(cfg: ModelConfig):
-    return _build_bf16_on_gpu(lambda: JambaLM(cfg))
+    from jambatrain.quantization import float8
+
+    model = _build_bf16_on_gpu(lambda: JambaLM(cfg))
+    err = float8.problems(cfg.fp8, "cuda", "bf16")
+    if err:
+        raise SystemExit("; ".join(err))
+    float8.convert(model, cfg)  # the trainer's converter (no-op for model.fp8=none)
+    return model
 
 
 def build_hf(cfg: ModelConfig):
@@ -105,13 +137,18 @@ def variant_config(cfg: ModelConfig, variant: str) -> ModelConfig:
     'base' = none of them; 'layout': Mamba kernels in the (d, b*l) layout (model.mamba_kernel_layout); 'norm':
     fused Triton RMSNorm (model.fused_rms_norm); 'compile': torch.compile'd SwiGLU product and cross-entropy
     (model.compile_elementwise); 'grouped' / 'megablocks' / 'native': the MoE backend instead of moe_impl=auto;
+    'fp8' / 'fp8row': model.fp8=tensorwise / rowwise with the experts in FP8 too (model.fp8_experts=true);
+    'fp8dense': model.fp8=tensorwise with the experts left bf16;
     'docs': packed documents (``doc_starts`` with a boundary every ~1k tokens: attention masked per document, Mamba
     state reset; data, not config)."""
     toks = set(variant.replace("opt", "layout+norm+compile").split("+")) - {"", "base"}
     moe = toks & {"grouped", "megablocks", "native"}
+    fp8 = "rowwise" if "fp8row" in toks else "tensorwise" if toks & {"fp8", "fp8dense"} else "none"
     return dataclasses.replace(cfg, mamba_kernel_layout="layout" in toks, fused_rms_norm="norm" in toks,
                                compile_elementwise="compile" in toks,
-                               moe_impl=next(iter(moe)) if moe else cfg.moe_impl)
+                               moe_impl=next(iter(moe)) if moe else cfg.moe_impl,
+                               fp8=fp8 if fp8 != "none" else cfg.fp8,
+                               fp8_experts="fp8dense" not in toks if fp8 != "none" else cfg.fp8_experts)
 
 
 def doc_starts_like(ids: torch.Tensor, mean_len: int = 1024, seed: int = 0) -> torch.Tensor:
@@ -130,20 +167,28 @@ def loss_fn(kind: str, model, ids, doc_starts=None):
 
 # ------------------------------------------------------------------------------------------------ timing
 def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, warmup: int, profile: bool,
-              variant: str = "opt"):
+              variant: str = "opt", grad_accum: int = 1):
+    """One optimizer step = ``grad_accum`` micro batches (forward+backward) then AdamW. Timed with CUDA events
+    apart: forward+backward of the micro batches, and the whole step (optimizer included)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t_build = time.time()
     info = {}
     if kind == "jambatrain":
-        model = build_jambatrain(variant_config(cfg, variant))
+        vcfg = variant_config(cfg, variant)
+        model = build_jambatrain(vcfg)
         from jambatrain.models.moe import MoE
+        from jambatrain.quantization import float8
 
         moes = [m for m in model.modules() if isinstance(m, MoE)]
         info = {"variant": variant, "kernels": ssm_ops.kernels_available(),
                 "moe_backend": sorted({moe_backends.decide(m.impl, "cuda", m.w_gate.dtype == torch.bfloat16,
-                                                           cfg.hidden_size, cfg.intermediate_size).backend
+                                                           cfg.hidden_size, cfg.intermediate_size, m.fp8).backend
                                        for m in moes}) or "none (dense)"}
+        if vcfg.fp8 != "none":
+            p = float8.plan_for_config(vcfg)
+            info["fp8"] = p.summary()
+            info["fp8_bf16_reasons"] = p.reasons()
     else:
         model, info = build_hf(cfg)
     n_params = sum(p.numel() for p in model.parameters())
@@ -156,30 +201,42 @@ def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, war
     if kind == "jambatrain" and "docs" in variant.split("+"):
         docs = [doc_starts_like(b, seed=i) for i, b in enumerate(batches)]
         info["documents_per_sequence"] = float(docs[0].sum(1).float().mean())
+    ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+    fb_ms = []
 
-    def step(i):
-        loss = loss_fn(kind, model, batches[i % len(batches)], None if docs is None else docs[i % len(docs)])
-        loss.backward()
+    def step(i, timed=False):
+        s0, s1 = ev(), ev()
+        s0.record()
+        for j in range(grad_accum):
+            n = i * grad_accum + j
+            loss = loss_fn(kind, model, batches[n % len(batches)], None if docs is None else docs[n % len(docs)])
+            (loss / grad_accum).backward()
+        s1.record()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if timed:
+            fb_ms.append((s0, s1))
         return loss
 
     losses = []
     for i in range(warmup):
         losses.append(step(i).item())
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start, end = ev(), ev()
     t0 = time.time()
     start.record()
     for i in range(steps):
-        loss = step(i)
+        loss = step(i, timed=True)
     end.record()
     torch.cuda.synchronize()
     wall = time.time() - t0
     ms = start.elapsed_time(end)
+    fb = sum(a.elapsed_time(b) for a, b in fb_ms)
     losses.append(loss.item())
-    res = {"kind": kind, "variant": variant if kind == "jambatrain" else "", "batch": batch, "seq": seq, "steps": steps, "step_ms": ms / steps,
-           "tokens_per_s": batch * seq * steps / (ms / 1e3), "wall_s": wall,
+    tokens = batch * seq * grad_accum * steps
+    res = {"kind": kind, "variant": variant if kind == "jambatrain" else "", "batch": batch, "seq": seq,
+           "grad_accum": grad_accum, "steps": steps, "step_ms": ms / steps, "fwd_bwd_ms": fb / steps,
+           "tokens_per_s": tokens / (ms / 1e3), "fwd_bwd_tokens_per_s": tokens / (fb / 1e3), "wall_s": wall,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "params": n_params, "info": info,
            "loss_first_last": (losses[0], losses[-1])}
     if profile:
@@ -190,10 +247,10 @@ def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, war
     return res
 
 
-def run_model_fit(kind, cfg, seq, batch, steps, warmup, profile, variant="opt"):
+def run_model_fit(kind, cfg, seq, batch, steps, warmup, profile, variant="opt", grad_accum=1):
     while batch >= 1:
         try:
-            return run_model(kind, cfg, seq, batch, steps, warmup, profile, variant)
+            return run_model(kind, cfg, seq, batch, steps, warmup, profile, variant, grad_accum)
         except torch.cuda.OutOfMemoryError:
             print(f"[{kind}] out of memory at batch {batch}; halving", flush=True)
             gc.collect()
@@ -279,11 +336,13 @@ def moe_bench(cfg: ModelConfig, tokens: int, E: int, k: int, iters: int = 10):
 # ------------------------------------------------------------------------------------------------ main
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="conf/model/1.3b.yaml")
+    ap.add_argument("--model", default="conf/model/1.3b.yaml",
+                    help=f"a conf/model preset, or {V01_BLOCK} (v0.1 width, 8 layers; --set num_hidden_layers=N)")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro batches (fwd+bwd) per optimizer step")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--which", default="jambatrain,hf")
     ap.add_argument("--moe-bench", action="store_true")
@@ -291,7 +350,8 @@ def main():
     ap.add_argument("--moe-topk", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--jt-variants", default="opt",
-                    help="comma list of jambatrain variants to time (see variant_config), e.g. base,layout,opt")
+                    help="comma list of jambatrain variants to time (see variant_config), e.g. base,layout,opt; "
+                         "opt,opt+fp8 times bf16 and FP8 side by side")
     ap.add_argument("--moe-repeats", type=int, default=2, help="times the MoE table is measured (spread = noise)")
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args()
@@ -320,30 +380,49 @@ def main():
     runs = []
     for kind in [k for k in args.which.split(",") if k]:
         if kind == "jambatrain":
-            runs += [("jambatrain", v) for v in args.jt_variants.split(",") if v != "opt"] + [("jambatrain", "opt")]
+            runs += [("jambatrain", v) for v in args.jt_variants.split(",") if v]  # in the order given
         else:
             runs.append((kind, ""))
     kinds = []
     for kind, variant in runs:
-        r = run_model_fit(kind, cfg, args.seq, args.batch, args.steps, args.warmup,
-                          args.profile and variant in ("opt", ""), variant or "opt")
-        r["mfu"] = fpt * r["tokens_per_s"] / PEAK_BF16
+        try:
+            r = run_model_fit(kind, cfg, args.seq, args.batch, args.steps, args.warmup,
+                              args.profile and (variant in ("opt", "") or "fp8" in variant), variant or "opt",
+                              args.grad_accum if kind == "jambatrain" else 1)
+        except RuntimeError as e:  # out of memory even at batch 1: the other rows still run
+            print(f"[{kind}:{variant}] FAILED: {str(e)[:300]}", flush=True)
+            results[f"{kind}[{variant}]"] = {"error": str(e)[:1000]}
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        r["mfu"] = fpt * r["tokens_per_s"] / PEAK_BF16  # against the bf16 peak, FP8 rows included
+        r["fwd_bwd_mfu"] = fpt * r["fwd_bwd_tokens_per_s"] / PEAK_BF16
         key = kind if variant in ("opt", "") else f"jambatrain[{variant}]"
         kinds.append(key)
         results[key] = r
-        print(f"[{key}] batch {r['batch']}x{r['seq']}: {r['step_ms']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, "
-              f"MFU {r['mfu']:.1%}, peak mem {r['peak_mem_gib']:.1f} GiB, loss {r['loss_first_last'][0]:.3f}"
+        print(f"[{key}] batch {r['batch']}x{r['seq']} x{r['grad_accum']} accum: {r['step_ms']:.1f} ms/step, "
+              f"{r['tokens_per_s']:,.0f} tokens/s full step, {r['fwd_bwd_tokens_per_s']:,.0f} fwd+bwd, "
+              f"MFU(bf16 peak) {r['mfu']:.1%}, peak mem {r['peak_mem_gib']:.1f} GiB, loss {r['loss_first_last'][0]:.3f}"
               f"->{r['loss_first_last'][1]:.3f}", flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1, default=str)
     if not kinds:
         return
-    print("\nsummary")
-    print(f"{'model':28s} {'batch':>5s} {'tokens/s':>12s} {'MFU':>7s} {'peak GiB':>9s}")
+    print(f"\nsummary (grad accumulation {args.grad_accum} for jambatrain; MFU against the bf16 peak "
+          f"{PEAK_BF16 / 1e12:.0f} TFLOP/s, FP8 rows included)")
+    print(f"{'model':28s} {'batch':>5s} {'fwd+bwd tok/s':>14s} {'step tok/s':>12s} {'MFU(bf16)':>9s} {'peak GiB':>9s}")
     for kind in kinds:
         r = results[kind]
-        print(f"{kind:28s} {r['batch']:5d} {r['tokens_per_s']:12,.0f} {r['mfu']:7.1%} {r['peak_mem_gib']:9.1f}")
+        print(f"{kind:28s} {r['batch']:5d} {r['fwd_bwd_tokens_per_s']:14,.0f} {r['tokens_per_s']:12,.0f} "
+              f"{r['mfu']:9.1%} {r['peak_mem_gib']:9.1f}")
+    base = results.get("jambatrain")
+    for kind in kinds:
+        if base and "fp8" in kind:
+            r = results[kind]
+            print(f"speedup {kind} / jambatrain(bf16 opt): fwd+bwd {r['fwd_bwd_tokens_per_s'] / base['fwd_bwd_tokens_per_s']:.2f}x, "
+                  f"full step {r['tokens_per_s'] / base['tokens_per_s']:.2f}x, peak mem {r['peak_mem_gib']:.1f} vs "
+                  f"{base['peak_mem_gib']:.1f} GiB")
     if "jambatrain" in results and "hf" in results:
         print(f"ratio jambatrain/hf = {results['jambatrain']['tokens_per_s'] / results['hf']['tokens_per_s']:.2f}")
 

@@ -25,6 +25,7 @@ from .metrics import (MetricsLogger, Throughput, grad_norm, memory_stats, moe_lo
                       train_flops_per_token)
 from .models import JambaLM, ModelConfig
 from .models.fast_paths import describe as describe_fast_paths
+from .quantization import float8
 from .parallel import barrier, build_deepspeed_config, build_engine, expert_parallel, init_distributed, reduce_mean
 from .parallel.deepspeed_setup import resolve_precision
 from .parallel.distributed import DistInfo, any_rank, export_submitit_env
@@ -61,6 +62,7 @@ def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict, ep: ExpertPa
                 with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
                     if dist.is_main:
                         model.init_module(name, m)
+        float8.convert(model, mcfg)
         return model
     with torch.device("meta"):
         model = JambaLM(mcfg)
@@ -74,6 +76,7 @@ def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict, ep: ExpertPa
         from .hf_io import load_hf_pretrained
 
         load_hf_pretrained(model, mcfg.init_from)
+    float8.convert(model, mcfg)  # model.fp8: a converter on the built model (no-op for none)
     return model
 
 

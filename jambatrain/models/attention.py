@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .fused_ops import maybe_compiled
-from .layers import apply_rotary, rotary_cos_sin
+from .layers import apply_rotary, linear, rotary_cos_sin
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -59,10 +59,10 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.use_rope = cfg.use_rope
         self.rope_theta = cfg.rope_theta
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
         """x: (batch, seq, hidden). attn_mask: optional boolean (batch, 1, seq, seq), True = may attend, or a

@@ -42,6 +42,7 @@ def coerce_choices(obj, prefix: str) -> None:
 MambaImpl = choice("MambaImpl", "auto", "reference", "cuda")
 MoEImpl = choice("MoEImpl", "auto", "native", "grouped", "megablocks")
 Recompute = choice("Recompute", "none", "full", "ffn", "mixer")
+Fp8 = choice("Fp8", "none", "tensorwise", "rowwise")
 
 
 def arch(default, *, hf: bool = True, weights: bool = True, moe_only: bool = False):
@@ -109,6 +110,13 @@ class ModelConfig:
     # Mamba kernels in the (d, batch*seq) layout (models/mamba.py) instead of the generic forward
     fused_rms_norm: bool = runtime(True)
     mamba_kernel_layout: bool = runtime(True)
+    # CUDA sm89+ only (Hopper: H100/H200): the projections' GEMMs in float8 through torchao's float8 training,
+    # applied by a model converter after the model is built (jambatrain/quantization/float8.py): none | tensorwise |
+    # rowwise (torchao's recipes); refused elsewhere, never silently bf16. fp8_experts: the MoE experts' grouped GEMMs
+    # too (torchao's rowwise FP8 grouped GEMM on torch._scaled_grouped_mm); off by default: measured slower than the
+    # bf16 experts (docs/benchmarks.md, "FP8 training")
+    fp8: Fp8 = runtime(Fp8.none)
+    fp8_experts: bool = runtime(False)
     init_from: str | None = runtime(None)  # HF Jamba directory to initialise weights from
 
     def __post_init__(self):

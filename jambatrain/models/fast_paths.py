@@ -43,9 +43,18 @@ def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool,
         else:
             fp.paths["attention"] = "flash SDPA" if cuda and precision == "bf16" and not doc_mask else "SDPA"
     fp.paths["rmsnorm"] = "triton" if cuda and k["rms_norm"] and cfg.fused_rms_norm else "eager"
+    fp8_experts = False
+    if cfg.fp8 != "none":  # the converter's own plan (jambatrain/quantization/float8.py), on a meta model
+        from ..quantization import float8
+
+        plan = float8.plan_for_config(cfg)
+        fp.paths["fp8"] = plan.summary()
+        fp8_errors = float8.problems(cfg.fp8, device_type, precision)
+        fp.errors += fp8_errors
+        fp8_experts = bool(plan.experts()) and not fp8_errors
     if cfg.num_experts > 1:
         moe = moe_backends.decide(cfg.moe_impl, device_type, precision == "bf16", cfg.hidden_size,
-                                  cfg.intermediate_size)
+                                  cfg.intermediate_size, fp8=fp8_experts)
         fp.paths["moe"] = moe_backends.REPORT_NAMES[moe.backend] + (f", expert parallel {ep}" if ep > 1 else "")
         fp.errors += [moe.error] if moe.error else []
         fp.warnings += [moe.warning] if moe.warning else []

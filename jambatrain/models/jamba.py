@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Attention, document_block_mask, document_dense_mask, flex_available
 from .config import ModelConfig
 from .fused_ops import cross_entropy_sum
-from .layers import RMSNorm, SwiGLU
+from .layers import RMSNorm, SwiGLU, linear
 from .mamba import MambaMixer, init_dt_proj
 from .moe import MoE
 
@@ -97,7 +97,7 @@ class JambaLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(JambaBlock(cfg, i) for i in range(cfg.num_hidden_layers))
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.fused_rms_norm)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.num_moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))

@@ -1,4 +1,4 @@
-"""Small building blocks shared by the mixers and FFNs: RMSNorm, SwiGLU MLP, rotary embedding."""
+"""Small building blocks shared by the mixers and FFNs: the linear factory, RMSNorm, SwiGLU MLP, rotary embedding."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +6,25 @@ import torch.nn as nn
 
 from .fused_ops import silu_mul
 from .ssm_ops import fused_rms_norm
+
+
+def linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
+    """Every projection of the model is built here (never ``nn.Linear`` directly): the one place a precision
+    converter applied after the model is built (``jambatrain.quantization.float8``) and the parameter init look
+    for. A plain ``nn.Linear``; the converter swaps the selected ones for torchao's ``Float8Linear``."""
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def weight_mm(proj: nn.Linear, x_t: torch.Tensor) -> torch.Tensor:
+    """``proj.weight @ x_t``, (out_features, n), for callers that keep activations as (features, tokens)
+    matrices (the Mamba kernel layout): the same GEMM as ``proj(x_t.t()).t()`` without the transposing copy. A
+    projection the FP8 converter swapped runs this GEMM through its own float8 matmul (same scaling, operands in
+    the other order); a plain one is one bf16 GEMM."""
+    if type(proj) is not nn.Linear:
+        from ..quantization.float8 import float8_weight_mm
+
+        return float8_weight_mm(proj, x_t)
+    return proj.weight @ x_t
 
 
 class RMSNorm(nn.Module):
@@ -36,9 +55,9 @@ class SwiGLU(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, compile_elementwise: bool = True):
         super().__init__()
         self.compile_elementwise = compile_elementwise
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x), self.compile_elementwise))

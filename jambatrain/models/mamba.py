@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .layers import RMSNorm
+from .layers import RMSNorm, linear, weight_mm
 from .ssm_ops import causal_conv1d, causal_conv1d_doc, causal_conv1d_doc_ref, mamba_kernel_path, selective_scan
 
 
@@ -23,14 +23,14 @@ class MambaMixer(nn.Module):
         # bench/throughput.py)
         self.kernel_layout = cfg.mamba_kernel_layout
         self.compile_elementwise = cfg.compile_elementwise
-        self.in_proj = nn.Linear(cfg.hidden_size, 2 * d, bias=cfg.mamba_proj_bias)
+        self.in_proj = linear(cfg.hidden_size, 2 * d, bias=cfg.mamba_proj_bias)
         self.conv1d = nn.Conv1d(d, d, cfg.mamba_d_conv, groups=d, padding=cfg.mamba_d_conv - 1,
                                 bias=cfg.mamba_conv_bias)
-        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
-        self.dt_proj = nn.Linear(r, d, bias=True)
+        self.x_proj = linear(d, r + 2 * n, bias=False)
+        self.dt_proj = linear(r, d, bias=True)
         self.A_log = nn.Parameter(torch.empty(d, n))
         self.D = nn.Parameter(torch.empty(d))
-        self.out_proj = nn.Linear(d, cfg.hidden_size, bias=cfg.mamba_proj_bias)
+        self.out_proj = linear(d, cfg.hidden_size, bias=cfg.mamba_proj_bias)
         self.dt_layernorm = RMSNorm(r, cfg.rms_norm_eps, cfg.fused_rms_norm)
         self.b_layernorm = RMSNorm(n, cfg.rms_norm_eps, cfg.fused_rms_norm)
         self.c_layernorm = RMSNorm(n, cfg.rms_norm_eps, cfg.fused_rms_norm)
@@ -70,7 +70,7 @@ class MambaMixer(nn.Module):
         reach across a start (compiled) and the scan runs jambatrain's scan-with-reset kernel."""
         b, l, h = x.shape
         d, n, r = self.d_inner, self.d_state, self.dt_rank
-        xz = self.in_proj.weight @ x.reshape(b * l, h).t()  # (2d, bl)
+        xz = weight_mm(self.in_proj, x.reshape(b * l, h).t())  # (2d, bl)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None].to(xz.dtype)
         u, z = (t.view(d, b, l).permute(1, 0, 2) for t in xz.chunk(2, dim=0))  # (b, d, l) views
@@ -87,7 +87,7 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         y = selective_scan(u, delta, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
                            delta_softplus=True, impl=self.impl, reset=reset)  # (b, d, l) in z's layout
-        out = self.out_proj.weight @ y.permute(1, 0, 2).reshape(d, b * l)  # (h, bl)
+        out = weight_mm(self.out_proj, y.permute(1, 0, 2).reshape(d, b * l))  # (h, bl)
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias[:, None].to(out.dtype)
         return out.t().view(b, l, h)  # a transposed view: the residual add reads it, backward needs no copy

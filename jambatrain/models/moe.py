@@ -20,6 +20,7 @@ import torch.nn as nn
 from . import moe_backends
 from .config import ModelConfig
 from .fused_ops import activation
+from .layers import linear
 
 
 @dataclass
@@ -51,11 +52,12 @@ class MoE(nn.Module):
         self.num_experts, self.top_k = E, cfg.num_experts_per_tok
         self.impl = cfg.moe_impl
         self.act = activation(cfg.compile_elementwise)
-        self.router = nn.Linear(h, E, bias=False)
+        self.router = linear(h, E, bias=False)
         self.w_gate = nn.Parameter(torch.empty(E, f, h))
         self.w_up = nn.Parameter(torch.empty(E, f, h))
         self.w_down = nn.Parameter(torch.empty(E, f, h))  # y = act @ w_down[e]
         self.expert_range = (0, E)  # global ids [lo, hi) of the experts this rank holds
+        self.fp8 = False  # experts in FP8 grouped GEMMs: set by the FP8 converter (jambatrain/quantization/float8.py)
         self.exchange = None  # expert parallelism: callable(rows, tokens_per_expert, expert_mlp) -> rows
         self.last_counts: torch.Tensor | None = None
 
@@ -64,7 +66,7 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         routing = route(self.router(x), self.top_k)
         self.last_counts = routing.counts.detach()
-        backend = moe_backends.select(self.impl, x, self.w_gate)
+        backend = moe_backends.select(self.impl, x, self.w_gate, self.fp8)
         y = backend(x, routing, self.w_gate, self.w_up, self.w_down, self.act, exchange=self.exchange)
         return y.view(shape), routing
 

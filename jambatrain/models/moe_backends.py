@@ -15,6 +15,9 @@ runs ``expert_mlp`` on the local (E/ep, ffn, hidden) block: the same three piece
   native      per-expert Python loop (any device/dtype; one host sync for the counts).
   grouped     argsort permutation + three ``torch._grouped_mm`` calls (CUTLASS grouped GEMM on Hopper): no host
               sync, no padding. CUDA, bf16, hidden and ffn multiples of 8.
+  grouped_fp8 ``grouped``'s permutation with the three GEMMs in FP8 (``model.fp8`` with ``model.fp8_experts``):
+              torchao's rowwise FP8 grouped GEMM (``torch._scaled_grouped_mm``, Hopper), each expert's rows padded
+              to a multiple of 16 (its requirement) inside the MLP, so expert parallelism exchanges unpadded rows.
   megablocks  MegaBlocks' dMoE data path (its CUDA sort/histogram and Triton gather/scatter kernels) with the
               grouped GEMM done by ``grouped_gemm`` when installed, else by ``torch._grouped_mm``. Needs the
               megablocks wheel (launch/build_kernels.sh) and what ``grouped`` needs.
@@ -38,7 +41,8 @@ _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch,
 # the measurement); "grouped" is taken when megablocks does not import.
 AUTO_CUDA = "megablocks"
 
-REPORT_NAMES = {"native": "native loop", "grouped": "grouped GEMM", "megablocks": "megablocks"}
+REPORT_NAMES = {"native": "native loop", "grouped": "grouped GEMM", "megablocks": "megablocks",
+                "grouped_fp8": "FP8 grouped GEMM (torchao rowwise)"}
 
 
 @dataclass(frozen=True)
@@ -48,10 +52,17 @@ class MoEPath:
     warning: str | None = None  # a slow path a CUDA run would take, with its fix
 
 
-def decide(impl: str, device_type: str, bf16: bool, hidden: int, ffn: int) -> MoEPath:
+def decide(impl: str, device_type: str, bf16: bool, hidden: int, ffn: int, fp8: bool = False) -> MoEPath:
     """The MoE backend for ``model.moe_impl=impl`` on a ``device_type`` run whose expert inputs and weights are
-    bf16 (``bf16``) with the given widths."""
+    bf16 (``bf16``) with the given widths; ``fp8``: the FP8 converter selected this layer's experts."""
     fast_ok = (device_type == "cuda" and bf16 and hidden % 8 == 0 and ffn % 8 == 0 and grouped_gemm_available())
+    if fp8:
+        if impl in ("auto", "grouped") and fast_ok and hidden % 16 == 0 and ffn % 16 == 0:
+            return MoEPath("grouped_fp8")
+        return MoEPath("native", error=f"FP8 experts (model.fp8 with model.fp8_experts) run torchao's FP8 grouped GEMM "
+                                       f"only: they need model.moe_impl=auto or grouped (now {impl}), CUDA, bf16 and "
+                                       f"widths that are multiples of 16 (now {hidden}, {ffn}); or set "
+                                       "model.fp8_experts=false")
     if impl == "auto":
         if fast_ok:
             return MoEPath("megablocks" if AUTO_CUDA == "megablocks" and megablocks_available() else "grouped")
@@ -72,10 +83,10 @@ def decide(impl: str, device_type: str, bf16: bool, hidden: int, ffn: int) -> Mo
     return MoEPath("native", error=f"model.moe_impl={impl!r}: choose auto, native, grouped or megablocks")
 
 
-def decide_for(impl: str, x: torch.Tensor, w_gate: torch.Tensor) -> MoEPath:
+def decide_for(impl: str, x: torch.Tensor, w_gate: torch.Tensor, fp8: bool = False) -> MoEPath:
     """``decide`` for the tensors a layer actually holds at run time."""
     bf16 = x.dtype == torch.bfloat16 and w_gate.dtype == torch.bfloat16
-    return decide(impl, x.device.type, bf16, w_gate.shape[2], w_gate.shape[1])
+    return decide(impl, x.device.type, bf16, w_gate.shape[2], w_gate.shape[1], fp8)
 
 
 # ---------------------------------------------------------------- the three pieces, per backend
@@ -117,6 +128,35 @@ def _mlp_grouped(xs, tokens_per_expert, w_gate, w_up, w_down, act=silu_mul_ref, 
     offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
     h = act(_grouped_mm(xs, w_gate.transpose(1, 2), offs=offs), _grouped_mm(xs, w_up.transpose(1, 2), offs=offs))
     return _grouped_mm(h, w_down, offs=offs)
+
+
+def _pad_groups(tokens_per_expert: torch.Tensor, rows: int, align: int = 16):
+    """Where each of ``rows`` expert-grouped rows goes when every expert's group is padded to a multiple of
+    ``align`` rows, without a host sync: (destination row of each row (rows,), padded group end offsets (E,) int32,
+    padded row count). The padded count is the static bound rows + align * E, the last group taking the slack, so
+    every row of the padded buffer lies in a group (zero rows in, zero rows out, no uninitialised output)."""
+    E = tokens_per_expert.shape[0]
+    tpe = tokens_per_expert.to(torch.int64)
+    padded = (tpe + align - 1) // align * align
+    total = (rows + align * E + align - 1) // align * align
+    pend = torch.cumsum(padded, 0)
+    pend[-1] = total
+    shift = (pend - padded) - (torch.cumsum(tpe, 0) - tpe)  # padded start - start, per expert
+    expert_of_row = torch.repeat_interleave(torch.arange(E, device=tpe.device), tpe, output_size=rows)
+    dest = torch.arange(rows, device=tpe.device) + shift[expert_of_row]
+    return dest, pend.to(torch.int32), total
+
+
+def _mlp_grouped_fp8(xs, tokens_per_expert, w_gate, w_up, w_down, act=silu_mul_ref, counts=None):
+    from ..quantization.float8 import grouped_mm_fp8
+
+    dest, offs, total = _pad_groups(tokens_per_expert, xs.shape[0])
+    xp = xs.new_zeros(total, xs.shape[1]).index_copy(0, dest, xs)
+    # the right operands column-major per expert (torch._scaled_grouped_mm): w_gate / w_up (E, ffn, hidden) are, as
+    # transposed views; w_down (E, ffn, hidden) used as (K=ffn, N=hidden) is row-major, so it is copied transposed
+    h = act(grouped_mm_fp8(xp, w_gate.transpose(1, 2), offs), grouped_mm_fp8(xp, w_up.transpose(1, 2), offs))
+    w_down_cm = w_down.transpose(1, 2).contiguous().transpose(1, 2)
+    return grouped_mm_fp8(h, w_down_cm, offs).index_select(0, dest)
 
 
 def _mlp_megablocks(xs, tokens_per_expert, w_gate, w_up, w_down, act=silu_mul_ref, counts=None):
@@ -169,15 +209,16 @@ BACKENDS = {
     "native": Backend("native", _permute_torch, _mlp_native, _unpermute_torch),
     "grouped": Backend("grouped", _permute_torch, _mlp_grouped, _unpermute_torch),
     "megablocks": Backend("megablocks", _permute_megablocks, _mlp_megablocks, _unpermute_megablocks),
+    "grouped_fp8": Backend("grouped_fp8", _permute_torch, _mlp_grouped_fp8, _unpermute_torch),
 }
 experts_forward_native = BACKENDS["native"]
 experts_forward_grouped = BACKENDS["grouped"]
 experts_forward_megablocks = BACKENDS["megablocks"]
 
 
-def select(impl: str, x: torch.Tensor, w_gate: torch.Tensor) -> Backend:
+def select(impl: str, x: torch.Tensor, w_gate: torch.Tensor, fp8: bool = False) -> Backend:
     """The backend ``decide`` picks for these tensors; an impossible explicit choice raises with the fix."""
-    path = decide_for(impl, x, w_gate)
+    path = decide_for(impl, x, w_gate, fp8)
     if path.error:
         raise RuntimeError(path.error)
     return BACKENDS[path.backend]

@@ -1,0 +1,186 @@
+"""FP8 training on a Hopper GPU (``pytest -m gpu``): torchao's float8 linears and the FP8 grouped experts against
+bf16/fp32 references, forward and backward, and a ZeRO-2 training run with FP8 through the trainer (resume and
+export_hf included).
+
+Errors are ||fp8 - ref|| / ||ref|| over the whole tensor, the reference computed in fp32 from the same bf16
+inputs and weights. e4m3 keeps 3 mantissa bits (a per-element rounding error up to 2^-4 = 6.3%, about 2% RMS) and
+the tensorwise recipe's gradients e5m2 (2 bits); over a K-long dot product the errors average, so the bounds are
+  forward 4e-2, input and weight gradients 8e-2    (bf16 alone: under 1e-2 on these shapes)
+and the kernel layout's swapped-operand FP8 GEMM must equal the module's own FP8 GEMM to 1e-2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                       reason="needs a CUDA GPU with float8 tensor cores (sm89+)"),
+]
+
+from conftest import REPO, record_moe_backends  # noqa: E402
+
+from jambatrain.models import JambaLM, ModelConfig, moe_backends  # noqa: E402
+from jambatrain.models.layers import weight_mm  # noqa: E402
+from jambatrain.models.moe import route  # noqa: E402
+from jambatrain.quantization import float8  # noqa: E402
+
+DEV = "cuda"
+FWD, BWD = 4e-2, 8e-2
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+class _Two(nn.Module):
+    def __init__(self, i, o):
+        super().__init__()
+        self.proj = nn.Linear(i, o, bias=False)
+
+
+def _fp8_module(recipe, i=1024, o=2048, seed=0):
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    torch.manual_seed(seed)
+    m = _Two(i, o).to(DEV, torch.bfloat16)
+    ref = nn.Linear(i, o, bias=False).to(DEV, torch.float32)
+    ref.weight.data.copy_(m.proj.weight.float())
+    convert_to_float8_training(m, config=Float8LinearConfig.from_recipe_name(recipe))
+    return m.proj, ref
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_linear_vs_fp32_reference_fwd_bwd(recipe):
+    proj, ref = _fp8_module(recipe)
+    g = torch.Generator(device=DEV).manual_seed(1)
+    x = torch.randn(4096, 1024, device=DEV, generator=g).to(torch.bfloat16)
+    gy = torch.randn(4096, 2048, device=DEV, generator=g).to(torch.bfloat16)
+    xa, xr = x.clone().requires_grad_(), x.float().requires_grad_()
+    y = proj(xa)
+    y.backward(gy)
+    yr = ref(xr)
+    yr.backward(gy.float())
+    errs = (rel(y, yr), rel(xa.grad, xr.grad), rel(proj.weight.grad, ref.weight.grad))
+    print(f"fp8 linear {recipe}: fwd {errs[0]:.2e} dgrad {errs[1]:.2e} wgrad {errs[2]:.2e}")
+    assert errs[0] < FWD and errs[1] < BWD and errs[2] < BWD
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_kernel_layout_weight_mm_is_the_modules_fp8_gemm(recipe):
+    """float8_weight_mm(proj, x.t()) (the Mamba kernel layout) == proj(x).t(), forward and both gradients."""
+    proj, _ = _fp8_module(recipe)
+    g = torch.Generator(device=DEV).manual_seed(2)
+    x = torch.randn(4096, 1024, device=DEV, generator=g).to(torch.bfloat16)
+    gy = torch.randn(2048, 4096, device=DEV, generator=g).to(torch.bfloat16)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = weight_mm(proj, xa.t())
+    assert ya.shape == (2048, 4096) and ya.is_contiguous()  # the (out, tokens) layout the scan kernels take
+    ya.backward(gy)
+    gw_a = proj.weight.grad.clone()
+    proj.weight.grad = None
+    yb = proj(xb).t()
+    yb.backward(gy)
+    errs = (rel(ya, yb), rel(xa.grad, xb.grad), rel(gw_a, proj.weight.grad))
+    print(f"swapped fp8 mm {recipe}: fwd {errs[0]:.2e} dgrad {errs[1]:.2e} wgrad {errs[2]:.2e}")
+    assert max(errs) < 1e-2
+
+
+@pytest.mark.parametrize("counts_seed", [0, 1])
+def test_fp8_grouped_experts_vs_fp32_native_fwd_bwd(counts_seed):
+    E, k, h, f, T = 8, 2, 512, 1024, 2048
+    g = torch.Generator(device=DEV).manual_seed(counts_seed)
+    x = torch.randn(T, h, device=DEV, generator=g).to(torch.bfloat16)
+    logits = torch.randn(T, E, device=DEV, generator=g) * (3.0 if counts_seed else 1.0)  # skewed: uneven groups
+    ws = [(torch.randn(E, f, h, device=DEV, generator=g) * h ** -0.5).to(torch.bfloat16) for _ in range(3)]
+    gy = torch.randn(T, h, device=DEV, generator=g).to(torch.bfloat16)
+    routing = route(logits, k)
+
+    def run(backend, dtype):  # fresh leaves per run (x.to(bf16) would be x itself, shared between the runs)
+        xx = x.detach().clone().to(dtype).requires_grad_()
+        ps = [w.detach().clone().to(dtype).requires_grad_() for w in ws]
+        y = backend(xx, routing, *ps)
+        y.backward(gy.to(dtype))
+        return [y, xx.grad] + [p.grad for p in ps]
+
+    fp8 = run(moe_backends.BACKENDS["grouped_fp8"], torch.bfloat16)
+    ref = run(moe_backends.BACKENDS["native"], torch.float32)
+    errs = [rel(a, b) for a, b in zip(fp8, ref)]
+    print(f"fp8 grouped experts (counts {routing.counts.tolist()}): fwd {errs[0]:.2e} grads "
+          + " ".join(f"{e:.2e}" for e in errs[1:]))
+    assert errs[0] < FWD and max(errs[1:]) < BWD
+
+
+def test_jamba_fp8_model_loss_and_grads_track_bf16(monkeypatch):
+    """A small JambaLM (kernel layout, experts in FP8) converted vs the same weights in bf16: the loss within 1%,
+    and the whole gradient (all parameters as one vector) within 35% relative difference. At initialisation the
+    gradients are small and the tensorwise recipe's e5m2 gradients (2 mantissa bits) compound over 8 layers: the
+    same comparison on CPU (reference scan, experts bf16, 512 tokens) measured 0.22 overall and 0.24 for the
+    worst converted weight, while the training curves match (docs/benchmarks.md, loss parity)."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    cfg = ModelConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=2, num_experts=4, fp8="tensorwise",
+                      fp8_experts=True)
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        bf = JambaLM(cfg).to(torch.bfloat16)
+    import copy
+
+    f8 = copy.deepcopy(bf)
+    p = float8.convert(f8, cfg)
+    assert sum(isinstance(m, Float8Linear) for m in f8.modules()) == len(p.linears()) > 0
+    ids = torch.randint(0, cfg.vocab_size, (2, 1024), device=DEV, generator=torch.Generator(DEV).manual_seed(0))
+    out, ran = {}, None
+    for name, m in (("bf16", bf), ("fp8", f8)):
+        if name == "fp8":
+            ran = record_moe_backends(monkeypatch)
+        loss = m(ids, labels=ids, return_logits=False).loss
+        loss.backward()
+        out[name] = (loss.item(), {n: q.grad.double() for n, q in m.named_parameters() if q.grad is not None})
+    assert set(ran) == {"grouped_fp8"}
+    g0, g1 = out["bf16"][1], out["fp8"][1]
+    assert g0.keys() == g1.keys()
+    diff = sum(((g1[n] - g0[n]) ** 2).sum() for n in g0) ** 0.5 / sum((g0[n] ** 2).sum() for n in g0) ** 0.5
+    print(f"fp8 vs bf16 JambaLM: loss {out['fp8'][0]:.4f} vs {out['bf16'][0]:.4f}; gradient rel diff {diff:.3f}")
+    assert abs(out["fp8"][0] - out["bf16"][0]) / out["bf16"][0] < 1e-2
+    assert all(torch.isfinite(g).all() for g in g1.values()) and diff < 0.35
+
+
+def test_zero2_fp8_training_run_resumes_and_exports_bf16(tmp_path):
+    """The trainer with model.fp8 on one GPU under DeepSpeed ZeRO-2: trains, checkpoints, resumes, exports."""
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = str(tmp_path / "run")
+    common = ["experiment=tiny_cpu", "data=mqar", "model.fp8=tensorwise", "model.fp8_experts=true", "parallel=zero2",
+              "parallel.device=cuda",
+              "parallel.precision=bf16", "logger=none", f"hydra.run.dir={run}", "trainer.progress_bar=false",
+              "trainer.save_every=4", "trainer.log_every=1", "model.activation_checkpointing=ffn"]
+    p = subprocess.run([sys.executable, "-m", "jambatrain.train", *common, "trainer.max_steps=4"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    info = json.load(open(os.path.join(run, "run_info.json")))
+    assert "tensorwise" in info["fast_paths"]["fp8"] and "FP8 grouped" in info["fast_paths"]["moe"]
+    p = subprocess.run([sys.executable, "-m", "jambatrain.train", *common, "trainer.max_steps=8", "trainer.resume=true"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = str(tmp_path / "hf")
+    p = subprocess.run([sys.executable, "-m", "jambatrain.export_hf", run, out, "--no-tokenizer"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for fn in os.listdir(out):
+        if fn.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(out, fn)))
+    assert tensors and all(t.dtype in (torch.bfloat16, torch.float32) for t in tensors.values())
+    assert any("in_proj" in k for k in tensors)
