@@ -93,7 +93,7 @@ class MambaPlan:
         conv = {"causal-conv1d": "causal-conv1d", "doc-compiled": "compiled doc conv", "doc-eager": "eager doc conv",
                 "reference": "reference conv"}
         out = f"{scan[self.scan]} + {conv[self.conv]}"
-        if self.layout == "generic" and (self.scan != "reference" or self.conv != "reference"):
+        if self.layout == "generic" and (self.scan != "reference" or self.conv == "causal-conv1d"):
             out += " (generic layout)"
         return out + (f", context parallel {self.cp} (all-to-all)" if self.cp > 1 else "")
 
