@@ -176,7 +176,7 @@ class _NoCtx:
 def local_slice(t: torch.Tensor, cp: CPGroup, dim: int = 1) -> torch.Tensor:
     """This rank's contiguous slice of a whole-sequence tensor along ``dim``."""
     n = t.shape[dim] // cp.size
-    return t.narrow(dim, cp.rank * n, n)
+    return t.narrow(dim, cp.rank * n, n).contiguous()
 
 
 def shard_batch(batch: dict, cp: CPGroup) -> dict:
@@ -184,12 +184,30 @@ def shard_batch(batch: dict, cp: CPGroup) -> dict:
     return {k: (local_slice(v, cp) if isinstance(v, torch.Tensor) and v.dim() == 2 else v) for k, v in batch.items()}
 
 
+def group_of(dims) -> CPGroup:
+    """This rank's cp group (``dims``: a ``ParallelDims`` with cp > 1)."""
+    return CPGroup(dims.cp_group, dims.cp_rank, dims.cp)
+
+
+def shard_batches(batches, dims, data_cfg, device):
+    """The trainer's batches under cp: every rank of a cp group reads the same whole-sequence batch (the loader is
+    asked for the dp rank of dp ranks) and keeps its slice of input ids, labels and document starts (found on the
+    whole sequence: a start at the first token of a slice comes from the EOS on the previous slice)."""
+    from ..data.sources import doc_starts
+
+    cp = group_of(dims)
+    for batch in batches:
+        starts = doc_starts(batch, data_cfg, device)
+        yield {"input_ids": local_slice(batch["input_ids"], cp), "labels": local_slice(batch["labels"], cp),
+               "doc_starts": None if starts is None else local_slice(starts, cp)}
+
+
 def apply(model: nn.Module, dims) -> int:
     """Give the model's cp-aware modules this rank's cp group (``dims``: a ``ParallelDims``); a no-op at cp = 1.
     Returns the number of modules set."""
     if not dims.cp_enabled:
         return 0
-    cp = CPGroup(dims.cp_group, dims.cp_rank, dims.cp)
+    cp = group_of(dims)
     n = 0
     for m in model.modules():
         if hasattr(m, "cp_group"):
