@@ -210,6 +210,8 @@ def _context_parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
     has_attention = any(m.is_attention_layer(i) for i in range(m.num_hidden_layers))
     p = ParallelDims.problems(world_size, cp, cfg.parallel.expert_parallel_size, cfg.data.seq_len,
                               m.num_attention_heads, m.num_key_value_heads, has_attention)
+    if p:  # one message per layout mistake; the finer rules below follow from a valid cp
+        return p
     if cp > 1 and cfg.data.seq_len and cfg.data.seq_len // cp < m.mamba_d_conv - 1:
         p.append(f"parallel.context_parallel_size={cp} leaves {cfg.data.seq_len // cp} tokens per rank, fewer than the "
                  f"Mamba conv halo (model.mamba_d_conv - 1 = {m.mamba_d_conv - 1}): use a smaller cp")

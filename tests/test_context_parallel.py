@@ -16,7 +16,6 @@ import pytest
 
 from conftest import REPO, free_port
 
-pytestmark = pytest.mark.slow
 WORKER = os.path.join(REPO, "tests", "cp_worker.py")
 TOL = 1e-5
 
@@ -33,6 +32,7 @@ def worker(nproc: int, *args) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_model_equals_one_process(world):
     """world 2: cp 2 without and with document starts, and a MoE model with expert parallelism 2 (EP groups span
@@ -47,6 +47,7 @@ def test_model_equals_one_process(world):
         assert e["logits"] < TOL and e["loss"] < TOL and e["grad"] < TOL, (case, e)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("control,what", [("nohalo", "grad"), ("rankmean", "loss")])
 def test_negative_controls_fail(control, what):
     """Dropping the conv halo (zeros instead of the previous rank's tokens), or a per-rank mean loss instead of the
@@ -55,6 +56,7 @@ def test_negative_controls_fail(control, what):
     assert out[what] > 1e-3 and out["grad"] > 1e-3, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_steps_equal_one_process(stage):
     """Two optimizer steps (grad accumulation 2, clipping, AdamW with decay) of the real engine at cp 2 on 2 ranks
@@ -79,6 +81,7 @@ def losses(run_dir) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
+@pytest.mark.slow
 def test_trainer_cp2_matches_one_process_and_resumes_at_cp1_and_cp4(train_env, tmp_path):
     """``torchrun --nproc_per_node 2 -m jambatrain.train experiment=tiny_cpu parallel.context_parallel_size=2``
     gives one process's per-step losses (same global batch of 4 sequences: micro batch 2 x grad accumulation 2).
@@ -108,3 +111,44 @@ def test_trainer_cp2_matches_one_process_and_resumes_at_cp1_and_cp4(train_env, t
         got = losses(run)
         assert list(got) == [1, 2, 3, 4]
         assert [got[s] for s in (3, 4)] == pytest.approx([ref[s] for s in (3, 4)], rel=1e-5), (run, got, ref)
+
+
+def _problems(world: int, cp: int, seq_len: int = 256, **model) -> list[str]:
+    from jambatrain.config import DataConfig, ParallelConfig, TrainConfig, problems
+    from jambatrain.models import ModelConfig
+
+    m = ModelConfig(**{**dict(name="t", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                              num_attention_heads=4, num_key_value_heads=2, num_experts=4), **model})
+    cfg = TrainConfig(model=m, data=DataConfig(kind="mqar", seq_len=seq_len),
+                      parallel=ParallelConfig(context_parallel_size=cp))
+    return [p for p in problems(cfg, world) if "context_parallel_size" in p]
+
+
+def test_config_rules_name_the_fix():
+    assert _problems(4, 1) == [] and _problems(4, 2) == [] and _problems(4, 4) == []  # 4 KV-head-replicating ranks
+    (p,) = _problems(4, 3)
+    assert "must divide the world size (4 ranks): choose one of [1, 2, 4]" in p
+    (p,) = _problems(4, 4, seq_len=250)
+    assert "must divide data.seq_len=250" in p
+    (p,) = _problems(8, 8)  # 4 query heads cannot be split 8 ways
+    assert "cannot split the attention heads" in p and "choose cp in [2, 4]" in p
+    (p,) = _problems(8, 8, attn_layer_period=100, attn_layer_offset=50, seq_len=8)  # pure Mamba: heads no matter
+    assert "1 tokens per rank, fewer than the Mamba conv halo" in p
+    (p,) = _problems(2, 3, num_key_value_heads=4, num_attention_heads=12, hidden_size=96)
+    assert "world size" in p
+
+
+def test_in_training_eval_is_refused_under_cp():
+    from jambatrain.config import DataConfig, ParallelConfig, TrainConfig, TrainerConfig, problems
+
+    cfg = TrainConfig(data=DataConfig(kind="mqar", seq_len=1024), parallel=ParallelConfig(context_parallel_size=2),
+                      trainer=TrainerConfig(eval_every=10))
+    assert any("trainer.eval_every=10 with parallel.context_parallel_size=2" in p for p in problems(cfg, 2))
+
+
+def test_parallel_dims_layout():
+    from jambatrain.parallel.parallel_dims import ParallelDims
+
+    d = ParallelDims(world_size=8, rank=5, cp=4, ep=2)
+    assert (d.dp, d.dp_rank, d.cp_rank, d.cp_ranks()) == (2, 1, 1, [4, 5, 6, 7])
+    assert d.global_batch(micro_batch_size=2, grad_accum_steps=3) == 12  # a cp group shares its sequences
