@@ -106,12 +106,30 @@ def variant_config(cfg: ModelConfig, variant: str) -> ModelConfig:
     fused Triton RMSNorm (model.fused_rms_norm); 'compile': torch.compile'd SwiGLU product and cross-entropy
     (model.compile_elementwise); 'grouped' / 'megablocks' / 'native': the MoE backend instead of moe_impl=auto;
     'docs': packed documents (``doc_starts`` with a boundary every ~1k tokens: attention masked per document, Mamba
-    state reset; data, not config)."""
-    toks = set(variant.replace("opt", "layout+norm+compile").split("+")) - {"", "base"}
+    state reset; data, not config); 'cp1': the context-parallel code path at cp = 1 (a one-rank NCCL group set on
+    the mixers, ``force_cp_path``: its all-to-all layout changes and collectives at no parallelism, the overhead
+    cp = 1 itself does not pay: ``context_parallel.apply`` sets nothing there)."""
+    toks = set(variant.replace("opt", "layout+norm+compile").split("+")) - {"", "base", "docs", "cp1"}
     moe = toks & {"grouped", "megablocks", "native"}
     return dataclasses.replace(cfg, mamba_kernel_layout="layout" in toks, fused_rms_norm="norm" in toks,
                                compile_elementwise="compile" in toks,
                                moe_impl=next(iter(moe)) if moe else cfg.moe_impl)
+
+
+def force_cp_path(model) -> None:
+    """Give every cp-aware module a context-parallel group of this one rank (NCCL)."""
+    import torch.distributed as dist
+
+    from jambatrain.parallel import context_parallel
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29534")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    group = context_parallel.CPGroup(dist.group.WORLD, 0, 1)
+    for m in model.modules():
+        if hasattr(m, "cp_group"):
+            m.cp_group = group
 
 
 def doc_starts_like(ids: torch.Tensor, mean_len: int = 1024, seed: int = 0) -> torch.Tensor:
@@ -137,6 +155,8 @@ def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, war
     info = {}
     if kind == "jambatrain":
         model = build_jambatrain(variant_config(cfg, variant))
+        if "cp1" in variant.split("+"):
+            force_cp_path(model)
         from jambatrain.models.moe import MoE
 
         moes = [m for m in model.modules() if isinstance(m, MoE)]
