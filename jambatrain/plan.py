@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
             need = c
         mark = ("fits" if fits else "tight (within the estimate's error)" if total <= args.gpu_mem else "DOES NOT FIT")
         mark += "  <- this config" if c == cp else ""
-        print(f"    {c:<4} {par.micro_batch_size * cfg.data.seq_len // c:>10,}  {a['kept']:6.1f}  {a['backward']:8.1f}  "
+        tokens = par.micro_batch_size * cfg.data.seq_len // c
+        print(f"    {c:<4} {tokens:>10,}  {a['kept']:6.1f}  {a['backward']:8.1f}  "
               f"{a['logits']:6.1f}  {a['cp_buffers']:10.1f}  {a['total']:9.1f}  {total:7.1f}  {mark}")
     p["smallest_fitting_cp"] = need
     print(f"  smallest context-parallel size that fits {MARGIN:.0%} of {args.gpu_mem:.0f} GB: " + (

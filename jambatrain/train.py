@@ -353,7 +353,8 @@ def train_step(engine, batches, guard: StepGuard, cfg: TrainConfig, dist: DistIn
     reason = None
     for i in range(gas):
         batch = next(batches)
-        starts = batch["doc_starts"] if "doc_starts" in batch else doc_starts(batch, cfg.data, dist.device)  # cp: sliced
+        # under cp the batch holds the slice's document starts, found on the whole sequence
+        starts = batch["doc_starts"] if "doc_starts" in batch else doc_starts(batch, cfg.data, dist.device)
         out = engine(input_ids=batch["input_ids"].to(dist.device, non_blocking=True),
                      labels=batch["labels"].to(dist.device, non_blocking=True),
                      doc_starts=starts, return_logits=False)

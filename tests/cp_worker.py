@@ -21,7 +21,8 @@ import torch.distributed as dist
 from jambatrain.config import ParallelConfig, TrainConfig
 from jambatrain.models import JambaLM, ModelConfig
 from jambatrain.optim import build_optimizer, build_scheduler, param_groups
-from jambatrain.parallel import build_deepspeed_config, build_engine, context_parallel, expert_parallel, init_distributed
+from jambatrain.parallel import (build_deepspeed_config, build_engine, context_parallel, expert_parallel,
+                                 init_distributed)
 from jambatrain.parallel.parallel_dims import build as build_dims
 
 SEQ, VOCAB = 32, 64

@@ -36,7 +36,8 @@ def worker(nproc: int, *args) -> dict:
 @pytest.mark.parametrize("world", [2, 4])
 def test_model_equals_one_process(world):
     """world 2: cp 2 without and with document starts, a MoE model with expert parallelism 2 (EP groups span
-    the cp group), and whole-layer recomputation with a chunked loss (the collectives run again in backward); world 4: cp 2 (2 dp replicas) and cp 4 (KV heads replicated: 2 KV heads, 4 ranks), with and
+    the cp group), and whole-layer recomputation with a chunked loss (the collectives run again in backward);
+    world 4: cp 2 (2 dp replicas) and cp 4 (KV heads replicated: 2 KV heads, 4 ranks), with and
     without documents, and RoPE. Document starts sit on slice edges and inside conv halos; labels hold unevenly
     placed ignored positions."""
     out = worker(world, "model")

@@ -60,7 +60,7 @@ def test_selective_scan_kernel_vs_ref(dtype, tol_f, tol_b):
     ins = _scan_inputs(dtype)
     ker = [t.clone().requires_grad_() for t in ins]
     ref = [t.detach().float().clone().requires_grad_() for t in ins]  # reference in fp32 on the same values
-    yk = ssm_ops.selective_scan(*ker[:6], z=ker[6], delta_bias=ker[7], delta_softplus=True, impl="cuda")
+    yk = ssm_ops.selective_scan(*ker[:6], z=ker[6], delta_bias=ker[7], delta_softplus=True, backend="mamba-ssm")
     yr = ssm_ops.selective_scan_ref(*ref[:6], z=ref[6], delta_bias=ref[7], delta_softplus=True)
     assert yk.dtype == dtype
     assert rel(yk, yr) < tol_f
@@ -94,7 +94,8 @@ def test_scan_reset_kernel_vs_ref(dtype, tol_f, tol_b, L):
     reset = _doc_starts(2, L)
     ker = [t.clone().requires_grad_() for t in ins]
     ref = [t.detach().float().clone().requires_grad_() for t in ins]
-    yk = ssm_ops.selective_scan(*ker[:6], z=ker[6], delta_bias=ker[7], delta_softplus=True, reset=reset)
+    yk = ssm_ops.selective_scan(*ker[:6], z=ker[6], delta_bias=ker[7], delta_softplus=True, backend="scan-reset",
+                                reset=reset)
     yr = ssm_ops.selective_scan_ref(*ref[:6], z=ref[6], delta_bias=ref[7], delta_softplus=True, reset=reset)
     assert yk.dtype == dtype and yk.grad_fn is not None and "ScanKernel" in type(yk.grad_fn).__name__
     assert rel(yk, yr) < tol_f
@@ -110,7 +111,7 @@ def test_scan_reset_kernel_vs_ref(dtype, tol_f, tol_b, L):
     if s < L - 1:
         sl = lambda t: t[:1, ..., s:].contiguous()  # noqa: E731
         alone = ssm_ops.selective_scan(sl(ins[0]), sl(ins[1]), ins[2], sl(ins[3]), sl(ins[4]), ins[5], z=sl(ins[6]),
-                                       delta_bias=ins[7], delta_softplus=True, impl="cuda")
+                                       delta_bias=ins[7], delta_softplus=True, backend="mamba-ssm")
         assert rel(yk.detach()[:1, :, s:], alone) < tol_f
 
 
@@ -140,7 +141,7 @@ def test_causal_conv1d_kernel_vs_ref(dtype, tol, channel_last, L):
     w, bias = torch.randn(d, k, device=DEV).to(dtype), torch.randn(d, device=DEV).to(dtype)
     xk, wk, bk = (t.detach().clone().requires_grad_() for t in (x, w, bias))
     xr, wr, br = (t.detach().float().clone().requires_grad_() for t in (x, w, bias))
-    yk = ssm_ops.causal_conv1d(xk, wk, bk, "silu", impl="cuda")
+    yk = ssm_ops.causal_conv1d(xk, wk, bk, "silu", backend="causal-conv1d")
     yr = ssm_ops.causal_conv1d_ref(xr, wr, br, "silu")
     assert rel(yk, yr) < tol
     gy = torch.randn_like(yr)
