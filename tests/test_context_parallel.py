@@ -85,7 +85,8 @@ def losses(run_dir) -> dict[int, float]:
 @pytest.mark.slow
 def test_trainer_cp2_matches_one_process_and_resumes_at_cp1_and_cp4(train_env, tmp_path):
     """``torchrun --nproc_per_node 2 -m jambatrain.train experiment=tiny_cpu parallel.context_parallel_size=2``
-    gives one process's per-step losses (same global batch of 4 sequences: micro batch 2 x grad accumulation 2).
+    gives one process's per-step losses (same global batch of 4 sequences: micro batch 2 x grad accumulation 2), here
+    with expert parallelism 2 over the same two ranks (tiny_cpu has 4 experts).
     Its step-2 checkpoint resumes at cp 1 on one rank with micro batch 1 (grad accumulation 4 keeps the global
     batch) and at cp 4 on 4 ranks; both continue with the uninterrupted run's losses. (Same dp size: a resume on
     another dp size keeps the global batch too, but the loader then deals the remaining samples out in another
@@ -94,8 +95,8 @@ def test_trainer_cp2_matches_one_process_and_resumes_at_cp1_and_cp4(train_env, t
     one, cp2 = str(tmp_path / "one"), str(tmp_path / "cp2")
     run_train(train_env, one, "trainer.max_steps=4", "trainer.save_every=0", *common)
     out = run_train(train_env, cp2, "trainer.max_steps=2", "trainer.save_every=2",
-                    "parallel.context_parallel_size=2", *common, nproc=2)
-    assert "context parallel 2" in out
+                    "parallel.context_parallel_size=2", "parallel.expert_parallel_size=2", *common, nproc=2)
+    assert "expert parallel 2, context parallel 2" in out
     ref = losses(one)
     got = losses(cp2)
     assert list(got) == [1, 2] and [got[s] for s in (1, 2)] == pytest.approx([ref[s] for s in (1, 2)], rel=1e-5)
