@@ -196,9 +196,11 @@ def shard_batches(batches, dims, data_cfg, device):
     from ..data.sources import doc_starts
 
     cp = group_of(dims)
+    pin = device.type == "cuda"  # the slices are new host tensors: pinned, so the copies stay asynchronous
     for batch in batches:
         starts = doc_starts(batch, data_cfg, device)
-        yield {"input_ids": local_slice(batch["input_ids"], cp), "labels": local_slice(batch["labels"], cp),
+        ids, labels = local_slice(batch["input_ids"], cp), local_slice(batch["labels"], cp)
+        yield {"input_ids": ids.pin_memory() if pin else ids, "labels": labels.pin_memory() if pin else labels,
                "doc_starts": None if starts is None else local_slice(starts, cp)}
 
 
