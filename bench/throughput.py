@@ -140,8 +140,10 @@ def variant_config(cfg: ModelConfig, variant: str) -> ModelConfig:
     'fp8' / 'fp8row': model.fp8=tensorwise / rowwise with the experts in FP8 too (model.fp8_experts=true);
     'fp8dense': model.fp8=tensorwise with the experts left bf16;
     'docs': packed documents (``doc_starts`` with a boundary every ~1k tokens: attention masked per document, Mamba
-    state reset; data, not config)."""
-    toks = set(variant.replace("opt", "layout+norm+compile").split("+")) - {"", "base"}
+    state reset; data, not config); 'cp1': the context-parallel code path at cp = 1 (a one-rank NCCL group set on
+    the mixers, ``force_cp_path``: its all-to-all layout changes and collectives at no parallelism, the overhead
+    cp = 1 itself does not pay: ``context_parallel.apply`` sets nothing there)."""
+    toks = set(variant.replace("opt", "layout+norm+compile").split("+")) - {"", "base", "docs", "cp1"}
     moe = toks & {"grouped", "megablocks", "native"}
     fp8 = "rowwise" if "fp8row" in toks else "tensorwise" if toks & {"fp8", "fp8dense"} else "none"
     return dataclasses.replace(cfg, mamba_kernel_layout="layout" in toks, fused_rms_norm="norm" in toks,
@@ -149,6 +151,22 @@ def variant_config(cfg: ModelConfig, variant: str) -> ModelConfig:
                                moe_impl=next(iter(moe)) if moe else cfg.moe_impl,
                                fp8=fp8 if fp8 != "none" else cfg.fp8,
                                fp8_experts="fp8dense" not in toks if fp8 != "none" else cfg.fp8_experts)
+
+
+def force_cp_path(model) -> None:
+    """Give every cp-aware module a context-parallel group of this one rank (NCCL)."""
+    import torch.distributed as dist
+
+    from jambatrain.parallel import context_parallel
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29534")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    group = context_parallel.CPGroup(dist.group.WORLD, 0, 1)
+    for m in model.modules():
+        if hasattr(m, "cp_group"):
+            m.cp_group = group
 
 
 def doc_starts_like(ids: torch.Tensor, mean_len: int = 1024, seed: int = 0) -> torch.Tensor:
@@ -177,6 +195,8 @@ def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, war
     if kind == "jambatrain":
         vcfg = variant_config(cfg, variant)
         model = build_jambatrain(vcfg)
+        if "cp1" in variant.split("+"):
+            force_cp_path(model)
         from jambatrain.models.moe import MoE
         from jambatrain.quantization import float8
 

@@ -485,7 +485,8 @@ def storage_problems(run_dir: str, need_bytes: int) -> list[str]:
 def resume_grad_accum(saved: dict, world_size: int, micro_batch_size: int, grad_accum_steps: int,
                       ) -> tuple[int, str | None]:
     """The gradient accumulation that keeps the checkpoint's global batch (sequences per optimizer step) on
-    ``world_size`` ranks: (steps, None), or (the configured steps, the problem with its fix) when it cannot."""
+    ``world_size`` data-parallel replicas (``ParallelDims.dp`` = ranks / context_parallel_size: a cp group shares its
+    sequences): (steps, None), or (the configured steps, the problem with its fix) when it cannot."""
     global_batch = saved.get("global_batch")
     if not global_batch or micro_batch_size * grad_accum_steps * world_size == global_batch:
         return grad_accum_steps, None
@@ -493,6 +494,6 @@ def resume_grad_accum(saved: dict, world_size: int, micro_batch_size: int, grad_
     if global_batch % per_step == 0:
         return global_batch // per_step, None
     return grad_accum_steps, (
-        f"the checkpoint's global batch is {global_batch} sequences per step; {world_size} ranks x "
+        f"the checkpoint's global batch is {global_batch} sequences per step; {world_size} data-parallel replicas x "
         f"parallel.micro_batch_size={micro_batch_size} cannot make it with whole accumulation steps: choose a micro "
         f"batch size m with {global_batch} divisible by m x {world_size}")

@@ -66,6 +66,8 @@ class ParallelConfig:
     micro_batch_size: int = 8  # sequences per GPU per micro step
     grad_accum_steps: int = 1
     expert_parallel_size: int = 1
+    # ranks sharing one sequence (each holds seq_len / cp tokens; parallel/parallel_dims.py, README "Long context")
+    context_parallel_size: int = 1
     precision: Precision = Precision.auto  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     backend: Backend = Backend.auto  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     device: Device = Device.auto  # auto | cpu | cuda
@@ -186,6 +188,7 @@ def problems(cfg: TrainConfig, world_size: int = 1) -> list[str]:
     if par.expert_parallel_size > 1 and cfg.model.num_experts <= 1:
         p.append(f"parallel.expert_parallel_size={par.expert_parallel_size} but the model has no MoE layers "
                  "(model.num_experts=1): set parallel.expert_parallel_size=1")
+    p += _context_parallel_problems(cfg, world_size)
     if par.zero_stage == 3 and cfg.model.init_from:
         p.append("model.init_from with parallel.zero_stage=3 is not supported: initialise with ZeRO-2 and convert, "
                  "or start from scratch")
@@ -198,6 +201,27 @@ def problems(cfg: TrainConfig, world_size: int = 1) -> list[str]:
     if opt.warmup_steps < 0:
         p.append(f"optim.warmup_steps={opt.warmup_steps} must be >= 0")
     return p + _data_config_problems(cfg)
+
+
+def _context_parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
+    from .parallel.parallel_dims import ParallelDims
+
+    m, cp = cfg.model, cfg.parallel.context_parallel_size
+    has_attention = any(m.is_attention_layer(i) for i in range(m.num_hidden_layers))
+    p = ParallelDims.problems(world_size, cp, cfg.parallel.expert_parallel_size, cfg.data.seq_len,
+                              m.num_attention_heads, m.num_key_value_heads, has_attention)
+    if p:  # one message per layout mistake; the finer rules below follow from a valid cp
+        return p
+    if cp > 1 and cfg.data.seq_len and cfg.data.seq_len // cp < m.mamba_d_conv - 1:
+        p.append(f"parallel.context_parallel_size={cp} leaves {cfg.data.seq_len // cp} tokens per rank, fewer than the "
+                 f"Mamba conv halo (model.mamba_d_conv - 1 = {m.mamba_d_conv - 1}): use a smaller cp")
+    if cp > 1 and m.mamba_d_inner % cp:
+        p.append(f"parallel.context_parallel_size={cp} must divide the Mamba channels (d_inner = {m.mamba_d_inner})")
+    if cp > 1 and cfg.trainer.eval_every:
+        p.append(f"trainer.eval_every={cfg.trainer.eval_every} with parallel.context_parallel_size={cp}: in-training "
+                 "evaluation does not split sequences yet; set trainer.eval_every=0 and evaluate the checkpoints "
+                 "with python -m jambatrain.eval")
+    return p
 
 
 def _data_config_problems(cfg: TrainConfig) -> list[str]:

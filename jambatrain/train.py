@@ -31,6 +31,8 @@ from .parallel.deepspeed_setup import resolve_precision
 from .parallel.distributed import DistInfo, any_rank, export_submitit_env
 from .parallel.ds_compat import install_skip_hook
 from .parallel.expert_parallel import ExpertParallel
+from .parallel import context_parallel
+from .parallel.parallel_dims import ParallelDims, build as build_parallel_dims
 from .paths import CONF_DIR, require_configs
 from .step_guard import StepGuard
 
@@ -85,7 +87,7 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
     problems, kernels asked for that cannot run here, and the checkpoint to resume. Returns the fast-path report
     and the tag to resume from (None: a fresh run)."""
     paths = describe_fast_paths(cfg.model, dist.device.type, resolve_precision(cfg, dist.device), cfg.data.doc_mask,
-                                cfg.parallel.expert_parallel_size)
+                                cfg.parallel.expert_parallel_size, cfg.parallel.context_parallel_size)
     errors = problems(cfg, dist.world_size) + paths.errors
     if cfg.model.init_from:
         from .hf_io import init_from_problems
@@ -115,7 +117,8 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
     errors = checkpoint.check_resumable(run_dir, tag, asdict(cfg.model), dist.world_size, cfg.parallel.zero_stage)
     saved_state = checkpoint.read_state(run_dir, tag)
     saved = saved_state.parallel
-    gas, problem = checkpoint.resume_grad_accum(saved, dist.world_size, cfg.parallel.micro_batch_size,
+    dp = dist.world_size // cfg.parallel.context_parallel_size  # data-parallel replicas (ParallelDims.dp)
+    gas, problem = checkpoint.resume_grad_accum(saved, dp, cfg.parallel.micro_batch_size,
                                                 cfg.parallel.grad_accum_steps)
     errors += [problem] if problem else []
     if errors:
@@ -129,7 +132,8 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
         cfg.optim.decay_steps = horizon
     if gas != cfg.parallel.grad_accum_steps:
         if dist.is_main:
-            print(f"jambatrain: the checkpoint was written by {saved.get('world_size')} ranks; keeping its global batch "
+            print(f"jambatrain: the checkpoint was written by {saved.get('world_size')} ranks (context parallel "
+                  f"{saved.get('context_parallel_size', 1)}); keeping its global batch "
                   f"of {saved['global_batch']} sequences with parallel.grad_accum_steps={gas} (configured "
                   f"{cfg.parallel.grad_accum_steps})", flush=True)
         cfg.parallel.grad_accum_steps = gas
@@ -158,6 +162,7 @@ class Run:
     window_steps: int = 0
     last: dict = field(default_factory=dict)  # the last logged metrics
     save_due: bool = False
+    dims: ParallelDims = None  # the parallel layout (dp x cp, ep) and its groups
 
 
 def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
@@ -165,6 +170,8 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
     run = setup(cfg, run_dir, config_dict)
     tr, state = cfg.trainer, run.state
     pbar, prof, batches = _progress(cfg, run.dist, state.step), None, iter(run.loader)
+    if run.dims.cp_enabled:  # the cp group's ranks read the same batches, each keeps its slice
+        batches = context_parallel.shard_batches(batches, run.dims, cfg.data, run.dist.device)
     while state.step < tr.max_steps:
         if tr.profile_at and state.step + 1 == tr.profile_at:
             prof = profiling.StepProfiler(run.dist, run_dir, state.step + 1, tr.profile_steps)
@@ -213,11 +220,13 @@ def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
 
     from .data import make_loader
 
-    loader = make_loader(cfg, "train", dist.rank, dist.world_size, data_dir,  # data.kind's (data/sources.py)
+    ep = expert_parallel.create_groups(par.expert_parallel_size) if par.expert_parallel_size > 1 else None
+    dims = build_parallel_dims(dist.world_size, dist.rank, par.context_parallel_size, par.expert_parallel_size, ep)
+    loader = make_loader(cfg, "train", dims.dp_rank, dims.dp, data_dir,  # data.kind's (data/sources.py)
                          pin_memory=dist.device.type == "cuda")  # async host-to-device copies
     ds_config = build_deepspeed_config(cfg, dist.world_size, dist.device)
-    ep = expert_parallel.create_groups(par.expert_parallel_size) if par.expert_parallel_size > 1 else None
     model = build_model(cfg.model, dist, ds_config, ep)
+    context_parallel.apply(model, dims)  # cp = 1: nothing
     engine = build_engine(model, cfg, dist, ds_config, ep)
     state = checkpoint.TrainState(model_config=asdict(cfg.model))
     if resume_tag is not None:
@@ -242,8 +251,8 @@ def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
         print(f"jambatrain: {cfg.model.name}: {model.num_params() / 1e6:,.1f}M parameters "
               f"({model.num_active_params() / 1e6:,.1f}M active), layers [{cfg.model.layer_pattern()}], "
               f"{meter.flops_per_token / 1e9:.3f} GFLOP/token (training); {dist.world_size} x {dist.device.type}, "
-              f"ZeRO-{par.zero_stage}, expert parallel {par.expert_parallel_size}, "
-              f"{ds_config['train_batch_size']} x {cfg.data.seq_len} tokens/step; "
+              f"ZeRO-{par.zero_stage}, expert parallel {par.expert_parallel_size}, context parallel {dims.cp}, "
+              f"{dims.global_batch(par.micro_batch_size, par.grad_accum_steps)} x {cfg.data.seq_len} tokens/step; "
               f"{loader.batches_per_epoch // par.grad_accum_steps} steps/epoch from {data_dir or 'synthetic data'}; "
               f"run dir {run_dir}", flush=True)
         print(f"jambatrain: fast paths: {paths.summary()}", flush=True)
@@ -254,8 +263,8 @@ def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
     guard.load_state_dict(state.guard)
     engine.train()
     return Run(cfg, run_dir, dist, data_dir, loader, model, engine, ep, state, guard, logger, meter, stop,
-               tokens_per_step=par.micro_batch_size * par.grad_accum_steps * cfg.data.seq_len * dist.world_size,
-               window=torch.zeros(3, dtype=torch.float32, device=dist.device))
+               tokens_per_step=dims.global_batch(par.micro_batch_size, par.grad_accum_steps) * cfg.data.seq_len,
+               window=torch.zeros(3, dtype=torch.float32, device=dist.device), dims=dims)
 
 
 def account(run: Run, losses: torch.Tensor, skipped: str | None) -> None:
@@ -279,7 +288,7 @@ def log_step(run: Run, step_lr: float, pbar) -> None:
     ce, aux, z, skips = reduce_mean(torch.cat([run.window / run.window_steps, loader.uncounted_skips(dist.device)]))
     run.window.zero_()
     run.window_steps = 0
-    skips = loader.count_skips(skips * dist.world_size)
+    skips = loader.count_skips(skips * run.dims.dp)  # the ranks of a cp group read the same samples
     if skips and dist.is_main:
         print(f"jambatrain: step {state.step}: {loader.skipped} bad samples skipped so far, all ranks "
               f"(+{skips}; data.on_error=skip, the warnings name them)", flush=True)
@@ -311,13 +320,14 @@ def maybe_checkpoint(run: Run, preempted: bool) -> None:
                          "not saving it, the last checkpoint is untouched. Lower optim.lr or check the data and "
                          "model.init_from.")
     if not loader.skips_counted:  # a save between log steps: every rank takes this branch alike
-        loader.count_skips(reduce_mean(loader.uncounted_skips(dist.device))[0] * dist.world_size)
+        loader.count_skips(reduce_mean(loader.uncounted_skips(dist.device))[0] * run.dims.dp)
     state.loader = loader.state_dict()
     state.guard = run.guard.state_dict()
     state.decay_steps = run.cfg.optim.decay_steps or tr.max_steps
     state.parallel = {"world_size": dist.world_size, "zero_stage": par.zero_stage,
                       "expert_parallel_size": par.expert_parallel_size,
-                      "global_batch": par.micro_batch_size * par.grad_accum_steps * dist.world_size}
+                      "context_parallel_size": run.dims.cp,
+                      "global_batch": run.dims.global_batch(par.micro_batch_size, par.grad_accum_steps)}
     checkpoint.save(run.engine, run.model, run.run_dir, state, dist.rank, tr.keep_checkpoints, run.ep)
 
 
@@ -332,9 +342,11 @@ def train_step(engine, batches, guard: StepGuard, cfg: TrainConfig, dist: DistIn
     reason = None
     for i in range(gas):
         batch = next(batches)
+        # under cp the batch holds the slice's document starts, found on the whole sequence
+        starts = batch["doc_starts"] if "doc_starts" in batch else doc_starts(batch, cfg.data, dist.device)
         out = engine(input_ids=batch["input_ids"].to(dist.device, non_blocking=True),
                      labels=batch["labels"].to(dist.device, non_blocking=True),
-                     doc_starts=doc_starts(batch, cfg.data, dist.device), return_logits=False)
+                     doc_starts=starts, return_logits=False)
         engine.backward(out.loss)
         losses += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach(),
                                out.z_loss.detach()]).float()

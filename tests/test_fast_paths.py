@@ -34,7 +34,8 @@ def kernels(monkeypatch):
 def test_cpu_takes_references_without_warnings(kernels):
     kernels(False)
     fp = describe(_cfg(**MOE), "cpu", "fp32", doc_mask=True)
-    assert fp.paths == {"mamba": "reference scan", "attention": "SDPA", "rmsnorm": "eager", "moe": "native loop",
+    assert fp.paths == {"mamba": "reference scan + eager doc conv", "attention": "SDPA", "rmsnorm": "eager",
+                        "moe": "native loop",
                         "compile": "off"}
     assert fp.warnings == [] and fp.errors == []
 
@@ -51,14 +52,15 @@ def test_cuda_with_kernels_takes_every_fast_path(kernels):
 def test_cuda_without_kernels_warns_with_the_fix(kernels):
     kernels(False)
     fp = describe(_cfg(), "cuda", "bf16", doc_mask=False)
-    assert fp.paths["mamba"] == "reference scan"
+    assert fp.paths["mamba"] == "reference scan + reference conv"
     assert len(fp.warnings) == 1 and "launch/build_kernels.sh" in fp.warnings[0]
 
 
 def test_doc_mask_on_cuda_without_the_reset_kernel_warns_with_the_fix(kernels):
     kernels(True)
     fp = describe(_cfg(), "cuda", "bf16", doc_mask=True)
-    assert fp.paths["mamba"] == "reference scan" and fp.paths["attention"] == "flex attention (document mask)"
+    assert fp.paths["mamba"] == "reference scan + compiled doc conv"
+    assert fp.paths["attention"] == "flex attention (document mask)"
     assert len(fp.warnings) == 1 and "WHICH=reset" in fp.warnings[0] and "data.doc_mask=false" in fp.warnings[0]
 
 
@@ -69,7 +71,8 @@ def test_doc_mask_on_cuda_takes_the_reset_kernel(kernels):
     assert fp.warnings == []
     # without the document mask the stock mamba-ssm kernels stay the path
     assert describe(_cfg(), "cuda", "bf16", doc_mask=False).paths["mamba"] == "mamba-ssm scan + causal-conv1d"
-    assert describe(_cfg(mamba_impl="reference"), "cuda", "bf16", doc_mask=True).paths["mamba"] == "reference scan"
+    assert describe(_cfg(mamba_impl="reference"), "cuda", "bf16", doc_mask=True).paths["mamba"] == \
+        "reference scan + eager doc conv"
 
 
 def test_moe_falls_back_to_grouped_then_warns_in_fp32(kernels):
@@ -148,22 +151,105 @@ def test_rmsnorm_report_follows_the_config_switch(kernels):
         assert {m.fused for m in JambaLM(cfg).modules() if isinstance(m, RMSNorm)} == {fused}
 
 
+@pytest.fixture
+def observe(monkeypatch):
+    """Run a real MambaMixer on CPU as it would run on ``device`` with the kernels it is told exist: the plan is
+    asked for that device, and every conv / scan entry point (the kernels' included) is replaced by a recorder that
+    computes the reference. Returns run(cfg, device, doc_mask) -> the description of what the mixer executed
+    (``MambaPlan.describe`` of the observed layout, conv and scan), or the RuntimeError it raised."""
+    import torch
+
+    from jambatrain.models import mamba
+
+    calls = []
+    ref_scan, ref_conv, doc_ref = ssm_ops.selective_scan_ref, ssm_ops.causal_conv1d_ref, ssm_ops.causal_conv1d_doc_ref
+
+    def scan_rec(name):
+        def f(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, **kw):
+            calls.append(("scan", name, z.stride(1) != 1))  # kernel layout: z is a (b, d, l) view of (d, b*l)
+            return ref_scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                            reset=kw.get("reset"))
+        return f
+
+    class FakeScanKernelFn:
+        @staticmethod
+        def apply(ext, u, delta, A, B, C, D, z, delta_bias, softplus, reset):
+            return scan_rec("scan-reset")(u, delta, A, B, C, D, z, delta_bias, softplus, reset=reset)
+
+    def conv_rec(name, fn):
+        def f(*a, **kw):
+            calls.append(("conv", name))
+            kw.pop("compiled", None)
+            return fn(*a, **kw)
+        return f
+
+    monkeypatch.setattr(ssm_ops, "selective_scan_ref", scan_rec("reference"))
+    monkeypatch.setattr(ssm_ops, "_selective_scan_cuda", scan_rec("mamba-ssm"))
+    monkeypatch.setattr(ssm_ops, "_ScanKernelFn", FakeScanKernelFn)
+    monkeypatch.setattr(ssm_ops, "_scan_reset_ext", object())
+    monkeypatch.setattr(ssm_ops, "causal_conv1d_ref", conv_rec("reference", ref_conv))
+    monkeypatch.setattr(ssm_ops, "_causal_conv1d_cuda", conv_rec("causal-conv1d", ref_conv))
+    monkeypatch.setattr(mamba, "causal_conv1d_doc", conv_rec("doc-compiled", doc_ref))
+    monkeypatch.setattr(mamba, "causal_conv1d_doc_ref", conv_rec("doc-eager", doc_ref))
+
+    def run(cfg, device: str, doc_mask: bool):
+        real = ssm_ops.decide_mamba
+        monkeypatch.setattr(mamba, "decide_mamba", lambda impl, _dev, *a: real(impl, device, *a))
+        torch.manual_seed(0)
+        mixer = mamba.MambaMixer(cfg)
+        mixer.reset_ssm_parameters()
+        reset = torch.zeros(2, 8, dtype=torch.bool) if doc_mask else None
+        calls.clear()
+        try:
+            mixer(torch.randn(2, 8, cfg.hidden_size), reset)
+        except RuntimeError as exc:
+            return exc
+        (conv,), (scan,) = [c for c in calls if c[0] == "conv"], [c for c in calls if c[0] == "scan"]
+        ran = ssm_ops.MambaPlan("kernel" if scan[2] else "generic", conv[1], scan[1])
+        assert mixer.last_plan.describe() == ran.describe()  # the plan the mixer records is what it ran
+        return ran.describe()
+    return run
+
+
 @pytest.mark.parametrize("impl", ["auto", "cuda", "reference"])
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 @pytest.mark.parametrize("doc_mask", [True, False])
-@pytest.mark.parametrize("available,scan_reset", [(True, True), (True, False), (False, False)])
-def test_mamba_report_names_the_path_the_mixer_takes(kernels, impl, device, doc_mask, available, scan_reset):
-    """The start-up report and the mixer's run-time choice (``ssm_ops.mamba_kernel_path``) agree."""
-    import torch
-
-    from types import SimpleNamespace
-
-    kernels(available, scan_reset=scan_reset)
-    fp = describe(_cfg(mamba_impl=impl), device, "bf16", doc_mask=doc_mask)
-    x = SimpleNamespace(device=torch.device(device))
-    try:
-        kernel = ssm_ops.mamba_kernel_path(impl, x, doc_reset=doc_mask)
-    except RuntimeError as exc:
-        assert fp.errors and "model.mamba_impl=cuda" in str(exc)
+@pytest.mark.parametrize("scan,conv,scan_reset", [(True, True, True), (True, True, False), (True, False, False),
+                                                  (False, False, False)])
+@pytest.mark.parametrize("layout,compiled", [(True, True), (False, True), (True, False)])
+def test_mamba_report_names_what_the_mixer_runs(kernels, observe, monkeypatch, impl, device, doc_mask, scan, conv,
+                                                scan_reset, layout, compiled):
+    """The start-up report's Mamba line is what a real mixer executes (observed at the conv / scan entry points and
+    by the layout of its operands), for every impl x device x document mask x available kernels x layout x compile;
+    an impl=cuda that cannot run is refused by both. (mamba-ssm without causal-conv1d, and the generic layout with a
+    document mask, once disagreed.)"""
+    kernels(True, scan_reset=scan_reset)
+    monkeypatch.setattr(ssm_ops, "kernels_available", lambda: {"selective_scan": scan, "causal_conv1d": conv,
+                                                               "rms_norm": False, "scan_reset": scan_reset})
+    cfg = _cfg(mamba_impl=impl, mamba_kernel_layout=layout, compile_elementwise=compiled)
+    fp = describe(cfg, device, "bf16", doc_mask=doc_mask)
+    ran = observe(cfg, device, doc_mask)
+    if isinstance(ran, RuntimeError):
+        assert fp.errors and "model.mamba_impl=cuda" in str(ran) and str(ran) in fp.errors
         return
-    assert (fp.paths["mamba"] != "reference scan") == kernel
+    assert not fp.errors and fp.paths["mamba"] == ran
+
+
+def test_observing_the_mixer_catches_a_mixer_off_its_plan(kernels, observe, monkeypatch):
+    """Negative control: a mixer forced never to take a kernel (its plan replaced by the reference one) is caught."""
+    from jambatrain.models import mamba
+
+    kernels(True, scan_reset=True)
+    cfg = _cfg()
+    fp = describe(cfg, "cuda", "bf16", doc_mask=False)
+    assert fp.paths["mamba"] == "mamba-ssm scan + causal-conv1d"
+    monkeypatch.setattr(mamba.MambaMixer, "plan",
+                        lambda self, dev, doc: ssm_ops.MambaPlan("generic", "reference", "reference"))
+    assert observe(cfg, "cuda", False) != fp.paths["mamba"]
+
+
+def test_context_parallel_is_reported(kernels):
+    kernels(True, scan_reset=True)
+    fp = describe(_cfg(), "cuda", "bf16", doc_mask=True, cp=4)
+    assert fp.paths["mamba"] == "scan-reset kernel + compiled doc conv, context parallel 4 (all-to-all)"
+    assert fp.paths["attention"].endswith("context parallel 4 (Ulysses all-to-all over heads)")

@@ -53,7 +53,7 @@ def test_torchrun_zero2_expert_parallel_loss_falls_then_resumes_at_ep1_and_on_on
     assert os.path.isdir(os.path.join(run, "wandb"))
     with open(os.path.join(run, "run_info.json")) as f:  # what ran: devices, versions, kernel paths
         info = json.load(f)
-    assert info["world_size"] == 2 and info["fast_paths"]["mamba"] == "reference scan"
+    assert info["world_size"] == 2 and info["fast_paths"]["mamba"] == "reference scan + eager doc conv"
     assert info["fast_paths"]["moe"] == "native loop, expert parallel 2"
     assert info["versions"]["deepspeed"] and info["versions"]["torch"].startswith("2.")
 

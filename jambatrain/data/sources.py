@@ -151,6 +151,10 @@ def shards_manifest_problems(cfg, manifest: dict, data_dir: str) -> list[str]:
         elif ours != theirs and (key != "eos_id" or data.doc_mask):
             p.append(f"data.{key}={ours} but the shards in {data_dir} have {key} {theirs}: set data.{key}={theirs} "
                      "(or leave it unset to take the manifest's), or rewrite the shards")
+    cp = cfg.parallel.context_parallel_size
+    if data.seq_len and data.seq_len % cp:
+        p.append(f"parallel.context_parallel_size={cp} must divide data.seq_len={data.seq_len} (the shards' sequence "
+                 f"length): choose a cp dividing {data.seq_len}")
     if manifest["vocab_size"] > cfg.model.vocab_size:
         p.append(f"the tokenizer of {data_dir} has {manifest['vocab_size']} tokens but model.vocab_size="
                  f"{cfg.model.vocab_size}: raise model.vocab_size or retokenize with a smaller vocabulary")

@@ -63,22 +63,35 @@ class Attention(nn.Module):
         self.k_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.cp_group = None  # a context_parallel.CPGroup, set by context_parallel.apply (None: cp = 1)
 
     def forward(self, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
         """x: (batch, seq, hidden). attn_mask: optional boolean (batch, 1, seq, seq), True = may attend, or a
-        FlexAttention BlockMask (``document_block_mask``)."""
+        FlexAttention BlockMask (``document_block_mask``). Under context parallelism (Ulysses) x is this rank's
+        slice of the sequence and attn_mask the whole sequence's mask: q, k, v go all-to-all to the whole sequence
+        for heads/cp heads (KV heads split, or replicated one per rank when they are fewer than cp), attention runs
+        with the whole sequence's causality, documents and RoPE positions, and the output goes all-to-all back."""
         b, l, _ = x.shape
         q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cp = self.cp_group
+        if cp is not None:
+            from ..parallel import context_parallel as cpx
+
+            if cp.size > self.num_kv_heads:  # one (replicated) KV head per rank, the one its query heads use
+                k, v = (t.repeat_interleave(cp.size // self.num_kv_heads, dim=1) for t in (k, v))
+            q, k, v = (cpx.seq_to_channels(t.transpose(2, 3), cp, dim=1).transpose(2, 3) for t in (q, k, v))
         if self.use_rope:
-            cos, sin = rotary_cos_sin(l, self.head_dim, self.rope_theta, x.device, q.dtype)
+            cos, sin = rotary_cos_sin(q.shape[2], self.head_dim, self.rope_theta, x.device, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        gqa = self.num_heads != self.num_kv_heads
+        gqa = q.shape[1] != k.shape[1]
         if attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif BlockMask is not None and isinstance(attn_mask, BlockMask):
             out = _flex(q, k, v, attn_mask, gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        if cp is not None:
+            out = cpx.channels_to_seq(out.transpose(2, 3), cp, dim=1).transpose(2, 3)  # (b, heads, l, head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim))

@@ -22,19 +22,20 @@ class FastPaths:
         return ", ".join(f"{k} {v}" for k, v in self.paths.items())
 
 
-def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool, ep: int = 1) -> FastPaths:
+def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool, ep: int = 1,
+             cp: int = 1) -> FastPaths:
     """device_type: "cuda" / "cpu"; precision: "bf16" / "fp32"; doc_mask: the data config's packed-document mask;
-    ep: the expert-parallel size."""
+    ep: the expert-parallel size; cp: the context-parallel size."""
     cuda = device_type == "cuda"
     k = ssm_ops.kernels_available()
     fp = FastPaths({})
     layers = range(cfg.num_hidden_layers)
 
     if any(not cfg.is_attention_layer(i) for i in layers):
-        mamba = ssm_ops.decide_mamba(cfg.mamba_impl, device_type, doc_mask)
-        conv = "compiled doc conv" if cfg.compile_elementwise else "eager doc conv"
-        fp.paths["mamba"] = {"reset-kernel": f"scan-reset kernel + {conv}", "kernels": "mamba-ssm scan + causal-conv1d",
-                             "reference": "reference scan"}[mamba.name]
+        # the plan MambaMixer.plan executes (the same call with the mixer's fields)
+        mamba = ssm_ops.decide_mamba(cfg.mamba_impl, device_type, doc_mask, cfg.mamba_kernel_layout,
+                                     cfg.compile_elementwise, cp)
+        fp.paths["mamba"] = mamba.describe()
         fp.errors += [mamba.error] if mamba.error else []
         fp.warnings += [mamba.warning] if mamba.warning else []
     if any(cfg.is_attention_layer(i) for i in layers):
@@ -42,6 +43,8 @@ def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool,
             fp.paths["attention"] = "flex attention (document mask)"
         else:
             fp.paths["attention"] = "flash SDPA" if cuda and precision == "bf16" and not doc_mask else "SDPA"
+        if cp > 1:
+            fp.paths["attention"] += f", context parallel {cp} (Ulysses all-to-all over heads)"
     fp.paths["rmsnorm"] = "triton" if cuda and k["rms_norm"] and cfg.fused_rms_norm else "eager"
     fp8_experts = False
     if cfg.fp8 != "none":  # the converter's own plan (jambatrain/quantization/float8.py), on a meta model

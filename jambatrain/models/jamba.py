@@ -66,16 +66,22 @@ def _ce_sum(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tensor, compiled:
     return cross_entropy_sum(lm_head(h), labels, compiled)
 
 
-def chunked_cross_entropy(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tensor, chunk: int,
-                          compiled: bool = False) -> torch.Tensor:
-    """Mean cross-entropy of lm_head(h) computed ``chunk`` tokens at a time; each chunk's logits are recomputed
+def chunked_cross_entropy_sum(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tensor, chunk: int,
+                              compiled: bool = False) -> torch.Tensor:
+    """Summed cross-entropy of lm_head(h) computed ``chunk`` tokens at a time; each chunk's logits are recomputed
     in backward, so the (tokens x vocab) fp32 logits, their softmax and gradient never exist whole (at 65k vocab
     and 16k tokens per micro batch those are ~4 GiB each). Costs one more LM-head matmul forward."""
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk):
         total = total + checkpoint(_ce_sum, lm_head, h[i:i + chunk], labels[i:i + chunk], compiled,
                                    use_reentrant=False)
-    return total / (labels != -100).sum().clamp(min=1)
+    return total
+
+
+def chunked_cross_entropy(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tensor, chunk: int,
+                          compiled: bool = False) -> torch.Tensor:
+    """Mean cross-entropy of ``chunked_cross_entropy_sum``."""
+    return chunked_cross_entropy_sum(lm_head, h, labels, chunk, compiled) / (labels != -100).sum().clamp(min=1)
 
 
 @dataclass
@@ -104,6 +110,9 @@ class JambaLM(nn.Module):
         # meta tensors are initialised after materialising; ZeRO-3 partitioned ones by the trainer, gathered
         if not any(p.is_meta or hasattr(p, "ds_id") for p in self.parameters()):
             self.init_weights()
+        # context parallelism (parallel/context_parallel.py ``apply``): this model then takes one rank's slice of each
+        # sequence, and its loss is the whole sequences' (None: cp = 1, the single-GPU code path)
+        self.cp_group = None
 
     @torch.no_grad()
     def init_weights(self):
@@ -142,6 +151,10 @@ class JambaLM(nn.Module):
         attn_mask = reset = None
         if doc_starts is not None:
             reset = doc_starts.bool()
+            if self.cp_group is not None:  # the mixers mask and reset over the whole sequence
+                from ..parallel.context_parallel import gather_seq
+
+                reset = gather_seq(reset.to(torch.uint8), self.cp_group).bool()
             if any(layer.is_attention for layer in self.layers):  # CUDA: block-sparse, no (seq x seq) mask
                 attn_mask = document_block_mask(reset) if x.is_cuda and flex_available() \
                     else document_dense_mask(reset)
@@ -162,19 +175,27 @@ class JambaLM(nn.Module):
                 doc_starts: torch.Tensor | None = None, return_logits: bool = True) -> LMOutput:
         """input_ids, labels: (batch, seq) int64; labels == -100 are ignored.
         doc_starts: optional bool (batch, seq), True where a packed document begins: attention is masked to
-        the document (FlexAttention on CUDA) and the Mamba conv/scan state is reset there."""
+        the document (FlexAttention on CUDA) and the Mamba conv/scan state is reset there.
+        Under context parallelism every argument is this rank's slice of the sequences, the logits are the slice's,
+        and the losses are the whole sequences' (the mean over all their labelled tokens, on every rank of the cp
+        group): ``parallel/context_parallel.py`` says why the gradients are then right."""
         h, aux, z = self.hidden_states(input_ids, doc_starts)
         chunk = self.cfg.loss_chunk_tokens
         logits = ce = loss = None
         if labels is not None and chunk and not return_logits:
-            ce = chunked_cross_entropy(self.lm_head, h.view(-1, h.shape[-1]), labels.view(-1), chunk,
-                                       self.cfg.compile_elementwise)
+            ce = chunked_cross_entropy_sum(self.lm_head, h.view(-1, h.shape[-1]), labels.view(-1), chunk,
+                                           self.cfg.compile_elementwise)
         else:
             logits = self.lm_head(h)
             if labels is not None:
-                flat = labels.view(-1)
-                ce = cross_entropy_sum(logits.view(-1, logits.shape[-1]), flat, self.cfg.compile_elementwise) \
-                    / (flat != -100).sum().clamp(min=1)
+                ce = cross_entropy_sum(logits.view(-1, logits.shape[-1]), labels.view(-1), self.cfg.compile_elementwise)
+        if ce is not None:
+            count = (labels != -100).sum()
+            if self.cp_group is not None:
+                from ..parallel.context_parallel import cp_sum
+
+                ce, count = cp_sum(ce, self.cp_group), cp_sum(count, self.cp_group)
+            ce = ce / count.clamp(min=1)
         if ce is not None:
             loss = ce + self.cfg.router_aux_loss_coef * aux + self.cfg.router_z_loss_coef * z
         return LMOutput(logits if return_logits else None, loss, ce, aux, z)

@@ -32,16 +32,25 @@ class Routing:
     counts: torch.Tensor  # (E,) assignments per expert, for load metrics
 
 
-def route(logits: torch.Tensor, top_k: int) -> Routing:
-    """logits: (T, E) router outputs."""
+def route(logits: torch.Tensor, top_k: int, cp=None) -> Routing:
+    """logits: (T, E) router outputs. cp: a context_parallel.CPGroup: the losses' statistics are summed over the cp
+    group, so they are those of the whole sequences (the rank's routing stays its own)."""
     T, E = logits.shape
     logits = logits.float()
     probs = torch.softmax(logits, dim=-1)
     weights, experts = torch.topk(probs, top_k, dim=-1)
     counts = torch.bincount(experts.flatten(), minlength=E)
-    f = counts.to(probs.dtype) / (T * top_k)
-    aux = E * torch.sum(f * probs.mean(dim=0))
-    z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    if cp is None:
+        f = counts.to(probs.dtype) / (T * top_k)
+        aux = E * torch.sum(f * probs.mean(dim=0))
+        z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    else:
+        from ..parallel.context_parallel import cp_sum
+
+        tokens = T * cp.size
+        f = cp_sum(counts.to(probs.dtype), cp) / (tokens * top_k)
+        aux = E * torch.sum(f * (cp_sum(probs.sum(dim=0), cp) / tokens))
+        z = cp_sum(torch.logsumexp(logits, dim=-1).pow(2).sum(), cp) / tokens
     return Routing(weights, experts, aux, z, counts)
 
 
@@ -60,11 +69,12 @@ class MoE(nn.Module):
         self.fp8 = False  # experts in FP8 grouped GEMMs: set by the FP8 converter (jambatrain/quantization/float8.py)
         self.exchange = None  # expert parallelism: callable(rows, tokens_per_expert, expert_mlp) -> rows
         self.last_counts: torch.Tensor | None = None
+        self.cp_group = None  # context parallelism (context_parallel.apply): aux / z losses over the whole sequence
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        routing = route(self.router(x), self.top_k)
+        routing = route(self.router(x), self.top_k, self.cp_group)
         self.last_counts = routing.counts.detach()
         backend = moe_backends.select(self.impl, x, self.w_gate, self.fp8)
         y = backend(x, routing, self.w_gate, self.w_up, self.w_down, self.act, exchange=self.exchange)

@@ -1,7 +1,8 @@
 """Mamba-1 ops: pure-PyTorch references beside the fused CUDA kernels, one signature for both.
 
-``selective_scan`` and ``causal_conv1d`` take the fused kernels from mamba-ssm / causal-conv1d when
-they import, the tensors are on CUDA and ``impl`` allows it; otherwise the references below run.
+``decide_mamba`` plans which of them a Mamba mixer runs (the one decision); ``selective_scan`` and
+``causal_conv1d`` run the backend they are given: the fused kernels from mamba-ssm / causal-conv1d /
+jambatrain's scan-reset extension, or the references below.
 The references follow ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``'s signature.
 """
 from __future__ import annotations
@@ -77,47 +78,57 @@ def kernels_available() -> dict[str, bool]:
 
 
 @dataclass(frozen=True)
-class MambaPath:
-    name: str  # "reset-kernel" | "kernels" | "reference"
+class MambaPlan:
+    """What one Mamba mixer forward runs: decided once by ``decide_mamba``, executed by ``MambaMixer`` (which
+    records it in ``last_plan``) and printed by the start-up report (``fast_paths``)."""
+    layout: str  # "kernel": (b, d, l) views of (d, batch*seq) GEMM outputs (models/mamba.py) | "generic"
+    conv: str  # "causal-conv1d" (kernel) | "doc-compiled" | "doc-eager" (document-masked, PyTorch) | "reference"
+    scan: str  # "mamba-ssm" (kernel) | "scan-reset" (jambatrain's kernel with document resets) | "reference"
+    cp: int = 1  # context-parallel size: >1 scans d_inner/cp channels of the whole sequence (all-to-all around it)
     error: str | None = None  # model.mamba_impl=cuda where the kernels cannot run
     warning: str | None = None  # a slow path a CUDA run would take, with its fix
 
+    def describe(self) -> str:
+        scan = {"mamba-ssm": "mamba-ssm scan", "scan-reset": "scan-reset kernel", "reference": "reference scan"}
+        conv = {"causal-conv1d": "causal-conv1d", "doc-compiled": "compiled doc conv", "doc-eager": "eager doc conv",
+                "reference": "reference conv"}
+        out = f"{scan[self.scan]} + {conv[self.conv]}"
+        if self.layout == "generic" and (self.scan != "reference" or self.conv == "causal-conv1d"):
+            out += " (generic layout)"
+        return out + (f", context parallel {self.cp} (all-to-all)" if self.cp > 1 else "")
 
-def decide_mamba(impl: str, device_type: str, doc_reset: bool) -> MambaPath:
-    """The Mamba mixer's path for ``model.mamba_impl=impl`` on ``device_type``, with or without document resets: the
-    one decision, used by the mixer at run time (``mamba_kernel_path``) and the start-up report (``fast_paths``).
-    Without resets: mamba-ssm's scan and causal-conv1d. With them: jambatrain's scan-with-reset kernel (the conv then
-    runs ``causal_conv1d_doc``), else the reference path."""
+
+def decide_mamba(impl: str, device_type: str, doc_reset: bool, kernel_layout: bool = True,
+                 compile_elementwise: bool = True, cp: int = 1) -> MambaPlan:
+    """The Mamba mixer's plan for ``model.mamba_impl=impl`` on ``device_type``, with or without document resets:
+    the one decision, executed by the mixer and printed by the start-up report.
+    Scan: mamba-ssm's kernel without resets, jambatrain's scan-with-reset kernel with them, else the reference.
+    Conv: causal-conv1d without resets; with them the document-masked conv (compiled by Inductor on CUDA with
+    ``model.compile_elementwise``), else the reference. Layout: the (d, batch*seq) kernel layout when
+    ``model.mamba_kernel_layout`` and a kernel runs. ``impl=cuda`` refuses any reference op."""
     cuda = device_type == "cuda"
     k = kernels_available()
-    kernels = k["selective_scan"] and k["causal_conv1d"]
-    error = None
-    if impl == "cuda" and not (cuda and kernels):
-        error = ("model.mamba_impl=cuda needs a CUDA device and the mamba-ssm / causal-conv1d kernels "
-                 "(launch/build_kernels.sh); use model.mamba_impl=auto")
     fast = cuda and impl != "reference"
-    if fast and doc_reset and k["scan_reset"]:
-        return MambaPath("reset-kernel", error)
-    if fast and kernels and not doc_reset:
-        return MambaPath("kernels", error)
-    warning = None
-    if cuda and impl == "auto" and not kernels:
-        warning = ("mamba-ssm / causal-conv1d do not import: Mamba layers run the pure-PyTorch reference scan, many "
-                   "times slower; build them with launch/build_kernels.sh")
-    elif fast and doc_reset:
+    if doc_reset:
+        scan = "scan-reset" if fast and k["scan_reset"] else "reference"
+        conv = "doc-compiled" if fast and compile_elementwise else "doc-eager"
+    else:
+        scan = "mamba-ssm" if fast and k["selective_scan"] else "reference"
+        conv = "causal-conv1d" if fast and k["causal_conv1d"] else "reference"
+    kernel = scan != "reference" or conv == "causal-conv1d"
+    layout = "kernel" if kernel_layout and kernel else "generic"
+    error = warning = None
+    if impl == "cuda" and not (cuda and scan != "reference" and conv != "reference"):
+        error = ("model.mamba_impl=cuda needs a CUDA device and the mamba-ssm / causal-conv1d kernels "
+                 "(launch/build_kernels.sh; with data.doc_mask also WHICH=reset); use model.mamba_impl=auto")
+    if cuda and impl == "auto" and not doc_reset and (scan == "reference" or conv == "reference"):
+        warning = ("mamba-ssm / causal-conv1d do not import: Mamba layers run the pure-PyTorch reference scan or conv, "
+                   "many times slower; build them with launch/build_kernels.sh")
+    elif fast and doc_reset and scan == "reference":
         warning = ("data.doc_mask=true but jambatrain's scan-reset kernel (jambatrain_scan_reset_cuda) does not "
                    "import, so Mamba layers run the reference scan, many times slower: build it with "
                    "launch/build_kernels.sh (WHICH=reset), or set data.doc_mask=false")
-    return MambaPath("reference", error, warning)
-
-
-def mamba_kernel_path(impl: str, x: torch.Tensor, doc_reset: bool = False) -> bool:
-    """True when the Mamba mixer's kernel path runs for ``x`` (``decide_mamba``; raises for impl=cuda without the
-    kernels, unless document resets send it to the reference path)."""
-    path = decide_mamba(impl, x.device.type, doc_reset)
-    if path.error and not doc_reset:
-        raise RuntimeError(path.error)
-    return path.name != "reference"
+    return MambaPlan(layout, conv, scan, cp, error, warning)
 
 
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -127,18 +138,6 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     if _rms_norm_triton is None or not x.is_cuda or x.dtype == torch.float64:
         return None
     return _rms_norm_triton(x, weight, None, eps=eps)
-
-
-def _use_kernel(kernel, impl: str, x: torch.Tensor) -> bool:
-    if impl == "reference":
-        return False
-    if impl == "cuda":
-        if kernel is None or not x.is_cuda:
-            raise RuntimeError("model.mamba_impl=cuda but the mamba-ssm/causal-conv1d kernels are not importable "
-                               "or the tensors are not on CUDA: install the `gpu` extra (launch/build_kernels.sh) "
-                               "or set model.mamba_impl=auto")
-        return True
-    return kernel is not None and x.is_cuda
 
 
 def _expand_bc(M: torch.Tensor, d: int) -> torch.Tensor:
@@ -206,23 +205,28 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
     return (y, h) if return_last_state else y
 
 
+def _need(kernel, name: str):
+    if kernel is None:
+        raise RuntimeError(f"the {name} kernel is not importable here; ssm_ops.decide_mamba only plans it where it is "
+                           "(launch/build_kernels.sh)")
+    return kernel
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   impl: str = "auto", reset: torch.Tensor | None = None):
-    """The kernel when it can run here (``reset``: jambatrain's scan-reset kernel), else ``selective_scan_ref``.
-    The kernels want delta, z and variable B/C in u's dtype, and A, D, delta_bias in fp32 (RMSNorm outputs can
-    come out fp32 under autocast or with fp32 norm weights)."""
-    if reset is None:
-        use = _use_kernel(_selective_scan_cuda, impl, u)
-    else:
-        use = mamba_kernel_path(impl, u, doc_reset=True)
-    if use:
+                   backend: str = "reference", reset: torch.Tensor | None = None):
+    """The selective scan by ``backend`` (a ``MambaPlan.scan``: "mamba-ssm", "scan-reset" with ``reset``, or
+    "reference", ``selective_scan_ref``); no decision here. The kernels want delta, z and variable B/C in u's dtype,
+    and A, D, delta_bias in fp32 (RMSNorm outputs can come out fp32 under autocast or with fp32 norm weights)."""
+    if backend != "reference":
         dt = u.dtype
         args = (u, delta.to(dt), A.float(), B.to(dt).contiguous(), C.to(dt).contiguous(),
                 None if D is None else D.float(), None if z is None else z.to(dt),
                 None if delta_bias is None else delta_bias.float(), delta_softplus)
-        if reset is not None:
-            return _ScanKernelFn.apply(_scan_reset_ext, *args, reset)
-        return _selective_scan_cuda(*args[:6], z=args[6], delta_bias=args[7], delta_softplus=delta_softplus)
+        if backend == "scan-reset":
+            return _ScanKernelFn.apply(_need(_scan_reset_ext, "jambatrain_scan_reset_cuda"), *args, reset)
+        assert reset is None, "the mamba-ssm scan has no document resets: plan scan-reset"
+        return _need(_selective_scan_cuda, "mamba-ssm selective scan")(
+            *args[:6], z=args[6], delta_bias=args[7], delta_softplus=delta_softplus)
     return selective_scan_ref(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                               reset=reset)
 
@@ -256,13 +260,16 @@ def causal_conv1d_doc(x, weight, bias, reset, activation: str | None = "silu", c
     return fn(x, weight, bias, reset, activation)
 
 
-def causal_conv1d(x, weight, bias, activation: str | None = "silu", impl: str = "auto"):
-    if _use_kernel(_causal_conv1d_cuda, impl, x):
+def causal_conv1d(x, weight, bias, activation: str | None = "silu", backend: str = "reference"):
+    """The causal depthwise conv by ``backend`` (a ``MambaPlan.conv`` without resets: "causal-conv1d" or
+    "reference"); no decision here."""
+    if backend == "causal-conv1d":
         # x may have stride(-1) == 1 (any batch/channel strides) or be channel-last (stride(1) == 1): the kernel
         # has a path for each. Its stride(-1) == 1 backward reads past the end of the sequence when the length is
         # not a multiple of its 16-byte vector (seen in causal-conv1d 1.7.0: wrong dx in the last width-1
         # positions): such inputs go through the channel-last path instead. Weight and bias share one dtype.
         if x.stride(1) != 1 and (x.shape[-1] * x.element_size()) % 16:
             x = x.transpose(1, 2).contiguous().transpose(1, 2)
-        return _causal_conv1d_cuda(x, weight, None if bias is None else bias.to(weight.dtype), activation=activation)
+        return _need(_causal_conv1d_cuda, "causal-conv1d")(x, weight, None if bias is None else bias.to(weight.dtype),
+                                                           activation=activation)
     return causal_conv1d_ref(x, weight, bias, activation)

@@ -28,6 +28,9 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.devi
     return {
         "train_micro_batch_size_per_gpu": par.micro_batch_size,
         "gradient_accumulation_steps": par.grad_accum_steps,
+        # DeepSpeed's data-parallel group is the whole world (dp x cp: ZeRO shards and averages over every rank,
+        # parallel/parallel_dims.py), so it counts world_size micro batches per micro step; the global batch in
+        # sequences is ParallelDims.global_batch (a cp group shares its sequences)
         "train_batch_size": par.micro_batch_size * par.grad_accum_steps * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
