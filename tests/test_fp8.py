@@ -158,10 +158,12 @@ def test_mamba_kernel_layout_runs_in_and_out_projections_through_the_modules(mon
 
     monkeypatch.setattr(mamba_mod, "weight_mm", spy)
     x = torch.randn(2, 12, cfg.hidden_size)
-    y = mixer._forward_kernels(x)
+    u, z = mixer._in_proj(x, kernel_layout=True)  # the (d, b*l) layout of the CUDA plan
+    out = mixer._out_proj(u * z, kernel_layout=True)
     assert seen == [mixer.in_proj, mixer.out_proj]
-    mixer.kernel_layout = False
-    torch.testing.assert_close(y, mixer(x), rtol=1e-4, atol=1e-5)
+    u0, z0 = mixer._in_proj(x, kernel_layout=False)
+    torch.testing.assert_close((u, z), (u0, z0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, mixer._out_proj(u0 * z0, kernel_layout=False), rtol=1e-4, atol=1e-5)
 
 
 def test_bench_loads_the_v0_1_presets_by_name_and_the_block_option():
@@ -217,9 +219,10 @@ def test_converted_model_runs_fp8_gemms_on_cpu_and_tracks_bf16():
     assert all(torch.isfinite(p.grad).all() for p in f8.parameters() if p.grad is not None)
     mixer = f8.layers[0].mixer
     x = torch.randn(2, 32, cfg.hidden_size).to(torch.bfloat16)
-    y_layout = mixer._forward_kernels(x)
-    mixer.kernel_layout = False
-    y_generic = mixer(x)
+    u, z = mixer._in_proj(x, kernel_layout=True)  # the CUDA plan's (d, b*l) layout: swapped-operand FP8 GEMMs
+    y_layout = mixer._out_proj(u * z, kernel_layout=True)
+    u0, z0 = mixer._in_proj(x, kernel_layout=False)
+    y_generic = mixer._out_proj(u0 * z0, kernel_layout=False)
     assert ((y_layout.float() - y_generic.float()).norm() / y_generic.float().norm()).item() < 1e-2
 
 
