@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .data.mqar import MqarConfig
+from .data.mqar import MqarConfig, MqarZoologyConfig
 from .models.config import ModelConfig, choice, coerce_choices
 from .paths import cache_root
 
@@ -22,13 +22,14 @@ OnError = choice("OnError", "raise", "skip", module=__name__)
 Precision = choice("Precision", "auto", "bf16", "fp32", module=__name__)
 Backend = choice("Backend", "auto", "nccl", "gloo", module=__name__)
 Device = choice("Device", "auto", "cpu", "cuda", module=__name__)
-Kind = choice("Kind", "shards", "mqar", module=__name__)
+Kind = choice("Kind", "shards", "mqar", "mqar_zoology", module=__name__)
 WandbMode = choice("WandbMode", "offline", "online", "disabled", module=__name__)
 
 
 @dataclass
 class DataConfig:
-    kind: Kind = Kind.shards  # shards | mqar (synthetic associative recall, jambatrain/data/mqar.py; no dir)
+    # shards | mqar (synthetic associative recall, jambatrain/data/mqar.py; no dir) | mqar_zoology (Zoology's MQAR)
+    kind: Kind = Kind.shards
     dir: str = MISSING  # directory holding manifest.json + webdataset shards (data=stdlib_py: in the cache)
     # stdlib: build the embedded default corpus into `dir` if it is missing (only under the cache, $JAMBATRAIN_CACHE
     # or ~/.cache/jambatrain, or where such a corpus already is: a mistyped path gets no new corpus)
@@ -42,6 +43,7 @@ class DataConfig:
     eos_id: int | None = None  # the token that ends a document; None: the manifest's
 
     mqar: MqarConfig = field(default_factory=MqarConfig)
+    mqar_zoology: MqarZoologyConfig = field(default_factory=MqarZoologyConfig)
 
     def __post_init__(self):
         coerce_choices(self, "data.")
@@ -83,6 +85,13 @@ class TrainerConfig:
     keep_checkpoints: int = 3
     eval_every: int = 0  # 0: no validation
     eval_batches: int = 8
+    # stop (checkpointed) once this flat metric of the in-training eval exceeds stop_above (Zoology's early stop:
+    # mqar_zoology_acc > 0.99); "" = never
+    stop_metric: str = ""
+    stop_above: float = 0.99
+    # the per-step loss check of jambatrain/step_guard.py (one host sync per step); false for tiny models whose
+    # steps the sync would dominate (a non-finite loss then stops the run at the next log step)
+    step_guard: bool = True
     resume: bool = False  # True: a checkpoint must exist in the run dir (else error); False: resume if one exists
     auto_resume: bool = True
     seed: int = 1234
@@ -203,10 +212,16 @@ def problems(cfg: TrainConfig, world_size: int = 1) -> list[str]:
 def _data_config_problems(cfg: TrainConfig) -> list[str]:
     p, data = [], cfg.data
     for t in cfg.eval.tasks:
-        if t not in ("val", "mqar", "passkey"):
-            p.append(f"eval.tasks has {t!r}: choose from val, mqar, passkey")
+        if t not in ("val", "mqar", "passkey", "mqar_zoology"):
+            p.append(f"eval.tasks has {t!r}: choose from val, mqar, passkey, mqar_zoology")
+    if "mqar_zoology" in cfg.eval.tasks and data.kind != "mqar_zoology":
+        p += data.mqar_zoology.problems(cfg.model.vocab_size)
+    if cfg.model.short_conv_layer_period and data.doc_mask and data.kind == "shards":
+        p.append("model.short_conv_layer_period: the short-conv mixer has no document mask; set data.doc_mask=false")
     if data.kind == "mqar":  # synthetic: no files
         return p + data.mqar.problems(cfg.model.vocab_size)
+    if data.kind == "mqar_zoology":
+        return p + data.mqar_zoology.problems(cfg.model.vocab_size)
     data_dir = os.path.expanduser(data.dir)
     if data.prepare == "stdlib":
         if data.vocab_size is None or data.seq_len is None:

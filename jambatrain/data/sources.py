@@ -7,6 +7,12 @@ def make_loader(cfg, split: str, dp_rank: int, dp_size: int, data_dir: str, pin_
     pass per ``iter()``); ``data.kind=mqar``: an ``MqarLoader`` (synthetic recall, no files). ``cfg`` is a
     ``TrainConfig``; the micro batch is ``parallel.micro_batch_size``, the seed ``trainer.seed``."""
     data, mbs = cfg.data, cfg.parallel.micro_batch_size
+    if data.kind == "mqar_zoology":  # Zoology's MQAR: fixed segments, one sequence length per batch
+        from .mqar import MqarZoologyLoader
+
+        return MqarZoologyLoader(data.mqar_zoology, "val" if split != "train" else "train", mbs, dp_rank, dp_size,
+                                 seed=cfg.trainer.seed, shuffle=data.shuffle, vocab_size=cfg.model.vocab_size,
+                                 pin_memory=pin_memory)
     if data.kind == "mqar":
         from .mqar import MqarLoader
 

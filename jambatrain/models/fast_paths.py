@@ -30,7 +30,7 @@ def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool,
     fp = FastPaths({})
     layers = range(cfg.num_hidden_layers)
 
-    if any(not cfg.is_attention_layer(i) for i in layers):
+    if any(not cfg.is_attention_layer(i) and not cfg.is_short_conv_layer(i) for i in layers):
         mamba = ssm_ops.decide_mamba(cfg.mamba_impl, device_type, doc_mask)
         conv = "compiled doc conv" if cfg.compile_elementwise else "eager doc conv"
         fp.paths["mamba"] = {"reset-kernel": f"scan-reset kernel + {conv}", "kernels": "mamba-ssm scan + causal-conv1d",
