@@ -524,5 +524,6 @@ def resume_grad_accum(saved: dict, world_size: int, micro_batch_size: int, grad_
         f"batch size m with {global_batch} divisible by m x {world_size}")
 
 
-_RUNTIME_ONLY_KEYS = ("mamba_impl", "moe_impl", "activation_checkpointing", "loss_chunk_tokens", "init_from", "name",
+_RUNTIME_ONLY_KEYS = ("mamba_impl", "moe_impl", "activation_checkpointing", "loss_chunk_tokens", "loss_labeled_only",
+                      "init_from", "name",
                       "compile_elementwise", "fused_rms_norm", "mamba_kernel_layout")

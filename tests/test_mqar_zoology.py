@@ -206,3 +206,20 @@ def test_eval_task_counts_query_positions_only():
     segs = zoology_segments(cfg.data.mqar_zoology, "test")
     res = mqar_zoology_metrics(Oracle(segs), cfg, torch.device("cpu"))
     assert res["mqar_zoology_acc"] == 1.0 and res["mqar_zoology"] == {"L16_N2": 1.0, "L64_N8": 1.0}
+
+
+def test_loss_labeled_only_is_the_same_loss_and_gradient():
+    torch.manual_seed(0)
+    cfg = _tiny(attn_layer_period=2, attn_layer_offset=1)
+    full = JambaLM(cfg)
+    part = JambaLM(ModelConfig(**{**cfg.__dict__, "loss_labeled_only": True}))
+    part.load_state_dict(full.state_dict())
+    inputs, labels = zoology_segment(256, 32, 4, 3, seed=5)
+    ids, lab = torch.from_numpy(inputs), torch.from_numpy(labels)
+    a = full(ids, labels=lab, return_logits=False)
+    b = part(ids, labels=lab, return_logits=False)
+    torch.testing.assert_close(a.loss, b.loss)
+    a.loss.backward()
+    b.loss.backward()
+    for (n, p), q in zip(full.named_parameters(), part.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)

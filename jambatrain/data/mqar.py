@@ -301,38 +301,38 @@ def zoology_segment(vocab: int, seq_len: int, num_pairs: int, num_examples: int,
 
 
 def zoology_segments(cfg: MqarZoologyConfig, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The segments of ``split`` ("train" / "test") as int16 (inputs, labels) arrays, from ``cfg.cache_dir`` when
-    there (memory-mapped), else generated (and written there when it is set; atomically, so runs starting at once
-    may race harmlessly)."""
+    """The segments of ``split`` ("train" / "test") as int16 (inputs, labels) arrays (``zoology_segment_cached``)."""
+    return [zoology_segment_cached(cfg, split, i) for i in range(len(cfg.train if split == "train" else cfg.test))]
+
+
+def zoology_segment_cached(cfg: MqarZoologyConfig, split: str, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Segment ``i`` of ``split``: from ``cfg.cache_dir`` when there (memory-mapped), else generated (and written
+    there when it is set; atomically, so runs starting at once may race harmlessly)."""
     import hashlib
     import os
 
-    specs = cfg.train if split == "train" else cfg.test
+    seq_len, pairs, examples = (cfg.train if split == "train" else cfg.test)[i]
     train_seeds, test_seeds = zoology_segment_seeds(cfg.seed, len(cfg.train), len(cfg.test))
-    seeds = train_seeds if split == "train" else test_seeds
-    out = []
-    for (seq_len, pairs, examples), seed in zip(specs, seeds):
+    seed = (train_seeds if split == "train" else test_seeds)[i]
+    path = None
+    if cfg.cache_dir:
         key = (cfg.vocab, seq_len, pairs, examples, seed, cfg.power_a, cfg.random_non_queries)
-        path = None
-        if cfg.cache_dir:
-            digest = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
-            path = os.path.join(os.path.expanduser(cfg.cache_dir), f"mqar_zoology_L{seq_len}_N{pairs}_{examples}_{digest}.npy")
-            if os.path.isfile(path):
-                arr = np.load(path, mmap_mode="r")
-                if arr.shape == (2, examples, seq_len):
-                    out.append((arr[0], arr[1]))
-                    continue
-        inputs, labels = zoology_segment(cfg.vocab, seq_len, pairs, examples, seed, cfg.power_a,
-                                         cfg.random_non_queries)
-        arr = np.stack([inputs, labels]).astype(np.int16)
-        if path is not None:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-            os.replace(tmp, path)
-        out.append((arr[0], arr[1]))
-    return out
+        digest = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
+        path = os.path.join(os.path.expanduser(cfg.cache_dir),
+                            f"mqar_zoology_L{seq_len}_N{pairs}_{examples}_{digest}.npy")
+        if os.path.isfile(path):
+            arr = np.load(path, mmap_mode="r")
+            if arr.shape == (2, examples, seq_len):
+                return arr[0], arr[1]
+    inputs, labels = zoology_segment(cfg.vocab, seq_len, pairs, examples, seed, cfg.power_a, cfg.random_non_queries)
+    arr = np.stack([inputs, labels]).astype(np.int16)
+    if path is not None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    return arr[0], arr[1]
 
 
 class MqarZoologyLoader:

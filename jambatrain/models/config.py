@@ -91,6 +91,9 @@ class ModelConfig:
     activation_checkpointing: Recompute = Recompute.none
     # >0: training loss computed this many tokens at a time with the logits recomputed in backward (memory)
     loss_chunk_tokens: int = 0
+    # training loss: apply the LM head only at positions that have a label (one host sync per micro batch, for the
+    # count); the same loss, for tasks that score few positions (MQAR: 4-64 of 64-256 per sequence)
+    loss_labeled_only: bool = False
     # CUDA only: torch.compile the SwiGLU product and the fp32 cross-entropy (models/fused_ops.py)
     compile_elementwise: bool = True
     # CUDA only, A/B switches of bench/throughput.py (True is the fast path): mamba-ssm's fused Triton RMSNorm; the

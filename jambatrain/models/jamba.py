@@ -172,7 +172,12 @@ class JambaLM(nn.Module):
         h, aux, z = self.hidden_states(input_ids, doc_starts)
         chunk = self.cfg.loss_chunk_tokens
         logits = ce = loss = None
-        if labels is not None and chunk and not return_logits:
+        if labels is not None and self.cfg.loss_labeled_only and not return_logits:
+            flat = labels.view(-1)
+            keep = (flat != -100).nonzero().squeeze(1)  # the host sync: the number of scored positions
+            ce = cross_entropy_sum(self.lm_head(h.view(-1, h.shape[-1])[keep]), flat[keep],
+                                   self.cfg.compile_elementwise) / max(1, keep.numel())
+        elif labels is not None and chunk and not return_logits:
             ce = chunked_cross_entropy(self.lm_head, h.view(-1, h.shape[-1]), labels.view(-1), chunk,
                                        self.cfg.compile_elementwise)
         else:
