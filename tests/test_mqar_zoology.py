@@ -247,3 +247,21 @@ def test_bench_toy_runs_the_grid_through_the_trainer_and_eval(tmp_path):
                     str(docs)], cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": ROOT})
     text = docs.read_text()
     assert "old" not in text and "| hybrid [mamba N16, attention] | 16 |" in text and text.endswith("b\n")
+
+
+def test_trainer_stops_early_past_the_metric_with_a_checkpoint(tmp_path):
+    """trainer.stop_metric: the run ends (checkpointed) at the first eval whose metric exceeds trainer.stop_above."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from mqar_zoology import TOY
+
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "jambatrain.train", "experiment=zoology_attention", *TOY,
+                        "model.hidden_size=16", f"data.mqar_zoology.cache_dir={tmp_path / 'cache'}",
+                        "trainer.max_steps=12", "trainer.eval_every=3", "trainer.stop_above=-1.0",
+                        f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "mqar_zoology_acc" in r.stdout and "stopping early" in r.stdout
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_00000003"]
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert max(row["step"] for row in rows) == 3
