@@ -179,10 +179,15 @@ def run(args) -> dict:
     log(f"generating the segments into {cache}")
     gen_s = pregenerate(dcfg, log)
     spe = steps_per_epoch(dcfg, batch)
-    base = [*(TOY if args.toy else []), f"data.mqar_zoology.cache_dir={cache}", f"trainer.eval_every={spe}"]
+    base = [*(TOY if args.toy else []), f"data.mqar_zoology.cache_dir={cache}",
+            f"trainer.eval_every={spe * args.eval_every_epochs}"]
     if args.extra:
         base += args.extra.split()
     points = [(a, lr) for a in arms for lr in lrs]
+    if args.points:  # explicit (arm, lr) pairs instead of the full arms x lrs grid
+        points = [(p.split(":")[0], float(p.split(":")[1])) for p in args.points.split(",")]
+        arms = list(dict.fromkeys(a for a, _ in points))
+        lrs = sorted({lr for _, lr in points})
     procs = Procs(args.procs or len(points), log)
     epochs, step_s = args.epochs, None
     if args.budget_s:
@@ -195,8 +200,9 @@ def run(args) -> dict:
     per_proc = max(1, math.ceil(len(points) / (args.procs or len(points))))
     jobs, run_dirs = [], {}
     for a in arms:
-        for g in range(0, len(lrs), per_proc):
-            chunk = lrs[g:g + per_proc]
+        arm_lrs = [lr for b, lr in points if b == a]
+        for g in range(0, len(arm_lrs), per_proc):
+            chunk = arm_lrs[g:g + per_proc]
             sweep = os.path.join(out, "runs", f"{a}_g{g // per_proc}")
             cmd = [sys.executable, "-m", "jambatrain.train", "-m", *arm_overrides(a, args.toy), *base,
                    f"optim.lr={','.join(f'{lr:g}' for lr in chunk)}", f"trainer.max_steps={max_steps}",
@@ -208,6 +214,8 @@ def run(args) -> dict:
     log(f"grid: {len(points)} runs in {len(jobs)} trainer processes ({procs.limit} at once), {max_steps} steps max")
     t_grid = time.time()
     deadline = t_grid + 1.15 * args.budget_s + 40 if args.budget_s else None  # + start-up
+    if args.deadline_s:
+        deadline = t_grid + args.deadline_s
     codes = procs.run(jobs, deadline)
     grid_s = time.time() - t_grid
     log(f"grid done in {grid_s:.0f}s")
@@ -219,6 +227,9 @@ def run(args) -> dict:
     chosen = set(run_dirs) if args.eval_all else {max((k for k in run_dirs if k[0] == a), key=lambda k: last[k])
                                                    for a in arms}
     ev_jobs = []
+    if args.total_s and time.time() > t_start + args.total_s - 40:
+        log("no time left for jambatrain.eval: the trainer's last eval stands (the same function, eval.py)")
+        chosen = set()
     for (a, lr), d in run_dirs.items():
         if (a, lr) in chosen and os.path.isdir(os.path.join(d, "checkpoints")):
             o = os.path.join(out, "eval", f"{a}_lr{lr:g}.json")
@@ -250,7 +261,7 @@ def run(args) -> dict:
     result = {"command": "python bench/mqar_zoology.py " + " ".join(sys.argv[2:]),
               "reference": "HazyResearch/zoology@dbcb60d2bd10a3cc7a89ee60c446c44900a4687f "
                            "experiments/paper_configs/arxiv24_based_figure2",
-              "toy": args.toy, "epochs": epochs, "epochs_recipe": 32, "steps_per_epoch": spe, "batch": batch,
+              "toy": args.toy, "epochs": epochs, "eval_every_epochs": args.eval_every_epochs, "epochs_recipe": 32, "steps_per_epoch": spe, "batch": batch,
               "lrs": lrs, "probe_step_s": step_s, "seconds": {"generate": gen_s, "grid": grid_s,
                                                             "total": time.time() - t_start},
               "exit_codes": {f"{k}": v for k, v in codes.items()}, "runs": runs, "device": _device()}
@@ -294,12 +305,12 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def table(result: dict) -> str:
-    lines = ["| arm | d_model | d_state | published | ours (best lr) | best lr | epochs run | accuracy per lr "
-             f"({', '.join(f'{lr:g}' for lr in result['lrs'])}) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| arm | d_model | d_state | published | ours (best lr) | best lr | epochs run | accuracy per lr |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for s in result["arms"]:
         pub = f"{s['published']:.2f}" if s["published"] is not None else "-"
         acc = f"{s['acc']:.3f}" if s["acc"] is not None else "n/a"
-        per = ", ".join(f"{v:.3f}" for v in s["acc_by_lr"].values())
+        per = ", ".join(f"{lr}: {v:.3f}" for lr, v in s["acc_by_lr"].items())
         lines.append(f"| {s['family']} | {s['d_model']} | {s['d_state'] or '-'} | {pub} | **{acc}** | "
                      f"{s['best_lr'] if s['best_lr'] is not None else '-'} | {s['epochs_done']} | {per} |")
     return "\n".join(lines)
@@ -366,6 +377,10 @@ def main(argv=None) -> None:
     r.add_argument("--epochs", type=int, default=32)
     r.add_argument("--budget-s", type=float, default=0, help="wall seconds for the grid: probe, then cut epochs")
     r.add_argument("--probe-steps", type=int, default=150)
+    r.add_argument("--points", default="", help="explicit arm:lr pairs, comma-separated (instead of arms x lrs)")
+    r.add_argument("--deadline-s", type=float, default=0, help="SIGTERM the trainers this long after the grid starts")
+    r.add_argument("--total-s", type=float, default=0, help="skip jambatrain.eval when this wall budget is near")
+    r.add_argument("--eval-every-epochs", type=int, default=1)
     r.add_argument("--procs", type=int, default=0, help="trainer processes at once (0: one per grid point)")
     r.add_argument("--toy", action="store_true", help="CPU toy: tiny vocab, segments and widths")
     r.add_argument("--eval-all", action="store_true", help="jambatrain.eval every run, not only each arm's best")
