@@ -265,3 +265,11 @@ def test_trainer_stops_early_past_the_metric_with_a_checkpoint(tmp_path):
     assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_00000003"]
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert max(row["step"] for row in rows) == 3
+
+
+def test_hf_export_refuses_the_zoology_layers():
+    from jambatrain.hf_convert import to_hf_config
+
+    for cfg in (_tiny(), _tiny(intermediate_size=64, short_conv_layer_period=2)):
+        with pytest.raises(ValueError, match="no Hugging Face Jamba equivalent"):
+            to_hf_config(cfg)
