@@ -6,13 +6,15 @@
 
 ``run``:
  1. generates the Zoology train and test segments once, in parallel, into ``OUT/cache`` (every run memory-maps them);
- 2. with ``--budget-s``: a probe (every grid point at once, ``--probe-steps`` steps on shuffled batches, no eval) measures
-    the slowest run's step time with all of them sharing the GPU, and the epochs are cut to fit the budget:
-    ``epochs = min(--epochs, budget / (steps per epoch x that step time x 1.15))``, the same for every run;
- 3. the grid: for each arm, ``python -m jambatrain.train -m experiment=zoology_<arm> ... optim.lr=...`` (Hydra
-    multiruns through the trainer; ``--procs`` processes at once, the grid points shared out among them, every
-    point its own run dir), each run stopping early past 0.99 test accuracy as Zoology's; past ``--budget-s`` x 1.15 + 40 s
-    the trainers get SIGTERM (they checkpoint and stop: said in the JSON);
+ 2. with ``--budget-s``: a probe (as many points as processes at once, ``--probe-steps`` steps on shuffled batches, no
+    eval) measures the slowest run's step time with them sharing the GPU, and the epochs are cut to fit the budget:
+    ``epochs = min(--epochs, budget / (runs per process x steps per epoch x that step time x 1.15))``, the same for
+    every run;
+ 3. the grid: for each arm, ``python -m jambatrain.train -m experiment=zoology_<arm> ... optim.lr=a,b,...`` (Hydra
+    multiruns through the trainer; ``--procs`` processes at once, default 6, the points shared out among them: by
+    default one process per arm sweeping its lrs in turn; every point its own run dir), each run stopping early past
+    0.99 test accuracy as Zoology's; past ``--budget-s`` x 1.15 + 40 s (or ``--deadline-s``) the trainers get SIGTERM,
+    again every 15 s while a multirun starts its next job (they checkpoint and stop: ``cut_by_deadline`` in the JSON);
  4. ``python -m jambatrain.eval RUN_DIR`` (task mqar_zoology: the 7 test segments) on the last checkpoint of each arm's
     best run by the trainer's last test accuracy (``--eval-all``: every run; the others report that last accuracy);
  5. writes OUT/mqar_zoology.json (every run, per-segment accuracies, the best lr per arm beside the published value),
@@ -100,7 +102,7 @@ class Procs:
         self.limit, self.log = limit, log
 
     def run(self, jobs: list[tuple[str, list[str], str]], deadline: float | None = None) -> dict[str, int]:
-        pending, running, codes, termed = list(jobs), {}, {}, set()
+        pending, running, codes, termed = list(jobs), {}, {}, {}
         port = 29600
         while pending or running:
             while pending and len(running) < self.limit:
@@ -119,10 +121,10 @@ class Procs:
                     del running[key]
                     if p.returncode:
                         self.log(f"{key}: exit {p.returncode} (log {f.name})")
-                elif deadline is not None and time.time() > deadline and key not in termed:
+                elif deadline is not None and time.time() > deadline and time.time() > termed.get(key, 0) + 15:
                     self.log(f"{key}: past the deadline, SIGTERM (checkpoint and stop)")
-                    os.killpg(p.pid, signal.SIGTERM)
-                    termed.add(key)
+                    os.killpg(p.pid, signal.SIGTERM)  # again later: a multirun goes on to its next job
+                    termed[key] = time.time()
         return codes
 
 
@@ -133,7 +135,7 @@ def _rows(path: str) -> list[dict]:
 
 
 def probe(args, points, base, out, procs, log) -> float:
-    """Seconds per step of the slowest run, all points at once, on shuffled batches (the epoch's mix of lengths)."""
+    """Seconds per step of the slowest of ``points`` run at once, on shuffled batches (the epoch's mix of lengths)."""
     jobs = []
     for name, lr in points:
         d = os.path.join(out, "probe", f"{name}_lr{lr:g}")
@@ -188,16 +190,17 @@ def run(args) -> dict:
         points = [(p.split(":")[0], float(p.split(":")[1])) for p in args.points.split(",")]
         arms = list(dict.fromkeys(a for a, _ in points))
         lrs = sorted({lr for _, lr in points})
-    procs = Procs(args.procs or len(points), log)
+    procs = Procs(min(args.procs or len(points), len(points)), log)
+    per_proc = max(1, math.ceil(len(points) / procs.limit))  # runs one after another in each process
     epochs, step_s = args.epochs, None
-    if args.budget_s:
-        step_s = probe(args, points, base, out, procs, log)
-        epochs = max(1, min(args.epochs, int(args.budget_s / (spe * step_s * 1.15))))
+    if args.budget_s:  # probe at the grid's concurrency: one point of each arm, as many as processes
+        firsts = [next(p for p in points if p[0] == a) for a in arms]
+        step_s = probe(args, (firsts + [p for p in points if p not in firsts])[:procs.limit], base, out, procs, log)
+        epochs = max(1, min(args.epochs, int(args.budget_s / (per_proc * spe * step_s * 1.15))))
         log(f"budget {args.budget_s}s: {epochs} epochs of {spe} steps per run (of {args.epochs})")
     max_steps = epochs * spe
 
     # the grid: Hydra multiruns through the trainer, the points of one arm shared out among the processes
-    per_proc = max(1, math.ceil(len(points) / (args.procs or len(points))))
     jobs, run_dirs = [], {}
     for a in arms:
         arm_lrs = [lr for b, lr in points if b == a]
@@ -381,7 +384,9 @@ def main(argv=None) -> None:
     r.add_argument("--deadline-s", type=float, default=0, help="SIGTERM the trainers this long after the grid starts")
     r.add_argument("--total-s", type=float, default=0, help="skip jambatrain.eval when this wall budget is near")
     r.add_argument("--eval-every-epochs", type=int, default=1)
-    r.add_argument("--procs", type=int, default=0, help="trainer processes at once (0: one per grid point)")
+    r.add_argument("--procs", type=int, default=6,
+                   help="trainer processes at once, the points shared out as multiruns (0: one per point). 24 at once "
+                        "on one H100 stepped at 80-200 ms, 6 at ~30 ms (docs/results.md)")
     r.add_argument("--toy", action="store_true", help="CPU toy: tiny vocab, segments and widths")
     r.add_argument("--eval-all", action="store_true", help="jambatrain.eval every run, not only each arm's best")
     r.add_argument("--extra", default="", help="more Hydra overrides for every run, space-separated")

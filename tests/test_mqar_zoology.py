@@ -229,14 +229,16 @@ def test_bench_toy_runs_the_grid_through_the_trainer_and_eval(tmp_path):
     """The CPU toy of bench/mqar_zoology.py: probe, a Hydra multirun per arm, jambatrain.eval, the table."""
     out = tmp_path / "mqz"
     r = subprocess.run([sys.executable, "bench/mqar_zoology.py", "run", "--toy", "--out", str(out), "--arms",
-                        "attention_d64,hybrid_d64", "--epochs", "1", "--budget-s", "300", "--probe-steps", "3"],
+                        "attention_d64,hybrid_d64", "--lrs", "1e-2,3e-2", "--procs", "2", "--epochs", "1",
+                        "--budget-s", "300", "--probe-steps", "3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.load(open(out / "mqar_zoology.json"))
     assert res["epochs"] == 1 and res["steps_per_epoch"] == 6 and res["probe_step_s"] > 0
     assert [a["arm"] for a in res["arms"]] == ["attention_d64", "hybrid_d64"]
-    for run in res["runs"]:
+    assert len(res["runs"]) == 4 and {r["run_dir"].rsplit("/", 1)[-1] for r in res["runs"]} == {"0", "1"}
+    for run in res["runs"]:  # each arm's two lrs: one Hydra multirun (jobs 0 and 1) in one trainer process
         assert run["steps"] == 6 and 0 <= run["acc"] <= 1 and set(run["acc_by_segment"]) == {"L16_N2", "L64_N8"}
         assert len(run["acc_during_training"]) == 1  # the trainer's eval at the epoch's end
         assert os.path.isfile(out / run["run_dir"] / ".hydra" / "overrides.yaml")  # a Hydra multirun job
