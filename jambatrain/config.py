@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .data.mqar import MqarConfig
+from .data.mqar import MqarConfig, MqarZoologyConfig
 from .data.sources import KINDS, data_kind, shards_manifest_problems
 from .paths import cache_root
 from .models.config import ModelConfig, choice, coerce_choices
@@ -28,7 +28,9 @@ WandbMode = choice("WandbMode", "offline", "online", "disabled", module=__name__
 
 @dataclass
 class DataConfig:
-    kind: Kind = Kind.shards  # a KINDS entry of data/sources.py: shards | mqar (synthetic associative recall; no dir)
+    # a KINDS entry of data/sources.py: shards | mqar (synthetic associative recall; no dir) | mqar_zoology (Zoology's
+    # MQAR, jambatrain/data/mqar.py)
+    kind: Kind = Kind.shards
     dir: str = MISSING  # directory holding manifest.json + webdataset shards (data=stdlib_py: in the cache)
     # stdlib: build the embedded default corpus into `dir` if it is missing (only under the cache, $JAMBATRAIN_CACHE
     # or ~/.cache/jambatrain, or where such a corpus already is: a mistyped path gets no new corpus)
@@ -42,6 +44,7 @@ class DataConfig:
     eos_id: int | None = None  # the token that ends a document; None: the manifest's
 
     mqar: MqarConfig = field(default_factory=MqarConfig)
+    mqar_zoology: MqarZoologyConfig = field(default_factory=MqarZoologyConfig)
 
     def __post_init__(self):
         coerce_choices(self, "data.")
@@ -85,6 +88,13 @@ class TrainerConfig:
     keep_checkpoints: int = 3
     eval_every: int = 0  # 0: no validation
     eval_batches: int = 8
+    # stop (checkpointed) once this flat metric of the in-training eval exceeds stop_above (Zoology's early stop:
+    # mqar_zoology_acc > 0.99); "" = never
+    stop_metric: str = ""
+    stop_above: float = 0.99
+    # the per-step loss check of jambatrain/step_guard.py (one host sync per step); false for tiny models whose
+    # steps the sync would dominate (a non-finite loss then stops the run at the next log step)
+    step_guard: bool = True
     resume: bool = False  # True: a checkpoint must exist in the run dir (else error); False: resume if one exists
     auto_resume: bool = True
     seed: int = 1234
@@ -227,8 +237,12 @@ def _context_parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
 def _data_config_problems(cfg: TrainConfig) -> list[str]:
     p = []
     for t in cfg.eval.tasks:
-        if t not in ("val", "mqar", "passkey"):
-            p.append(f"eval.tasks has {t!r}: choose from val, mqar, passkey")
+        if t not in ("val", "mqar", "passkey", "mqar_zoology"):
+            p.append(f"eval.tasks has {t!r}: choose from val, mqar, passkey, mqar_zoology")
+    if "mqar_zoology" in cfg.eval.tasks and data.kind != "mqar_zoology":
+        p += data.mqar_zoology.problems(cfg.model.vocab_size)
+    if cfg.model.short_conv_layer_period and data.doc_mask and data.kind == "shards":
+        p.append("model.short_conv_layer_period: the short-conv mixer has no document mask; set data.doc_mask=false")
     return p + data_kind(cfg).config_problems(cfg)  # each data.kind's own checks (data/sources.py KINDS)
 
 

@@ -14,6 +14,8 @@ Tasks (``eval.tasks``):
   mqar     multi-query associative recall (jambatrain/data/mqar.py): key-value pairs, then the keys asked again;
            accuracy of the argmax prediction at each query key = its value, per context length and number of
            pairs (``eval.mqar_context_lengths`` x ``eval.mqar_num_pairs``, ``eval.mqar_samples`` each);
+  mqar_zoology  Zoology's MQAR test set (``data.mqar_zoology.test``, data/mqar.py): mean per-example accuracy at
+           the query positions, overall and per segment (the Based figure-2 metric);
   passkey  a passkey (``eval.passkey_tokens`` tokens after a marker) hidden at depth d of a repeated-filler
            haystack and asked for at the end; teacher-forced accuracy on the passkey tokens (and on its first
            token, the one that needs retrieval), per length (up to the trained ``data.seq_len``) and depth.
@@ -140,6 +142,36 @@ def mqar_metrics(model, cfg: TrainConfig, device, rank: int = 0, world: int = 1,
             "mqar_by_length": {str(k): sum(v) / len(v) for k, v in by_length.items()}}
 
 
+@torch.no_grad()
+def mqar_zoology_metrics(model, cfg: TrainConfig, device, rank: int = 0, world: int = 1, bar=None) -> dict:
+    """Zoology's test accuracy on ``data.mqar_zoology.test``: per example, the share of its queries whose argmax is
+    the value; ``mqar_zoology_acc`` is the mean over all examples (Zoology's ``valid/accuracy``), and
+    ``mqar_zoology`` holds it per segment (``L{seq_len}_N{pairs}``). Each rank takes every world-th example."""
+    from .data.mqar import zoology_segments
+
+    segs = zoology_segments(cfg.data.mqar_zoology, "test")
+    b = _batch(cfg)
+    out = torch.zeros(len(segs), 2, dtype=torch.float64, device=device)  # [sum of per-example accuracy, examples]
+    for s, (inputs, labels) in enumerate(segs):
+        idx = np.arange(rank, len(inputs), world)
+        for lo in range(0, len(idx), b):
+            rows = idx[lo:lo + b]
+            ids = torch.from_numpy(np.asarray(inputs[rows], dtype=np.int64)).to(device)
+            lab = torch.from_numpy(np.asarray(labels[rows], dtype=np.int64)).to(device)
+            logits, target = _scored_logits(model, ids, lab)
+            keep = lab != -100
+            hit = torch.zeros(lab.shape, dtype=torch.float64, device=device)
+            hit[keep] = (logits.argmax(-1) == target).double()
+            out[s, 0] += (hit.sum(1) / keep.sum(1).clamp(min=1)).sum()
+            out[s, 1] += len(rows)
+            if bar is not None:
+                bar.update(1)
+    out = _all_sum(out)
+    specs = cfg.data.mqar_zoology.test
+    return {"mqar_zoology_acc": (out[:, 0].sum() / out[:, 1].sum()).item(),
+            "mqar_zoology": {f"L{L}_N{N}": (out[i, 0] / out[i, 1]).item() for i, (L, N, _) in enumerate(specs)}}
+
+
 def mqar_cells(cfg: TrainConfig) -> list[tuple[int, int]]:
     lengths = list(cfg.eval.mqar_context_lengths) or default_lengths(cfg.data.seq_len)
     cells = [(length, pairs) for length in lengths for pairs in cfg.eval.mqar_num_pairs
@@ -204,6 +236,8 @@ def run_tasks(model, cfg: TrainConfig, device, rank: int, world: int, data_dir: 
             steps += len(mqar_cells(cfg)) * per_cell["mqar"]
         if "passkey" in tasks:
             steps += len(passkey_cells(cfg)) * per_cell["passkey"]
+        if "mqar_zoology" in tasks:
+            steps += sum(-(-len(range(0, n, world)) // b) for _, _, n in cfg.data.mqar_zoology.test)
         bar = tqdm(total=steps, desc="eval", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     was_training = model.training
     model.eval()
@@ -215,6 +249,8 @@ def run_tasks(model, cfg: TrainConfig, device, rank: int, world: int, data_dir: 
             out.update(mqar_metrics(model, cfg, device, rank, world, bar))
         if "passkey" in tasks:
             out.update(passkey_metrics(model, cfg, device, rank, world, bar))
+        if "mqar_zoology" in tasks:
+            out.update(mqar_zoology_metrics(model, cfg, device, rank, world, bar))
     finally:
         model.train(was_training)
         if bar is not None:

@@ -45,6 +45,9 @@ def to_hf_config(cfg: ModelConfig, **hf_kwargs):
     if cfg.use_rope:
         raise ValueError("model.use_rope=true has no Hugging Face Jamba equivalent (HF Jamba attention has no "
                          "positional embedding): this model cannot be exported")
+    if cfg.intermediate_size == 0 or cfg.short_conv_layer_period:
+        raise ValueError("model.intermediate_size=0 (no FFN) and model.short_conv_layer_period (short-conv mixers) have "
+                         "no Hugging Face Jamba equivalent: this model cannot be exported")
     problems = cfg.problems()
     if problems:
         raise ValueError("invalid model config:\n  " + "\n  ".join(problems))

@@ -188,13 +188,20 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
         if pbar is not None:
             pbar.update(1)
         t_aside = time.perf_counter()
+        reached = False
         if tr.eval_every and state.step % tr.eval_every == 0:
             from .eval import evaluate_in_training  # val loss/perplexity, MQAR recall, passkey (eval.tasks)
 
-            run.logger.log(state.step, evaluate_in_training(run.engine.module, cfg, run.dist, run.data_dir,
-                                                            state.step, run_dir))
+            metrics = evaluate_in_training(run.engine.module, cfg, run.dist, run.data_dir, state.step, run_dir)
+            run.logger.log(state.step, metrics)
+            reached = bool(tr.stop_metric) and metrics.get(tr.stop_metric, -math.inf) > tr.stop_above
         preempted = run.stop.agreed()
-        maybe_checkpoint(run, preempted)
+        maybe_checkpoint(run, preempted or reached)
+        if reached:
+            if run.dist.is_main:
+                print(f"jambatrain: {tr.stop_metric} {metrics[tr.stop_metric]:.4f} > trainer.stop_above="
+                      f"{tr.stop_above} at step {state.step}: stopping early", flush=True)
+            break
         run.meter.exclude(time.perf_counter() - t_aside)
         if preempted:
             if run.dist.is_main:
@@ -350,7 +357,7 @@ def train_step(engine, batches, guard: StepGuard, cfg: TrainConfig, dist: DistIn
         engine.backward(out.loss)
         losses += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach(),
                                out.z_loss.detach()]).float()
-        if i == gas - 1:  # before the step that applies (or skips) the update
+        if i == gas - 1 and cfg.trainer.step_guard:  # before the step that applies (or skips) the update
             reason = guard.check(losses[0], gas)
         engine.step()
     skipped = guard.after_step(skipped_before)

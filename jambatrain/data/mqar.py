@@ -21,7 +21,7 @@ shard loader's val split, so it is the same set at every world size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
@@ -185,6 +185,223 @@ class MqarLoader(BatchSource):
         continue from the same batch number with the new layout's streams, fresh synthetic samples."""
         for key, mine in (("format", STATE_FORMAT), ("kind", "mqar"), ("split", self.split), ("seed", self.seed),
                           ("seq_len", self.seq_len)):
+            if sd.get(key) != mine:
+                raise ValueError(f"loader state has {key}={sd.get(key)!r} but this MQAR loader has {mine!r}: "
+                                 "resume with the same data settings, data-parallel size and micro batch")
+        self._position = sd["epoch"] * self.batches_per_epoch + sd["batch_in_epoch"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# MQAR exactly as Zoology / Based generate it (``data.kind=mqar_zoology``)
+#
+# HazyResearch/zoology at dbcb60d2bd10a3cc7a89ee60c446c44900a4687f (the last commit before d88d6f5):
+# zoology/data/multiquery_ar.py (``multiquery_ar``), zoology/data/utils.py (``prepare_data``: segment seeds,
+# one segment per batch, no shuffling), experiments/paper_configs/arxiv24_based_figure2/configs.py (the mix).
+# ------------------------------------------------------------------------------------------------------------------
+
+ZOOLOGY_TRAIN = ((64, 4, 100_000), (128, 8, 20_000), (256, 16, 20_000), (256, 32, 20_000), (256, 64, 20_000))
+ZOOLOGY_TEST = ((64, 4, 1_000), (64, 8, 1_000), (64, 16, 1_000), (128, 32, 1_000), (256, 64, 1_000),
+                (512, 128, 1_000), (1024, 256, 1_000))
+
+
+@dataclass
+class MqarZoologyConfig:
+    """Zoology's MQAR (arXiv 2312.04927; the Based figure-2 mix, arXiv 2402.18668). Segments are
+    ``[seq_len, num_kv_pairs, num_examples]``; each is generated from its own seed, drawn as Zoology draws them
+    (``np.random.seed(seed)``, train seeds in [0, 2^31), test seeds in [2^31, 2^32)), so the test set never shares a
+    seed with the training set."""
+    vocab: int = 8192  # keys from [1, vocab/2), values from [vocab/2, vocab), noise from [0, vocab)
+    power_a: float = 0.01  # query gaps ~ power law a * i^(a-1)
+    seed: int = 123  # Zoology's DataConfig.seed
+    random_non_queries: bool = True  # noise tokens between the queries (else 0)
+    train: list[list[int]] = field(default_factory=lambda: [list(s) for s in ZOOLOGY_TRAIN])
+    test: list[list[int]] = field(default_factory=lambda: [list(s) for s in ZOOLOGY_TEST])
+    # where generated segments are kept (one .npy each, memory-mapped by every run); "" = generate in each process
+    cache_dir: str = ""
+
+    def problems(self, vocab_size: int) -> list[str]:
+        p = []
+        if self.vocab > vocab_size:
+            p.append(f"data.mqar_zoology.vocab={self.vocab} exceeds model.vocab_size={vocab_size}: raise "
+                     "model.vocab_size")
+        if not 4 <= self.vocab <= 32767:
+            p.append(f"data.mqar_zoology.vocab={self.vocab} must be in [4, 32767]")
+        if not self.train or not self.test:
+            p.append("data.mqar_zoology.train and .test need at least one [seq_len, pairs, examples] segment each")
+        for name, segs in (("train", self.train), ("test", self.test)):
+            for s in segs:
+                if len(s) != 3 or s[0] % 2 or 4 * s[1] > s[0] or s[1] < 1 or s[2] < 1 or s[0] >= self.vocab \
+                        or s[1] >= self.vocab // 2:
+                    p.append(f"data.mqar_zoology.{name} segment {list(s)}: need [seq_len (even, < vocab), pairs "
+                             "(>= 1, 4 * pairs <= seq_len), examples (>= 1)]")
+        return p
+
+    @property
+    def max_train_len(self) -> int:
+        return max(s[0] for s in self.train)
+
+
+def zoology_segment_seeds(seed: int, n_train: int, n_test: int) -> tuple[list[int], list[int]]:
+    """The per-segment seeds of Zoology's ``prepare_data``."""
+    rs = np.random.RandomState(seed)
+    top = 2 ** 32
+    train = rs.randint(0, top // 2, size=n_train)
+    test = rs.randint(top // 2, top, size=n_test)
+    return [int(s) for s in train], [int(s) for s in test]
+
+
+def zoology_segment(vocab: int, seq_len: int, num_pairs: int, num_examples: int, seed: int, power_a: float = 0.01,
+                    random_non_queries: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels), int64 (num_examples, seq_len): Zoology's ``multiquery_ar`` (one pass), draw for draw.
+
+    All ``num_pairs`` key-value pairs first (keys distinct from [1, V/2), values distinct from [V/2, V)), then each
+    key once more at position ``2 * num_pairs + 2 * gap``, gaps distinct and drawn from the power law
+    ``a * i^(a-1)`` over ``(seq_len - 2 * num_pairs) / 2`` slots; its label is its value (-100 elsewhere). The
+    other positions are noise from [0, V). The numpy stream is Zoology's (``RandomState(seed)``, the same calls in
+    the same order: tests/test_mqar_zoology.py holds it against their function); the noise comes from a torch
+    generator seeded with ``seed`` (Zoology uses the global torch RNG, seeded once per run)."""
+    import torch
+
+    if seq_len % 2 or vocab <= seq_len or 4 * num_pairs > seq_len:
+        raise ValueError(f"Zoology MQAR needs an even seq_len < vocab and 4 * pairs <= seq_len; got seq_len={seq_len},"
+                         f" pairs={num_pairs}, vocab={vocab}")
+    rs = np.random.RandomState(seed)
+    n, ctx = num_examples, 2 * num_pairs
+    half = vocab // 2
+    # choice(a, size, replace=False) without p is permutation(len(a))[:size]; apply_along_axis went row by row
+    keys = np.stack([1 + rs.permutation(half - 1)[:num_pairs] for _ in range(n)])
+    values = np.stack([half + rs.permutation(vocab - half)[:num_pairs] for _ in range(n)])
+    space = (seq_len - ctx) // 2
+    p = power_a * np.arange(1, space + 1) ** (power_a - 1)
+    p = p / p.sum()
+    slots = np.arange(space, dtype=int)
+    gaps = np.stack([rs.choice(slots, replace=False, p=p, size=num_pairs) for _ in range(n)])
+    examples = np.zeros((n, seq_len + 1), dtype=np.int64)
+    examples[:, 0:ctx:2], examples[:, 1:ctx:2] = keys, values
+    rows = np.arange(n)[:, None]
+    examples[rows, ctx + 2 * gaps] = keys
+    labels = np.full((n, seq_len + 1), -100, dtype=np.int64)
+    labels[rows, ctx + 2 * gaps + 1] = values
+    inputs, labels = examples[:, :-1], labels[:, 1:]
+    if random_non_queries:
+        noise = torch.randint(vocab, size=inputs.shape, generator=torch.Generator().manual_seed(seed)).numpy()
+        inputs = np.where(inputs == 0, noise, inputs)
+    return np.ascontiguousarray(inputs), np.ascontiguousarray(labels)
+
+
+def zoology_segments(cfg: MqarZoologyConfig, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The segments of ``split`` ("train" / "test") as int16 (inputs, labels) arrays (``zoology_segment_cached``)."""
+    return [zoology_segment_cached(cfg, split, i) for i in range(len(cfg.train if split == "train" else cfg.test))]
+
+
+def zoology_segment_cached(cfg: MqarZoologyConfig, split: str, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Segment ``i`` of ``split``: from ``cfg.cache_dir`` when there (memory-mapped), else generated (and written
+    there when it is set; atomically, so runs starting at once may race harmlessly)."""
+    import hashlib
+    import os
+
+    seq_len, pairs, examples = (cfg.train if split == "train" else cfg.test)[i]
+    train_seeds, test_seeds = zoology_segment_seeds(cfg.seed, len(cfg.train), len(cfg.test))
+    seed = (train_seeds if split == "train" else test_seeds)[i]
+    path = None
+    if cfg.cache_dir:
+        key = (cfg.vocab, seq_len, pairs, examples, seed, cfg.power_a, cfg.random_non_queries)
+        digest = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
+        path = os.path.join(os.path.expanduser(cfg.cache_dir),
+                            f"mqar_zoology_L{seq_len}_N{pairs}_{examples}_{digest}.npy")
+        if os.path.isfile(path):
+            arr = np.load(path, mmap_mode="r")
+            if arr.shape == (2, examples, seq_len):
+                return arr[0], arr[1]
+    inputs, labels = zoology_segment(cfg.vocab, seq_len, pairs, examples, seed, cfg.power_a, cfg.random_non_queries)
+    arr = np.stack([inputs, labels]).astype(np.int16)
+    if path is not None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    return arr[0], arr[1]
+
+
+class MqarZoologyLoader(BatchSource):
+    """Zoology's batching: every batch is ``micro_batch_size * dp_size`` consecutive examples of one segment (one
+    sequence length, so nothing is padded), a segment's last batch may be smaller; an epoch is every batch of every
+    segment once, in segment order (Zoology: no shuffling) or, with ``shuffle``, in an order drawn from
+    ``(seed, epoch)``. Rank ``r`` takes its contiguous share of each batch's rows. The val split is the test
+    segments, one pass per ``iter()``. Resumable: the position is the global batch number."""
+
+    def __init__(self, cfg: MqarZoologyConfig, split: str, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 seed: int = 0, shuffle: bool = False, vocab_size: int | None = None, pin_memory: bool = False):
+        if split not in _SPLITS:
+            raise ValueError(f"MQAR data has splits {sorted(_SPLITS)}, not {split!r}")
+        if not 0 <= dp_rank < dp_size or micro_batch_size < 1:
+            raise ValueError(f"bad loader geometry: dp_rank={dp_rank} dp_size={dp_size} "
+                             f"micro_batch_size={micro_batch_size}")
+        problems = cfg.problems(vocab_size if vocab_size is not None else cfg.vocab)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.cfg, self.split, self.seed, self.shuffle = cfg, split, seed, shuffle and split == "train"
+        self.batch, self.dp_rank, self.dp_size, self.pin_memory = micro_batch_size, dp_rank, dp_size, pin_memory
+        self.segments = zoology_segments(cfg, "train" if split == "train" else "test")
+        self.seq_len = max(inp.shape[1] for inp, _ in self.segments)
+        gb = micro_batch_size * dp_size
+        self.batches = []  # (segment, first row, end row) of this rank's share of each global batch
+        self.dropped = 0  # rows of final batches too small to give every rank one
+        for s, (inp, _) in enumerate(self.segments):
+            for lo in range(0, len(inp), gb):
+                hi = min(lo + gb, len(inp))
+                if hi - lo < dp_size:
+                    self.dropped += hi - lo
+                    continue
+                share = np.array_split(np.arange(lo, hi), dp_size)[dp_rank]
+                self.batches.append((s, int(share[0]), int(share[-1]) + 1))
+        self.batches_per_epoch = len(self.batches)
+        self.num_samples = sum(len(inp) for inp, _ in self.segments)
+        self.skipped = 0
+        self._position = 0
+
+    @property
+    def epoch(self) -> int:
+        return self._position // self.batches_per_epoch
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.batches_per_epoch)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.batches_per_epoch)
+
+    def make_batch(self, g: int) -> dict[str, torch.Tensor]:
+        import torch
+
+        epoch, b = divmod(g, self.batches_per_epoch)
+        s, lo, hi = self.batches[int(self._order(epoch)[b])]
+        inp, lab = self.segments[s]
+        batch = {"input_ids": torch.from_numpy(np.asarray(inp[lo:hi], dtype=np.int64)),
+                 "labels": torch.from_numpy(np.asarray(lab[lo:hi], dtype=np.int64))}
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.split == "val":
+            self._position = 0
+            for g in range(self.batches_per_epoch):
+                self._position = g + 1
+                yield self.make_batch(g)
+            return
+        while True:
+            batch = self.make_batch(self._position)
+            self._position += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "kind": "mqar_zoology", "split": self.split, "epoch": self.epoch,
+                "batch_in_epoch": self._position % self.batches_per_epoch, "seed": self.seed,
+                "dp_size": self.dp_size, "micro_batch_size": self.batch, "seq_len": self.seq_len, "skipped": 0}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Resume right after the last consumed batch of ``sd`` (exact on the same data-parallel size and micro
+        batch, which fix the batches)."""
+        for key, mine in (("format", STATE_FORMAT), ("kind", "mqar_zoology"), ("split", self.split),
+                          ("seed", self.seed), ("dp_size", self.dp_size), ("micro_batch_size", self.batch)):
             if sd.get(key) != mine:
                 raise ValueError(f"loader state has {key}={sd.get(key)!r} but this MQAR loader has {mine!r}: "
                                  "resume with the same data settings, data-parallel size and micro batch")

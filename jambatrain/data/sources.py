@@ -210,9 +210,23 @@ def _mqar_loader(cfg, split, dp_rank, dp_size, data_dir, pin_memory=False) -> Ba
                       vocab_size=cfg.model.vocab_size, pin_memory=pin_memory)
 
 
+# ---------------------------------------------------------------- mqar_zoology: Zoology / Based MQAR (mqar.py)
+def _mqar_zoology_loader(cfg, split, dp_rank, dp_size, data_dir, pin_memory=False) -> BatchSource:
+    """Zoology's MQAR: fixed segments, one sequence length per batch."""
+    from .mqar import MqarZoologyLoader
+
+    data = cfg.data
+    return MqarZoologyLoader(data.mqar_zoology, "val" if split != "train" else "train", cfg.parallel.micro_batch_size,
+                             dp_rank, dp_size, seed=cfg.trainer.seed, shuffle=data.shuffle,
+                             vocab_size=cfg.model.vocab_size, pin_memory=pin_memory)
+
+
 KINDS: dict[str, DataKind] = {
     "shards": DataKind("shards", config_problems=_shards_config_problems, prepare=_shards_prepare,
                        loader=_shards_loader, data_dir=lambda cfg: os.path.expanduser(cfg.data.dir), documents=True),
     "mqar": DataKind("mqar", config_problems=lambda cfg: cfg.data.mqar.problems(cfg.model.vocab_size),
                      prepare=lambda cfg, dist: "", loader=_mqar_loader),  # synthetic: no files
+    "mqar_zoology": DataKind("mqar_zoology",
+                             config_problems=lambda cfg: cfg.data.mqar_zoology.problems(cfg.model.vocab_size),
+                             prepare=lambda cfg, dist: "", loader=_mqar_zoology_loader),  # synthetic: no files
 }

@@ -67,13 +67,18 @@ class ModelConfig:
     name: str = runtime("jamba_v0_1")  # the defaults below are Jamba v0.1 (= HF JambaConfig())
     vocab_size: int = arch(65536)
     hidden_size: int = arch(4096)
-    intermediate_size: int = arch(14336)
+    intermediate_size: int = arch(14336)  # 0: no FFN in dense layers (Zoology's state_mixer = Identity)
     num_hidden_layers: int = arch(32)
     num_attention_heads: int = arch(32)
     num_key_value_heads: int = arch(8)
     # hybrid layout: layer i is attention iff i % attn_layer_period == attn_layer_offset (else Mamba)
     attn_layer_period: int = arch(8)
     attn_layer_offset: int = arch(4)
+    # a non-attention layer i is a gated short conv (models/short_conv.py, Zoology's BaseConv) instead of Mamba iff
+    # short_conv_layer_period > 0 and i % short_conv_layer_period == short_conv_layer_offset
+    short_conv_layer_period: int = arch(0, hf=False)
+    short_conv_layer_offset: int = arch(0, hf=False)
+    short_conv_kernel: int = arch(3, hf=False)
     # layer i has an MoE FFN iff num_experts > 1 and i % expert_layer_period == expert_layer_offset
     expert_layer_period: int = arch(2, moe_only=True)
     expert_layer_offset: int = arch(1, moe_only=True)
@@ -104,6 +109,9 @@ class ModelConfig:
     activation_checkpointing: Recompute = runtime(Recompute.none)
     # >0: training loss computed this many tokens at a time with the logits recomputed in backward (memory)
     loss_chunk_tokens: int = runtime(0)
+    # training loss: apply the LM head only at positions that have a label (one host sync per micro batch, for the
+    # count); the same loss, for tasks that score few positions (MQAR: 4-64 of 64-256 per sequence)
+    loss_labeled_only: bool = runtime(False)
     # CUDA only: torch.compile the SwiGLU product and the fp32 cross-entropy (models/fused_ops.py)
     compile_elementwise: bool = runtime(True)
     # CUDA only, A/B switches of bench/throughput.py (True is the fast path): mamba-ssm's fused Triton RMSNorm; the
@@ -137,13 +145,19 @@ class ModelConfig:
     def is_attention_layer(self, i: int) -> bool:
         return i % self.attn_layer_period == self.attn_layer_offset
 
+    def is_short_conv_layer(self, i: int) -> bool:
+        return (self.short_conv_layer_period > 0 and i % self.short_conv_layer_period == self.short_conv_layer_offset
+                and not self.is_attention_layer(i))
+
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts > 1 and i % self.expert_layer_period == self.expert_layer_offset
 
     def layer_pattern(self) -> str:
-        """One letter pair per layer: 'a'/'m' for attention/Mamba mixer, 'E'/'d' for MoE/dense FFN."""
+        """One letter pair per layer: 'a'/'m'/'c' for attention/Mamba/short-conv mixer, 'E'/'d'/'-' for MoE/dense/no
+        FFN."""
         return " ".join(
-            ("a" if self.is_attention_layer(i) else "m") + ("E" if self.is_moe_layer(i) else "d")
+            ("a" if self.is_attention_layer(i) else "c" if self.is_short_conv_layer(i) else "m")
+            + ("E" if self.is_moe_layer(i) else "d" if self.intermediate_size else "-")
             for i in range(self.num_hidden_layers)
         )
 
@@ -169,7 +183,15 @@ class ModelConfig:
             p.append(f"model.use_rope needs an even head_dim, got {self.head_dim}")
         if self.loss_chunk_tokens < 0:
             p.append(f"model.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0 = whole-batch loss)")
-        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "mamba_d_state",
+        if self.intermediate_size < 0 or (self.intermediate_size == 0 and self.num_experts > 1):
+            p.append(f"model.intermediate_size={self.intermediate_size} must be > 0 (MoE layers need it) or 0 for no "
+                     "FFN in a model without experts (model.num_experts=1)")
+        if self.short_conv_layer_period < 0 or self.short_conv_kernel < 1 or (
+                self.short_conv_layer_period and not 0 <= self.short_conv_layer_offset < self.short_conv_layer_period):
+            p.append(f"model.short_conv_layer_period={self.short_conv_layer_period} (0 = none), offset "
+                     f"{self.short_conv_layer_offset} (in [0, period)) and short_conv_kernel={self.short_conv_kernel}"
+                     " (>= 1) are inconsistent")
+        for k in ("vocab_size", "hidden_size", "num_hidden_layers", "mamba_d_state",
                   "mamba_d_conv", "mamba_expand"):
             if getattr(self, k) <= 0:
                 p.append(f"model.{k} must be positive, got {getattr(self, k)}")

@@ -31,7 +31,7 @@ def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool,
     fp = FastPaths({})
     layers = range(cfg.num_hidden_layers)
 
-    if any(not cfg.is_attention_layer(i) for i in layers):
+    if any(not cfg.is_attention_layer(i) and not cfg.is_short_conv_layer(i) for i in layers):
         # the plan MambaMixer.plan executes (the same call with the mixer's fields)
         mamba = ssm_ops.decide_mamba(cfg.mamba_impl, device_type, doc_mask, cfg.mamba_kernel_layout,
                                      cfg.compile_elementwise, cp)

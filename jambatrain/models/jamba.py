@@ -17,6 +17,7 @@ from .fused_ops import cross_entropy_sum
 from .layers import RMSNorm, SwiGLU, linear
 from .mamba import MambaMixer, init_dt_proj
 from .moe import MoE
+from .short_conv import ShortConvMixer
 
 
 class JambaBlock(nn.Module):
@@ -25,10 +26,12 @@ class JambaBlock(nn.Module):
         self.is_attention = cfg.is_attention_layer(layer_idx)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.fused_rms_norm)
-        self.mixer = Attention(cfg) if self.is_attention else MambaMixer(cfg)
-        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.fused_rms_norm)
-        self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size,
-                                                         cfg.compile_elementwise)
+        self.mixer = Attention(cfg) if self.is_attention else \
+            ShortConvMixer(cfg) if cfg.is_short_conv_layer(layer_idx) else MambaMixer(cfg)
+        has_ffn = self.is_moe or cfg.intermediate_size > 0  # 0: no FFN sub-layer (Zoology's Identity state mixer)
+        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.fused_rms_norm) if has_ffn else None
+        self.ffn = (MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size,
+                                                          cfg.compile_elementwise)) if has_ffn else None
 
     def _mix(self, x, attn_mask, reset):
         h = self.input_layernorm(x)
@@ -47,6 +50,9 @@ class JambaBlock(nn.Module):
         mix = checkpoint(self._mix, x, attn_mask, reset, use_reentrant=False) if recompute == "mixer" \
             else self._mix(x, attn_mask, reset)
         x = x + mix
+        if self.ffn is None:
+            zero = x.new_zeros((), dtype=torch.float32)
+            return x, zero, zero
         f, aux, z = checkpoint(self._ff, x, use_reentrant=False) if recompute == "ffn" else self._ff(x)
         return x + f, aux, z
 
@@ -182,7 +188,11 @@ class JambaLM(nn.Module):
         h, aux, z = self.hidden_states(input_ids, doc_starts)
         chunk = self.cfg.loss_chunk_tokens
         logits = ce = loss = None
-        if labels is not None and chunk and not return_logits:
+        if labels is not None and self.cfg.loss_labeled_only and not return_logits:
+            flat = labels.view(-1)
+            keep = (flat != -100).nonzero().squeeze(1)  # the host sync: the number of scored positions
+            ce = cross_entropy_sum(self.lm_head(h.view(-1, h.shape[-1])[keep]), flat[keep], self.cfg.compile_elementwise)
+        elif labels is not None and chunk and not return_logits:
             ce = chunked_cross_entropy_sum(self.lm_head, h.view(-1, h.shape[-1]), labels.view(-1), chunk,
                                            self.cfg.compile_elementwise)
         else:

@@ -1,0 +1,277 @@
+"""data=mqar_zoology: the generator against Zoology's own function, the loader's batching, the model options the
+recipe needs (no FFN, short-conv token shift), the eval task, and the CPU toy of bench/mqar_zoology.py."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from jambatrain.data.mqar import (MqarZoologyConfig, MqarZoologyLoader, zoology_segment, zoology_segment_seeds,
+                                  zoology_segments)
+from jambatrain.models import JambaLM, ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _reference_multiquery_ar(vocab_size, num_examples, input_seq_len, seed, power_a=0.01, num_kv_pairs=8,
+                             num_passes=1, random_non_queries=True):
+    """Verbatim (less the docstring and the DataSegment wrapper) from HazyResearch/zoology, commit
+    dbcb60d2bd10a3cc7a89ee60c446c44900a4687f, zoology/data/multiquery_ar.py (Apache License 2.0)."""
+    assert input_seq_len % 2 == 0, "input_seq_len must be even"
+    assert vocab_size > input_seq_len
+    assert num_kv_pairs * 2 * num_passes + num_kv_pairs * 2 <= input_seq_len
+
+    np.random.seed(seed)
+
+    # two tokens for key and value
+    context_size = num_kv_pairs * 2 * num_passes
+
+    # create keys so that each key is present exactly once in each example
+    key_vocab_size = vocab_size // 2
+    key_choices = np.arange(1, key_vocab_size)
+    value_choices = np.arange(key_vocab_size, vocab_size)
+
+    keys_unshuffled = np.tile(key_choices, (num_examples, 1))
+    keys = np.apply_along_axis(np.random.choice, 1, keys_unshuffled, replace=False, size=num_kv_pairs)
+
+    values_unshuffled = np.tile(value_choices, (num_examples, 1))
+    values = np.apply_along_axis(np.random.choice, 1, values_unshuffled, replace=False, size=num_kv_pairs)
+
+    # create sequences
+    kvs = np.zeros((num_examples, context_size), dtype=np.int64)
+    kvs[:, 0::2] = keys
+    kvs[:, 1::2] = values
+    kvs = np.tile(kvs, (1, num_passes))
+
+    # compute power law
+    space = (input_seq_len - context_size) // 2
+    p = power_a * np.arange(1, space + 1) ** (power_a-1)
+    p = p / p.sum()
+
+    x = np.stack([np.arange(space, dtype=int)] * num_examples)
+    gaps = np.apply_along_axis(np.random.choice, axis=1, arr=x, replace=False, p=p, size=num_kv_pairs)
+
+    # queries and answers
+    queries = np.zeros((num_examples, input_seq_len - context_size + 1), dtype=np.int64)
+    np.put_along_axis(queries, (gaps * 2), values=keys, axis=1)
+    examples = np.concatenate([
+        kvs,
+        queries
+    ], axis=1)
+
+    labels = np.full((num_examples, input_seq_len + 1), -100, dtype=np.int64)
+    np.put_along_axis(labels, (gaps * 2) + context_size + 1, values=values, axis=1)
+
+    inputs, labels = torch.tensor(examples[:, :-1]), torch.tensor(labels[:, 1:])
+
+    # replace all the 0 with random values
+    if random_non_queries:
+        inputs[inputs == 0] = torch.randint(vocab_size, size=inputs.shape)[inputs == 0]
+    return inputs, labels
+
+
+@pytest.mark.parametrize("vocab,seq_len,pairs,n,seed", [(8192, 64, 4, 40, 7), (8192, 256, 64, 6, 2**31 + 5),
+                                                       (512, 128, 32, 9, 3)])
+def test_segment_is_zoologys_draw_for_draw(vocab, seq_len, pairs, n, seed):
+    torch.manual_seed(seed)  # Zoology's noise comes from the global torch RNG; ours from a generator seeded alike
+    ref_inputs, ref_labels = _reference_multiquery_ar(vocab, n, seq_len, seed, num_kv_pairs=pairs)
+    inputs, labels = zoology_segment(vocab, seq_len, pairs, n, seed)
+    np.testing.assert_array_equal(inputs, ref_inputs.numpy())
+    np.testing.assert_array_equal(labels, ref_labels.numpy())
+
+
+def test_segment_structure():
+    vocab, seq_len, pairs = 8192, 128, 8
+    inputs, labels = zoology_segment(vocab, seq_len, pairs, 300, seed=11)
+    assert inputs.shape == labels.shape == (300, seq_len)
+    for x, y in zip(inputs, labels):
+        keys, values = x[0:2 * pairs:2], x[1:2 * pairs:2]
+        assert len(set(keys)) == pairs and len(set(values)) == pairs  # unique per sequence
+        assert keys.min() >= 1 and keys.max() < vocab // 2 and values.min() >= vocab // 2 and values.max() < vocab
+        q = np.flatnonzero(y != -100)
+        assert len(q) == pairs and q.min() >= 2 * pairs and (q % 2 == 0).all()  # each key asked once, after the pairs
+        assert sorted(x[q]) == sorted(keys) and dict(zip(keys, values)) == dict(zip(x[q], y[q]))
+    # power-law gaps (a = 0.01): the first query slot is by far the most likely
+    gaps = np.concatenate([(np.flatnonzero(y != -100) - 2 * pairs) // 2 for y in labels])
+    counts = np.bincount(gaps, minlength=(seq_len - 2 * pairs) // 2)
+    assert counts[0] > 3 * counts[10] > 0
+
+
+def test_seeds_are_zoologys_and_test_seeds_differ():
+    np.random.seed(123)  # zoology/data/utils.py prepare_data
+    train = np.random.randint(0, 2 ** 31, size=5)
+    test = np.random.randint(2 ** 31, 2 ** 32, size=7)
+    ours = zoology_segment_seeds(123, 5, 7)
+    assert ours == ([int(s) for s in train], [int(s) for s in test])
+    assert not set(ours[0]) & set(ours[1])
+
+
+def _small_cfg(tmp_path=None) -> MqarZoologyConfig:
+    return MqarZoologyConfig(vocab=256, train=[[16, 2, 10], [32, 4, 7]], test=[[16, 2, 5], [64, 8, 3]],
+                             cache_dir=str(tmp_path) if tmp_path else "")
+
+
+def test_loader_batches_one_length_each_in_zoology_order(tmp_path):
+    cfg = _small_cfg(tmp_path)
+    loader = MqarZoologyLoader(cfg, "train", 4, 0, 1)
+    assert loader.batches_per_epoch == 3 + 2  # ceil(10/4) + ceil(7/4): the last batch of a segment is smaller
+    it = iter(loader)
+    shapes = [tuple(next(it)["input_ids"].shape) for _ in range(6)]
+    assert shapes == [(4, 16), (4, 16), (2, 16), (4, 32), (3, 32), (4, 16)]  # segment order, then epoch 2
+    assert loader.epoch == 1
+    # cached: a second loader memory-maps the same arrays
+    assert len(list(tmp_path.iterdir())) == 2
+    again = MqarZoologyLoader(cfg, "train", 4, 0, 1)
+    np.testing.assert_array_equal(again.make_batch(3)["labels"], loader.make_batch(3)["labels"])
+    # resume continues with the next batch
+    sd = loader.state_dict()
+    fresh = MqarZoologyLoader(cfg, "train", 4, 0, 1)
+    fresh.load_state_dict(sd)
+    np.testing.assert_array_equal(next(iter(fresh))["input_ids"], loader.make_batch(6)["input_ids"])
+    # two ranks split each global batch; together they see every row once per epoch
+    rows = []
+    for r in range(2):
+        ld = MqarZoologyLoader(cfg, "train", 2, r, 2)
+        rows += [tuple(t) for g in range(ld.batches_per_epoch) for t in ld.make_batch(g)["input_ids"].tolist()]
+    assert len(rows) == 17 and sorted(rows) == sorted(
+        tuple(t) for inp, _ in zoology_segments(cfg, "train") for t in inp.tolist())
+    # shuffle: a permutation of the same batches
+    sh = MqarZoologyLoader(cfg, "train", 4, 0, 1, seed=1, shuffle=True)
+    assert sorted(sh.make_batch(g)["input_ids"].shape[0] for g in range(5)) == [2, 3, 4, 4, 4]
+    # the val split is the test segments
+    val = MqarZoologyLoader(cfg, "val", 4, 0, 1)
+    assert [tuple(b["input_ids"].shape) for b in val] == [(4, 16), (1, 16), (3, 64)]
+
+
+def test_config_refuses_a_bad_segment():
+    cfg = MqarZoologyConfig(vocab=256, train=[[15, 2, 10]], test=[[64, 20, 3]])
+    msg = "; ".join(cfg.problems(128))
+    assert "exceeds model.vocab_size=128" in msg and "[15, 2, 10]" in msg and "[64, 20, 3]" in msg
+
+
+def _tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=256, hidden_size=32, intermediate_size=0, num_hidden_layers=2, num_attention_heads=1,
+                num_key_value_heads=1, num_experts=1, mamba_d_state=4, tie_word_embeddings=True)
+    return ModelConfig(**{**base, **kw})
+
+
+def test_no_ffn_and_short_conv_layers():
+    cfg = _tiny(attn_layer_period=2, attn_layer_offset=1, short_conv_layer_period=2)
+    assert cfg.layer_pattern() == "c- a-"
+    model = JambaLM(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("ffn" in n or "pre_ff" in n for n in names)
+    assert "layers.0.mixer.conv.weight" in names and "layers.0.mixer.projection.bias" in names
+    # the conv mixer is causal: changing token t changes no output before t
+    x = torch.randint(256, (2, 12))
+    y = x.clone()
+    y[:, 7] = (y[:, 7] + 1) % 256
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    assert torch.equal(a[:, :7], b[:, :7]) and not torch.equal(a[:, 7:], b[:, 7:])
+    hybrid = _tiny(attn_layer_period=2, attn_layer_offset=1)
+    assert hybrid.layer_pattern() == "m- a-"
+    assert ModelConfig(**{**_tiny().__dict__, "intermediate_size": 0, "num_experts": 4}).problems()
+
+
+def test_eval_task_counts_query_positions_only():
+    from jambatrain.config import TrainConfig
+    from jambatrain.eval import mqar_zoology_metrics
+
+    cfg = TrainConfig()
+    cfg.data.mqar_zoology = _small_cfg()
+    cfg.model = _tiny(attn_layer_period=2, attn_layer_offset=1, short_conv_layer_period=2)
+    cfg.parallel.micro_batch_size = 2
+
+    class Oracle(torch.nn.Module):  # knows the answers: logits peak at the label where there is one
+        def __init__(self, segs):
+            super().__init__()
+            self.answers = {tuple(x.tolist()): y for inp, lab in segs for x, y in zip(inp, lab)}
+            self.lm_head = torch.nn.Identity()
+
+        def hidden_states(self, ids, doc_starts=None):
+            out = torch.zeros(*ids.shape, 256)
+            for i, row in enumerate(ids):
+                y = torch.as_tensor(np.asarray(self.answers[tuple(row.tolist())], dtype=np.int64))
+                keep = y != -100
+                out[i, keep, y[keep]] = 1.0
+                out[i, ~keep, 0] = 1.0  # wrong everywhere else: must not count
+            return out, None, None
+
+    segs = zoology_segments(cfg.data.mqar_zoology, "test")
+    res = mqar_zoology_metrics(Oracle(segs), cfg, torch.device("cpu"))
+    assert res["mqar_zoology_acc"] == 1.0 and res["mqar_zoology"] == {"L16_N2": 1.0, "L64_N8": 1.0}
+
+
+def test_loss_labeled_only_is_the_same_loss_and_gradient():
+    torch.manual_seed(0)
+    cfg = _tiny(attn_layer_period=2, attn_layer_offset=1)
+    full = JambaLM(cfg)
+    part = JambaLM(ModelConfig(**{**cfg.__dict__, "loss_labeled_only": True}))
+    part.load_state_dict(full.state_dict())
+    inputs, labels = zoology_segment(256, 32, 4, 3, seed=5)
+    ids, lab = torch.from_numpy(inputs), torch.from_numpy(labels)
+    a = full(ids, labels=lab, return_logits=False)
+    b = part(ids, labels=lab, return_logits=False)
+    torch.testing.assert_close(a.loss, b.loss)
+    a.loss.backward()
+    b.loss.backward()
+    for (n, p), q in zip(full.named_parameters(), part.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)
+
+
+def test_bench_toy_runs_the_grid_through_the_trainer_and_eval(tmp_path):
+    """The CPU toy of bench/mqar_zoology.py: probe, a Hydra multirun per arm, jambatrain.eval, the table."""
+    out = tmp_path / "mqz"
+    r = subprocess.run([sys.executable, "bench/mqar_zoology.py", "run", "--toy", "--out", str(out), "--arms",
+                        "attention_d64,hybrid_d64", "--lrs", "1e-2,3e-2", "--procs", "2", "--epochs", "1",
+                        "--budget-s", "300", "--probe-steps", "3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.load(open(out / "mqar_zoology.json"))
+    assert res["epochs"] == 1 and res["steps_per_epoch"] == 6 and res["probe_step_s"] > 0
+    assert [a["arm"] for a in res["arms"]] == ["attention_d64", "hybrid_d64"]
+    assert len(res["runs"]) == 4 and {r["run_dir"].rsplit("/", 1)[-1] for r in res["runs"]} == {"0", "1"}
+    for run in res["runs"]:  # each arm's two lrs: one Hydra multirun (jobs 0 and 1) in one trainer process
+        assert run["steps"] == 6 and 0 <= run["acc"] <= 1 and set(run["acc_by_segment"]) == {"L16_N2", "L64_N8"}
+        assert len(run["acc_during_training"]) == 1  # the trainer's eval at the epoch's end
+        assert os.path.isfile(out / run["run_dir"] / ".hydra" / "overrides.yaml")  # a Hydra multirun job
+    assert "| attention | 16 |" in open(out / "mqar_zoology.md").read()
+    docs = tmp_path / "results.md"
+    docs.write_text("a\n<!-- mqar_zoology:table -->\nold\n<!-- /mqar_zoology:table -->\nb\n")
+    subprocess.run([sys.executable, "bench/mqar_zoology.py", "report", str(out / "mqar_zoology.json"), "--docs",
+                    str(docs)], cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": ROOT})
+    text = docs.read_text()
+    assert "old" not in text and "| hybrid [mamba N16, attention] | 16 |" in text and text.endswith("b\n")
+
+
+def test_trainer_stops_early_past_the_metric_with_a_checkpoint(tmp_path):
+    """trainer.stop_metric: the run ends (checkpointed) at the first eval whose metric exceeds trainer.stop_above."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from mqar_zoology import TOY
+
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "jambatrain.train", "experiment=zoology_attention", *TOY,
+                        "model.hidden_size=16", f"data.mqar_zoology.cache_dir={tmp_path / 'cache'}",
+                        "trainer.max_steps=12", "trainer.eval_every=3", "trainer.stop_above=-1.0",
+                        f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "mqar_zoology_acc" in r.stdout and "stopping early" in r.stdout
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_00000003"]
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert max(row["step"] for row in rows) == 3
+
+
+def test_hf_export_refuses_the_zoology_layers():
+    from jambatrain.hf_convert import to_hf_config
+
+    for cfg in (_tiny(), _tiny(intermediate_size=64, short_conv_layer_period=2)):
+        with pytest.raises(ValueError, match="no Hugging Face Jamba equivalent"):
+            to_hf_config(cfg)
