@@ -235,7 +235,7 @@ def _context_parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
 
 
 def _data_config_problems(cfg: TrainConfig) -> list[str]:
-    p = []
+    p, data = [], cfg.data
     for t in cfg.eval.tasks:
         if t not in ("val", "mqar", "passkey", "mqar_zoology"):
             p.append(f"eval.tasks has {t!r}: choose from val, mqar, passkey, mqar_zoology")
