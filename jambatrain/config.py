@@ -239,11 +239,13 @@ def _data_config_problems(cfg: TrainConfig) -> list[str]:
     for t in cfg.eval.tasks:
         if t not in ("val", "mqar", "passkey", "mqar_zoology"):
             p.append(f"eval.tasks has {t!r}: choose from val, mqar, passkey, mqar_zoology")
-    if "mqar_zoology" in cfg.eval.tasks and data.kind != "mqar_zoology":
-        p += data.mqar_zoology.problems(cfg.model.vocab_size)
-    if cfg.model.short_conv_layer_period and data.doc_mask and data.kind == "shards":
+    kind = data_kind(cfg)
+    if cfg.model.short_conv_layer_period and data.doc_mask and kind.documents:
         p.append("model.short_conv_layer_period: the short-conv mixer has no document mask; set data.doc_mask=false")
-    return p + data_kind(cfg).config_problems(cfg)  # each data.kind's own checks (data/sources.py KINDS)
+    p += kind.config_problems(cfg)  # each data.kind's own checks (data/sources.py KINDS)
+    if "mqar_zoology" in cfg.eval.tasks:  # the eval task draws its test set from data.mqar_zoology
+        p += [q for q in data.mqar_zoology.problems(cfg.model.vocab_size) if q not in p]
+    return p
 
 
 # the shards' manifest against the config (data.kind=shards; data/sources.py)
