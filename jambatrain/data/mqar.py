@@ -358,7 +358,6 @@ class MqarZoologyLoader(BatchSource):
                 self.batches.append((s, int(share[0]), int(share[-1]) + 1))
         self.batches_per_epoch = len(self.batches)
         self.num_samples = sum(len(inp) for inp, _ in self.segments)
-        self.skipped = 0
         self._position = 0
 
     @property
