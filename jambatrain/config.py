@@ -146,6 +146,26 @@ class TrainConfig:
 OmegaConf.register_new_resolver("jambatrain_cache", cache_root, replace=True)
 
 
+def sweep_stamp() -> str:
+    """The time a sweep started, for ``hydra.sweep.dir`` (conf/train.yaml): a new ``-m`` sweep gets a directory of
+    its own instead of resuming the previous sweep's checkpoints. Under torchrun every local rank composes its own
+    config, so they take the start time of their common parent (the torchrun agent), not their own clocks."""
+    import time
+
+    t = time.time()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        try:
+            import psutil
+
+            t = psutil.Process(os.getppid()).create_time()
+        except Exception:  # noqa: BLE001 - no psutil / no parent: the local clock
+            pass
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(t))
+
+
+OmegaConf.register_new_resolver("jambatrain_sweep_stamp", sweep_stamp, use_cache=True, replace=True)
+
+
 def register_schema() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)

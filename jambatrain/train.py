@@ -118,10 +118,10 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
     if tag is None and checkpoint.has_checkpoints(run_dir):
         raise SystemExit(f"jambatrain: {checkpoint.ckpt_root(run_dir)} holds checkpoint directories but none is "
                          "complete (see the warnings above); not starting again from step 0 over them. Move them "
-                         "aside to start afresh, or point hydra.run.dir at a new directory")
+                         f"aside to start afresh, or point {_run_dir_key()} at a new directory")
     if tr.resume and tag is None:
         raise SystemExit(f"trainer.resume=true but {checkpoint.ckpt_root(run_dir)} has no complete checkpoint: "
-                         "point hydra.run.dir at the run to resume, or drop trainer.resume")
+                         f"point {_run_dir_key()} at the run to resume, or drop trainer.resume")
     if tag is None or not (tr.resume or tr.auto_resume):
         return paths, None
     errors = checkpoint.check_resumable(run_dir, tag, asdict(cfg.model), dist.world_size, cfg.parallel.zero_stage)
@@ -241,7 +241,7 @@ def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
         torch.manual_seed(tr.seed + 1000 * dist.rank)
     if state.step >= tr.max_steps and dist.is_main:
         print(f"jambatrain: {run_dir} is already at step {state.step} (trainer.max_steps={tr.max_steps}): nothing to "
-              "train; raise trainer.max_steps to continue, or use another hydra.run.dir for a new run", flush=True)
+              f"train; raise trainer.max_steps to continue, or use another {_run_dir_key()} for a new run", flush=True)
 
     config_dict = {**config_dict, "runtime": runtime_info(dist, paths)}  # W&B config: what actually ran
     if dist.is_main:
@@ -393,6 +393,15 @@ class _StopFlag:
         return any_rank(self.raised)
 
 
+def _run_dir_key() -> str:
+    """The option that picks this run's directory: ``hydra.sweep.dir`` for a job of a ``-m`` sweep (its dir is
+    ``<sweep dir>/<job num>``; hydra.run.dir does not apply there), else ``hydra.run.dir``."""
+    from hydra.types import RunMode
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return "hydra.sweep.dir" if multirun else "hydra.run.dir"
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(raw: DictConfig) -> float | None:
     export_submitit_env()  # before the rank checks below: under submitit each task is a rank
@@ -402,7 +411,12 @@ def main(raw: DictConfig) -> float | None:
     if int(os.environ.get("RANK", "0")) == 0:
         os.makedirs(run_dir, exist_ok=True)
         OmegaConf.save(OmegaConf.create(config_dict), os.path.join(run_dir, "config.yaml"))
-    result = train(cfg, run_dir, config_dict)
+    try:
+        result = train(cfg, run_dir, config_dict)
+    except SystemExit as e:  # the advice of every check names the option that sets this job's dir
+        if _run_dir_key() != "hydra.run.dir" and isinstance(e.code, str):
+            raise SystemExit(e.code.replace("hydra.run.dir", _run_dir_key())) from None
+        raise
     if int(os.environ.get("RANK", "0")) == 0 and "loss" in result:
         print(f"jambatrain: step {result['step']} loss {result['loss']:.4f}; metrics, checkpoints and W&B run in "
               f"{run_dir}", flush=True)
