@@ -426,6 +426,10 @@ def main(raw: DictConfig) -> float | None:
 def cli() -> None:
     """Entry point: ``python -m jambatrain.train``, ``jambatrain-train``."""
     require_configs()
+    from .config import override_key_problems
+
+    if bad := override_key_problems(sys.argv[1:], CONF_DIR):
+        raise SystemExit("jambatrain: unknown config keys on the command line:\n  - " + "\n  - ".join(bad))
     main()
 
 
