@@ -133,11 +133,14 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
     if errors:
         raise SystemExit("jambatrain: cannot resume:\n  - " + "\n  - ".join(errors))
     horizon = saved_state.decay_steps
+    if dist.is_main and (table := resume_changes(saved_state.config, flat_config(cfg), saved_state.step)):
+        print(f"jambatrain: resuming {tag} (step {saved_state.step}) with settings that differ from the "
+              f"checkpoint's:\n{table}", flush=True)
     if cfg.optim.decay_steps is None and horizon and horizon != tr.max_steps:
         if dist.is_main:
-            print(f"jambatrain: keeping the checkpoint's LR schedule (cosine decay over {horizon} steps, then the floor) "
-                  f"although trainer.max_steps is now {tr.max_steps}; set optim.decay_steps to decay over another "
-                  "horizon", flush=True)
+            print(f"jambatrain: LR schedule: keeping the checkpoint's decay horizon (cosine decay to the floor at step "
+                  f"{horizon}) although trainer.max_steps is now {tr.max_steps}; set optim.decay_steps to decay over "
+                  "another horizon. optim.lr, warmup_steps and min_lr_ratio are this run's", flush=True)
         cfg.optim.decay_steps = horizon
     if gas != cfg.parallel.grad_accum_steps:
         if dist.is_main:
@@ -146,6 +149,45 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
                   f"{cfg.parallel.grad_accum_steps})", flush=True)
         cfg.parallel.grad_accum_steps = gas
     return paths, tag
+
+
+def flat_config(cfg: TrainConfig) -> dict:
+    """The settings as ``{"optim.lr": 0.002, ...}`` (JSON values), saved with every checkpoint."""
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict) and v:
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v.value if hasattr(v, "value") else v
+
+    walk(asdict(cfg), "")
+    return json.loads(json.dumps(out, default=str))
+
+
+def resume_changes(saved: dict, now: dict, step: int) -> str:
+    """A table of the settings that differ between the checkpoint's run (``saved``, from its train_state) and this
+    one, and which value is in effect after the resume; "" when none differ (or the checkpoint predates the record).
+    Keys left unset now (None: taken from the data manifest or the checkpoint) are not changes. The architecture
+    (model.*) must match and is checked elsewhere; the global batch is the checkpoint's (said next), and so is the LR
+    decay horizon while optim.decay_steps is unset; everything else is this run's from step ``step`` on (the LR schedule is a function of the step)."""
+    rows = []
+    for key in sorted(k for k in now if k in saved and saved[k] != now[k] and now[k] is not None):
+        if key.startswith("model.") and key != "model.init_from":
+            continue
+        if key in ("parallel.grad_accum_steps", "parallel.micro_batch_size"):
+            wins = "the checkpoint's global batch (below)"
+        elif key == "model.init_from":
+            wins = "ignored (the checkpoint's weights)"
+        else:
+            wins = f"now, from step {step}"
+        rows.append((key, repr(saved[key]), repr(now[key]), wins))
+    if not rows:
+        return ""
+    rows.insert(0, ("setting", "checkpoint", "now", "in effect"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3] for r in rows)
 
 
 @dataclass
@@ -325,6 +367,7 @@ def maybe_checkpoint(run: Run, preempted: bool) -> None:
         loader.count_skips(reduce_mean(loader.uncounted_skips(dist.device))[0] * dist.world_size)
     state.loader = loader.state_dict()
     state.guard = run.guard.state_dict()
+    state.config = flat_config(run.cfg)
     state.decay_steps = run.cfg.optim.decay_steps or tr.max_steps
     state.parallel = {"world_size": dist.world_size, "zero_stage": par.zero_stage,
                       "expert_parallel_size": par.expert_parallel_size,
