@@ -54,11 +54,15 @@ def run_proc(cmd, *, timeout: float, tail: int = 6000, **kw) -> subprocess.Compl
     except subprocess.TimeoutExpired:
         kill_tree(p.pid)
         out, err = p.communicate()
-        pytest.fail(f"timed out after {timeout} s (process tree killed): {' '.join(map(str, cmd))}\n"
-                    f"--- stdout (end) ---\n{out[-tail:]}\n--- stderr (end) ---\n{err[-tail:]}", pytrace=False)
+        timed_out = True
     except BaseException:  # Ctrl-C, a pytest-timeout: leave nothing behind
         kill_tree(p.pid)
         raise
+    else:
+        timed_out = False
+    if timed_out:
+        pytest.fail(f"timed out after {timeout} s (process tree killed): {' '.join(map(str, cmd))[:500]}\n"
+                    f"--- stdout (end) ---\n{out[-tail:]}\n--- stderr (end) ---\n{err[-tail:]}", pytrace=False)
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
