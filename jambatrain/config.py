@@ -19,6 +19,11 @@ from .data.mqar import MqarConfig
 from .models.config import ModelConfig, choice, coerce_choices
 from .paths import cache_root
 
+class ConfigError(SystemExit):
+    """A configuration the run refuses at start-up: the same on every rank, so under torchrun only rank 0 prints it
+    (``jambatrain.train.cli``); the others exit 1 silently."""
+
+
 Prepare = choice("Prepare", "none", "stdlib", module=__name__)
 OnError = choice("OnError", "raise", "skip", module=__name__)
 Precision = choice("Precision", "auto", "bf16", "fp32", module=__name__)
@@ -178,11 +183,11 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     unset (``???``, e.g. ``data.dir`` with ``data=shards``) is refused here, naming every such key."""
     unknown = unknown_keys(cfg)
     if unknown:
-        raise SystemExit("jambatrain: unknown config keys (a typo? they would be ignored):\n  - "
+        raise ConfigError("jambatrain: unknown config keys (a typo? they would be ignored):\n  - "
                          + "\n  - ".join(unknown_key_message(k) for k in unknown))
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise SystemExit("jambatrain: these config values must be set: " + ", ".join(missing)
+        raise ConfigError("jambatrain: these config values must be set: " + ", ".join(missing)
                          + (" (data.dir: the directory `python -m data_prep.write_shards --out DIR` wrote)"
                             if "data.dir" in missing else ""))
     obj = OmegaConf.to_object(cfg)

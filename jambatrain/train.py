@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint, profiling
-from .config import TrainConfig, data_problems, problems, register_schema, to_train_config
+from .config import ConfigError, TrainConfig, data_problems, problems, register_schema, to_train_config
 from .data.sources import doc_starts
 from .metrics import (MetricsLogger, Throughput, grad_norm, memory_stats, moe_load_stats, peak_flops, runtime_info,
                       train_flops_per_token)
@@ -104,7 +104,7 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
 
         errors += init_from_problems(cfg.model, cfg.model.init_from)
     if errors:
-        raise SystemExit("jambatrain: invalid configuration:\n  - " + "\n  - ".join(errors))
+        raise ConfigError("jambatrain: invalid configuration:\n  - " + "\n  - ".join(errors))
     tr = cfg.trainer
     if tr.save_every:  # every rank looks (a node may see another disk); all stop if one cannot write
         with torch.device("meta"):
@@ -149,6 +149,15 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
                   f"{cfg.parallel.grad_accum_steps})", flush=True)
         cfg.parallel.grad_accum_steps = gas
     return paths, tag
+
+
+def quiet_known_warnings() -> None:
+    """Drop the one library warning every run prints, mid progress bar: DeepSpeed's ZeRO all-gather calls
+    torch.distributed.all_gather_into_tensor, which torch 2.13 deprecates. Only that message, only from DeepSpeed."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning, module=r"deepspeed\.")
 
 
 def flat_config(cfg: TrainConfig) -> dict:
@@ -259,6 +268,7 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
 def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
     """Process groups, preflight checks, data, model, engine, resume, logger: everything before the first step."""
     stop = _StopFlag()  # first: a preemption signal during start-up is a stop at the first step, not a death
+    quiet_known_warnings()
     dist = init_distributed(cfg.parallel)
     paths, resume_tag = preflight(cfg, dist, run_dir)
     tr, par = cfg.trainer, cfg.parallel
@@ -458,7 +468,7 @@ def main(raw: DictConfig) -> float | None:
         result = train(cfg, run_dir, config_dict)
     except SystemExit as e:  # the advice of every check names the option that sets this job's dir
         if _run_dir_key() != "hydra.run.dir" and isinstance(e.code, str):
-            raise SystemExit(e.code.replace("hydra.run.dir", _run_dir_key())) from None
+            raise type(e)(e.code.replace("hydra.run.dir", _run_dir_key())) from None
         raise
     if int(os.environ.get("RANK", "0")) == 0 and "loss" in result:
         print(f"jambatrain: step {result['step']} loss {result['loss']:.4f}; metrics, checkpoints and W&B run in "
@@ -471,9 +481,14 @@ def cli() -> None:
     require_configs()
     from .config import override_key_problems
 
-    if bad := override_key_problems(sys.argv[1:], CONF_DIR):
-        raise SystemExit("jambatrain: unknown config keys on the command line:\n  - " + "\n  - ".join(bad))
-    main()
+    try:
+        if bad := override_key_problems(sys.argv[1:], CONF_DIR):
+            raise ConfigError("jambatrain: unknown config keys on the command line:\n  - " + "\n  - ".join(bad))
+        main()
+    except ConfigError as e:  # every rank found the same problem: rank 0 says it
+        if int(os.environ.get("RANK", "0")) != 0:
+            raise SystemExit(1) from None
+        raise SystemExit(e.code) from None
 
 
 if __name__ == "__main__":
