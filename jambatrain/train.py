@@ -55,7 +55,35 @@ def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
     errors = data_problems(cfg, manifest, data_dir)
     if errors:
         raise SystemExit("jambatrain: the data does not fit the config:\n  - " + "\n  - ".join(errors))
+    unused = cfg.model.vocab_size - manifest["vocab_size"]
+    if unused >= 128 and dist.is_main:  # more than padding to a multiple of 128
+        print(f"jambatrain: WARNING: model.vocab_size={cfg.model.vocab_size} but the tokenizer of {data_dir} has "
+              f"{manifest['vocab_size']} tokens: {unused} embedding and output rows are never a target (wasted "
+              f"parameters, and the softmax spreads over ids that never occur); set model.vocab_size="
+              f"{manifest['vocab_size']} (or the next multiple of 128)", flush=True)
     return data_dir
+
+
+def keep_tokenizer(data_dir: str, run_dir: str, resuming: bool) -> None:
+    """Copy the shards' tokenizer (checked against their manifest by ``prepare_data``) into the run dir, so that
+    ``export_hf`` ships the one the run trained with even after the data dir (the embedded corpus' cache) is rebuilt.
+    A resumed run whose copy differs from the data's tokenizer would continue on other token ids: refused."""
+    import shutil
+
+    from .data.tokenizer import file_sha256
+
+    src, dst = os.path.join(data_dir, "tokenizer.model"), os.path.join(run_dir, "tokenizer.model")
+    if not os.path.isfile(src):  # synthetic shards
+        return
+    if os.path.isfile(dst) and file_sha256(dst) != file_sha256(src):
+        if resuming:
+            raise SystemExit(f"jambatrain: {dst} (the tokenizer this run trained with) differs from {src}: the data "
+                             "was retokenized since; point data.dir at the run's shards, or start a new run dir")
+    elif os.path.isfile(dst):
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    shutil.copyfile(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
 
 
 def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict, ep: ExpertParallel | None = None) -> JambaLM:
@@ -89,6 +117,9 @@ def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict, ep: ExpertPa
         from .hf_io import load_hf_pretrained
 
         load_hf_pretrained(model, mcfg.init_from)
+        if dist.is_main:
+            print(f"jambatrain: model.init_from: loaded all {sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M "
+                  f"weights from {mcfg.init_from} (HF Jamba)", flush=True)
     return model
 
 
@@ -274,6 +305,8 @@ def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
     tr, par = cfg.trainer, cfg.parallel
     torch.manual_seed(tr.seed)  # same init on every rank
     data_dir = prepare_data(cfg, dist)
+    if dist.is_main and data_dir:
+        keep_tokenizer(data_dir, run_dir, resuming=resume_tag is not None)
 
     from .data import make_loader
 

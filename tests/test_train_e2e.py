@@ -361,8 +361,9 @@ def test_pretraining_starts_from_an_exported_hf_directory(train_env, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     fresh, warm = str(tmp_path / "fresh"), str(tmp_path / "warm")
     run_train(train_env, fresh, "trainer.max_steps=1", "trainer.save_every=0", *common, nproc=1)
-    run_train(train_env, warm, "trainer.max_steps=1", "trainer.save_every=0", f"model.init_from={hf_dir}",
-              *common, nproc=1)
+    pw = run_train(train_env, warm, "trainer.max_steps=1", "trainer.save_every=0", f"model.init_from={hf_dir}",
+                   *common, nproc=1)
+    assert f"model.init_from: loaded all" in pw.stdout and hf_dir in pw.stdout  # the run says it
     first_fresh, first_warm = metrics(fresh)[0]["loss"], metrics(warm)[0]["loss"]
     trained = metrics(src)[-1]["loss"]
     assert first_warm < first_fresh - 0.5, (first_warm, first_fresh, trained)
