@@ -491,18 +491,21 @@ def _run_dir_key() -> str:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(raw: DictConfig) -> float | None:
     export_submitit_env()  # before the rank checks below: under submitit each task is a rank
-    cfg = to_train_config(raw)
-    run_dir = HydraConfig.get().runtime.output_dir
-    config_dict = OmegaConf.to_container(raw, resolve=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(config_dict), os.path.join(run_dir, "config.yaml"))
     try:
+        cfg = to_train_config(raw)
+        run_dir = HydraConfig.get().runtime.output_dir
+        config_dict = OmegaConf.to_container(raw, resolve=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            os.makedirs(run_dir, exist_ok=True)
+            OmegaConf.save(OmegaConf.create(config_dict), os.path.join(run_dir, "config.yaml"))
         result = train(cfg, run_dir, config_dict)
     except SystemExit as e:  # the advice of every check names the option that sets this job's dir
-        if _run_dir_key() != "hydra.run.dir" and isinstance(e.code, str):
-            raise type(e)(e.code.replace("hydra.run.dir", _run_dir_key())) from None
-        raise
+        code = e.code.replace("hydra.run.dir", _run_dir_key()) if isinstance(e.code, str) else e.code
+        if "SUBMITIT_FOLDER" in os.environ and code not in (0, None):
+            # a submitit job records an Exception in its result file, not a SystemExit: without one the sweep
+            # cannot tell that the job failed (and polls sacct forever on a cluster without accounting)
+            raise RuntimeError(code) from None
+        raise type(e)(code) from None
     if int(os.environ.get("RANK", "0")) == 0 and "loss" in result:
         print(f"jambatrain: step {result['step']} loss {result['loss']:.4f}; metrics, checkpoints and W&B run in "
               f"{run_dir}", flush=True)
@@ -514,6 +517,10 @@ def cli() -> None:
     require_configs()
     from .config import override_key_problems
 
+    if "-m" in sys.argv[1:] or "--multirun" in sys.argv[1:]:
+        from .slurm_watch import install
+
+        install()  # submitit's SLURM launcher: job states from squeue where sacct fails
     try:
         if bad := override_key_problems(sys.argv[1:], CONF_DIR):
             raise ConfigError("jambatrain: unknown config keys on the command line:\n  - " + "\n  - ".join(bad))
