@@ -10,10 +10,11 @@ import pytest
 from conftest import REPO, run_proc
 from jambatrain.config import TrainConfig
 from jambatrain.optim import lr_at
-from jambatrain.train import flat_config, resume_changes
 
 
 def test_resume_changes_table():
+    from jambatrain.train import flat_config, resume_changes
+
     saved = flat_config(TrainConfig())
     now = dict(saved, **{"optim.lr": 3e-3, "trainer.max_steps": 300, "data.seq_len": None,
                          "parallel.grad_accum_steps": 2, "model.hidden_size": 7})

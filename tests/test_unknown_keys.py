@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO
-from jambatrain.config import override_key_problems, register_schema, to_train_config
+from jambatrain.config import register_schema, to_train_config
 from jambatrain.paths import CONF_DIR
 
 
@@ -32,6 +32,8 @@ def test_an_added_key_the_schema_lacks_is_refused_after_composition(override, hi
 
 
 def test_command_line_and_experiment_keys_are_checked_before_hydra(tmp_path):
+    from jambatrain.config import override_key_problems
+
     conf = str(tmp_path / "conf")
     shutil.copytree(CONF_DIR, conf)
     with open(os.path.join(conf, "experiment", "typo.yaml"), "w") as f:
