@@ -351,7 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
     dist = init_distributed(cfg.parallel)
     scaled = scale_defaults(cfg, dist.device, overrides)
     if scaled and dist.is_main:
-        print(f"eval: on CPU, smaller defaults (set them to override): {', '.join(scaled)}", file=sys.stderr, flush=True)
+        print(f"eval: on CPU, smaller defaults (set them to override): {', '.join(scaled)}", file=sys.stderr,
+              flush=True)
     data_dir = os.path.expanduser(cfg.data.dir) if cfg.data.kind == "shards" else ""
     if "val" in cfg.eval.tasks and data_dir and not os.path.isfile(os.path.join(data_dir, "manifest.json")):
         raise SystemExit(f"eval: the val task needs the run's shards at data.dir={data_dir} (no manifest.json "

@@ -211,13 +211,14 @@ def resume_changes(saved: dict, now: dict, step: int) -> str:
     one, and which value is in effect after the resume; "" when none differ (or the checkpoint predates the record).
     Keys left unset now (None: taken from the data manifest or the checkpoint) are not changes. The architecture
     (model.*) must match and is checked elsewhere; the global batch is the checkpoint's (said next), and so is the LR
-    decay horizon while optim.decay_steps is unset; everything else is this run's from step ``step`` on (the LR schedule is a function of the step)."""
+    decay horizon while optim.decay_steps is unset; everything else is this run's from step ``step`` on (the LR
+    schedule is a function of the step)."""
     rows = []
     for key in sorted(k for k in now if k in saved and saved[k] != now[k] and now[k] is not None):
         if key.startswith("model.") and key != "model.init_from":
             continue
         if key in ("parallel.grad_accum_steps", "parallel.micro_batch_size"):
-            wins = "the checkpoint's global batch (below)"
+            wins = "the checkpoint's global batch is kept"
         elif key == "model.init_from":
             wins = "ignored (the checkpoint's weights)"
         else:

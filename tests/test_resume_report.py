@@ -23,7 +23,7 @@ def test_resume_changes_table():
     rows = {line.split()[0]: line for line in table[1:]}
     assert set(rows) == {"optim.lr", "trainer.max_steps", "parallel.grad_accum_steps"}  # None / model.*: not here
     assert rows["optim.lr"].split()[1:] == ["0.0003", "0.003", "now,", "from", "step", "50"]
-    assert "checkpoint's global batch" in rows["parallel.grad_accum_steps"]
+    assert "global batch is kept" in rows["parallel.grad_accum_steps"]
     assert resume_changes({}, now, 50) == "" and resume_changes(saved, saved, 50) == ""
 
 

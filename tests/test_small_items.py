@@ -32,7 +32,8 @@ def test_eval_on_cpu_scales_its_default_sizes_down_and_keeps_what_was_given():
     cfg.parallel.micro_batch_size = 4
     assert scale_defaults(cfg, torch.device("cpu"), ["eval.mqar_samples=64"]) == [
         "eval.val_batches=16", "eval.passkey_samples=2", "eval.batch_size=16"]
-    assert (cfg.eval.val_batches, cfg.eval.mqar_samples, cfg.eval.passkey_samples, cfg.eval.batch_size) == (16, 32, 2, 16)
+    ev = cfg.eval
+    assert (ev.val_batches, ev.mqar_samples, ev.passkey_samples, ev.batch_size) == (16, 32, 2, 16)
     gpu = TrainConfig()
     assert scale_defaults(gpu, torch.device("cuda"), []) == [] and gpu.eval.val_batches == 0
 

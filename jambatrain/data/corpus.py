@@ -128,8 +128,9 @@ def build_lock(out_dir: str, timeout_s: float | None = None, poll_s: float = 0.5
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(path)
-            who = (f"pid {holder.get('pid')} on {holder.get('host')}, building since "
-                   f"{time.strftime('%H:%M:%S', time.localtime(holder.get('since', 0)))}" if holder else "another process")
+            since = time.strftime("%H:%M:%S", time.localtime(holder.get("since", 0)))
+            who = (f"pid {holder.get('pid')} on {holder.get('host')}, building since {since}" if holder
+                   else "another process")
             if holder.get("host") == host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
                 print(f"jambatrain: {path} is held but its builder ({who}) is gone (a child process it left behind "
                       "holds the lock); replacing the lock file and building here", file=sys.stderr, flush=True)
