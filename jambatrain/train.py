@@ -164,7 +164,8 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
     if errors:
         raise SystemExit("jambatrain: cannot resume:\n  - " + "\n  - ".join(errors))
     horizon = saved_state.decay_steps
-    if dist.is_main and (table := resume_changes(saved_state.config, flat_config(cfg), saved_state.step)):
+    if dist.is_main and (table := resume_changes(saved_state.config, flat_config(cfg), saved_state.step,
+                                                    cfg.parallel.zero_stage)):
         print(f"jambatrain: resuming {tag} (step {saved_state.step}) with settings that differ from the "
               f"checkpoint's:\n{table}", flush=True)
     if cfg.optim.decay_steps is None and horizon and horizon != tr.max_steps:
@@ -183,12 +184,13 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
 
 
 def quiet_known_warnings() -> None:
-    """Drop the one library warning every run prints, mid progress bar: DeepSpeed's ZeRO all-gather calls
-    torch.distributed.all_gather_into_tensor, which torch 2.13 deprecates. Only that message, only from DeepSpeed."""
+    """Drop the one library warning every run prints, mid progress bar: DeepSpeed's ZeRO all-gather
+    (deepspeed/comm/torch.py) calls torch.distributed.all_gather_into_tensor, which torch 2.13 deprecates; the
+    warning is attributed to torch's c10d_logger wrapper. Only that message from there (jambatrain never calls it)."""
     import warnings
 
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                            category=FutureWarning, module=r"deepspeed\.")
+                            category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
 
 
 def flat_config(cfg: TrainConfig) -> dict:
@@ -206,7 +208,10 @@ def flat_config(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(out, default=str))
 
 
-def resume_changes(saved: dict, now: dict, step: int) -> str:
+ZERO3_RESTORED = ("optim.beta1", "optim.beta2", "optim.eps", "optim.weight_decay")
+
+
+def resume_changes(saved: dict, now: dict, step: int, zero_stage: int = 2) -> str:
     """A table of the settings that differ between the checkpoint's run (``saved``, from its train_state) and this
     one, and which value is in effect after the resume; "" when none differ (or the checkpoint predates the record).
     Keys left unset now (None: taken from the data manifest or the checkpoint) are not changes. The architecture
@@ -221,6 +226,8 @@ def resume_changes(saved: dict, now: dict, step: int) -> str:
             wins = "the checkpoint's global batch is kept"
         elif key == "model.init_from":
             wins = "ignored (the checkpoint's weights)"
+        elif zero_stage == 3 and key in ZERO3_RESTORED:  # DeepSpeed loads the optimizer's param groups whole
+            wins = "the checkpoint's (ZeRO-3 restores the optimizer's settings)"
         else:
             wins = f"now, from step {step}"
         rows.append((key, repr(saved[key]), repr(now[key]), wins))
@@ -320,6 +327,12 @@ def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
     state = checkpoint.TrainState(model_config=asdict(cfg.model))
     if resume_tag is not None:
         state = checkpoint.load(engine, model, run_dir, resume_tag, dist.rank)
+        if par.zero_stage == 3 and engine.lr_scheduler is not None:
+            # DeepSpeed's load restored the LambdaLR's base LR (the checkpoint's optim.lr): the configured one, as
+            # under ZeRO-0..2 (the resume report says so)
+            sched = engine.lr_scheduler
+            sched.base_lrs = [cfg.optim.lr] * len(sched.base_lrs)
+            checkpoint._set_schedule_step(sched, sched.last_epoch)
         loader.load_state_dict(state.loader)
         if dist.is_main:
             print(f"jambatrain: resumed from {run_dir}/checkpoints/{resume_tag} at step {state.step}", flush=True)

@@ -28,17 +28,21 @@ def test_wandb_init_prints_one_line(tmp_path, capfd, monkeypatch):
     assert len(lines) == 1 and lines[0].startswith("jambatrain: W&B run ") and "wandb sync" in lines[0], lines
 
 
-def test_only_deepspeeds_all_gather_into_tensor_warning_is_dropped():
+def test_only_the_all_gather_into_tensor_deprecation_is_dropped():
     from jambatrain.train import quiet_known_warnings
 
     msg = "`torch.distributed.all_gather_into_tensor` is deprecated. Please use `all_gather_single` instead."
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         quiet_known_warnings()
-        warnings.warn_explicit(msg, FutureWarning, "deepspeed/comm/torch.py", 1, module="deepspeed.comm.torch")
-        warnings.warn_explicit(msg, FutureWarning, "mine.py", 1, module="mine")  # our own call: still said
-        warnings.warn_explicit("something else", FutureWarning, "deepspeed/x.py", 1, module="deepspeed.x")
-    assert [(str(w.message), w.filename) for w in seen] == [(msg, "mine.py"), ("something else", "deepspeed/x.py")]
+        # as torch attributes it: to the c10d_logger wrapper of the deprecated function
+        warnings.warn_explicit(msg, FutureWarning, "torch/distributed/c10d_logger.py", 83,
+                               module="torch.distributed.c10d_logger")
+        warnings.warn_explicit(msg, FutureWarning, "mine.py", 1, module="mine")  # from elsewhere: still said
+        warnings.warn_explicit("something else", FutureWarning, "torch/distributed/c10d_logger.py", 83,
+                               module="torch.distributed.c10d_logger")
+    assert [(str(w.message), w.filename) for w in seen] == [(msg, "mine.py"),
+                                                            ("something else", "torch/distributed/c10d_logger.py")]
 
 
 @pytest.mark.slow

@@ -28,13 +28,16 @@ def test_resume_changes_table():
 
 
 @pytest.mark.slow
-def test_resume_with_a_changed_lr_says_so_and_applies_it(train_env, tmp_path):
+@pytest.mark.parametrize("zero", [2, 3])
+def test_resume_with_a_changed_lr_says_so_and_applies_it(train_env, tmp_path, zero):
+    """ZeRO-3 too: DeepSpeed's own load restores the scheduler's base LR, which the trainer sets back to optim.lr."""
     run = str(tmp_path / "run")
 
     def train(*extra):
         cmd = [sys.executable, "-m", "jambatrain.train", "experiment=tiny_cpu", "data=mqar", "data.seq_len=32",
                "trainer.save_every=4", "trainer.log_every=1", "optim.warmup_steps=2", "optim.decay_steps=8",
-               "logger=none", "trainer.progress_bar=false", f"hydra.run.dir={run}", *extra]
+               "logger=none", "trainer.progress_bar=false", f"hydra.run.dir={run}", f"parallel.zero_stage={zero}",
+               *extra]
         p = run_proc(cmd, cwd=REPO, env=train_env, timeout=300)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         return p
