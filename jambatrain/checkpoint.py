@@ -57,6 +57,7 @@ class TrainState:
     skipped_steps: int = 0  # optimizer steps skipped as bad (step_guard.py), whole run
     decay_steps: int | None = None  # the LR schedule's horizon (optim.decay_steps, else trainer.max_steps)
     guard: dict = field(default_factory=dict)  # the step guard's running loss mean
+    config: dict = field(default_factory=dict)  # the run's settings, flat (train.py reports changes at resume)
 
 
 def ckpt_root(run_dir: str) -> str:

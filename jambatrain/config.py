@@ -7,6 +7,9 @@ each problem (each data kind's own checks: data/sources.py KINDS).
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+import typing
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
@@ -16,6 +19,11 @@ from .data.mqar import MqarConfig, MqarZoologyConfig
 from .data.sources import KINDS, data_kind, shards_manifest_problems
 from .paths import cache_root
 from .models.config import ModelConfig, choice, coerce_choices
+
+class ConfigError(SystemExit):
+    """A configuration the run refuses at start-up: the same on every rank, so under torchrun only rank 0 prints it
+    (``jambatrain.train.cli``); the others exit 1 silently."""
+
 
 Prepare = choice("Prepare", "none", "stdlib", module=__name__)
 OnError = choice("OnError", "raise", "skip", module=__name__)
@@ -158,6 +166,26 @@ class TrainConfig:
 OmegaConf.register_new_resolver("jambatrain_cache", cache_root, replace=True)
 
 
+def sweep_stamp() -> str:
+    """The time a sweep started, for ``hydra.sweep.dir`` (conf/train.yaml): a new ``-m`` sweep gets a directory of
+    its own instead of resuming the previous sweep's checkpoints. Under torchrun every local rank composes its own
+    config, so they take the start time of their common parent (the torchrun agent), not their own clocks."""
+    import time
+
+    t = time.time()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        try:
+            import psutil
+
+            t = psutil.Process(os.getppid()).create_time()
+        except Exception:  # noqa: BLE001 - no psutil / no parent: the local clock
+            pass
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(t))
+
+
+OmegaConf.register_new_resolver("jambatrain_sweep_stamp", sweep_stamp, use_cache=True, replace=True)
+
+
 def register_schema() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
@@ -166,9 +194,13 @@ def register_schema() -> None:
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     """Resolve interpolations and turn the composed DictConfig into the typed dataclass tree. A required value left
     unset (``???``, e.g. ``data.dir`` with ``data=shards``) is refused here, naming every such key."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError("jambatrain: unknown config keys (a typo? they would be ignored):\n  - "
+                         + "\n  - ".join(unknown_key_message(k) for k in unknown))
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise SystemExit("jambatrain: these config values must be set: " + ", ".join(missing)
+        raise ConfigError("jambatrain: these config values must be set: " + ", ".join(missing)
                          + (" (data.dir: the directory `python -m data_prep.write_shards --out DIR` wrote)"
                             if "data.dir" in missing else ""))
     obj = OmegaConf.to_object(cfg)
@@ -176,6 +208,96 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
         obj = OmegaConf.to_object(merged)
     return obj
+
+
+def schema_keys(schema=TrainConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the typed schema (``trainer.max_steps``, ``data.mqar.num_pairs``, ...)."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        keys.append(prefix + f.name)
+        sub = _field_dataclass(schema, f.name)
+        if sub is not None:
+            keys += schema_keys(sub, f"{prefix}{f.name}.")
+    return keys
+
+
+def _field_dataclass(schema, name: str):
+    hints = typing.get_type_hints(schema)
+    t = hints.get(name)
+    return t if dataclasses.is_dataclass(t) else None
+
+
+def unknown_keys(cfg: DictConfig, schema=TrainConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of the composed config that the schema does not have, however they came in (``+key=value`` on
+    the command line, an experiment yaml, an interpolated env value): Hydra's struct mode refuses a plain
+    ``key=value`` but lets ``+key`` add one, which the run would then silently ignore."""
+    if OmegaConf.get_type(cfg) not in (schema, dict, None) and dataclasses.is_dataclass(OmegaConf.get_type(cfg)):
+        schema = OmegaConf.get_type(cfg)
+    names = {f.name for f in dataclasses.fields(schema)}
+    out = []
+    for key in cfg.keys():
+        if key == "hydra" and not prefix:
+            continue
+        if key not in names:
+            out.append(f"{prefix}{key}")
+            continue
+        sub = _field_dataclass(schema, key)
+        node = cfg._get_node(key)
+        if sub is not None and isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+            out += unknown_keys(node, sub, f"{prefix}{key}.")
+    return out
+
+
+def unknown_key_message(key: str, groups: tuple[str, ...] = ()) -> str:
+    """``key`` is not a config key: the closest schema key (or config group) as the fix."""
+    import difflib
+
+    known = schema_keys() + list(groups)
+    leaf = key.rsplit(".", 1)[-1]
+    near = [k for k in known if k.rsplit(".", 1)[-1] == leaf and k != key][:1]  # the right key in another place
+    near = near or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not near:
+        leaves = difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in known], n=1, cutoff=0.75)
+        near = [k for k in known if k.rsplit(".", 1)[-1] in leaves][:1]
+    hint = f": did you mean {near[0]}?" if near else " (see jambatrain/config.py for the keys)"
+    return f"{key} is not a config key{hint}"
+
+
+def override_key_problems(args: list[str], conf_dir: str) -> list[str]:
+    """Command-line overrides (``key=value``, ``+key=value``, ``++key=value``) whose key is neither a schema key
+    nor a config group of ``conf_dir``: one message each with the nearest key. Checked before Hydra composes, so
+    a plain ``trainer.max_step=5`` gets "did you mean trainer.max_steps?" rather than Hydra's advice to add it
+    with ``+``."""
+    groups = tuple(d for d in os.listdir(conf_dir) if os.path.isdir(os.path.join(conf_dir, d)))
+    known = set(schema_keys()) | set(groups)
+    parents = {k.rsplit(".", 1)[0] for k in known if "." in k}
+    out = []
+    for arg in args:
+        if arg.startswith(("-", "~")) or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+")
+        if key == "experiment" and os.path.isfile(yaml := os.path.join(conf_dir, "experiment", f"{value}.yaml")):
+            out += [f"{unknown_key_message(k, groups)} (in {yaml})" for k in _yaml_keys(OmegaConf.load(yaml))
+                    if k.split(".")[0] not in ("defaults", "hydra") and _unknown(k, known, parents)]
+        if key.startswith("hydra") or "/" in key or "@" in key or not _unknown(key, known, parents):
+            continue
+        out.append(unknown_key_message(key, groups))
+    return out
+
+
+def _unknown(key: str, known: set[str], parents: set[str]) -> bool:
+    if key in known:
+        return False
+    prefixes = [".".join(key.split(".")[:i]) for i in range(1, key.count(".") + 1)]
+    return not any(p in known and p not in parents for p in prefixes)  # not inside a list/dict value (eval.tasks.0)
+
+
+def _yaml_keys(node, prefix: str = "") -> list[str]:
+    """Dotted leaf keys of a yaml config (an experiment file: ``# @package _global_``)."""
+    if not isinstance(node, DictConfig):
+        return [prefix[:-1]] if prefix else []
+    return [k for key in node.keys() for k in _yaml_keys(node._get_node(key), f"{prefix}{key}.")] or [prefix[:-1]]
 
 
 def problems(cfg: TrainConfig, world_size: int = 1) -> list[str]:

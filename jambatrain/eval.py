@@ -291,7 +291,36 @@ def evaluate_in_training(model, cfg: TrainConfig, dist, data_dir: str, step: int
 
 # ------------------------------------------------------------------------------------------------ the CLI
 
+# the standalone eval's sizes on a CPU (the reference Mamba scan): the whole val split, 32 MQAR and 4 passkey sequences
+# per cell at the training micro batch take minutes for even the tiny model; a GPU keeps the schema's defaults
+CPU_DEFAULTS = {"val_batches": 16, "mqar_samples": 8, "passkey_samples": 2, "batch_size": 16}
+
+
+def scale_defaults(cfg: TrainConfig, device: torch.device, overrides: list[str]) -> list[str]:
+    """On CPU, lower the ``eval.*`` sizes not given on the command line to ``CPU_DEFAULTS`` (never raise one);
+    returns ``key=value`` for each one changed."""
+    if device.type != "cpu":
+        return []
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    changed = []
+    for key, small in CPU_DEFAULTS.items():
+        now = getattr(cfg.eval, key)
+        if f"eval.{key}" in given:
+            continue
+        if key == "batch_size":
+            if now == 0 and cfg.parallel.micro_batch_size < small:  # 0: the micro batch; fewer, larger forwards
+                setattr(cfg.eval, key, small)
+                changed.append(f"eval.{key}={small}")
+        elif (key == "val_batches" and now == 0) or now > small:  # val_batches 0: the whole split
+            setattr(cfg.eval, key, small)
+            changed.append(f"eval.{key}={small}")
+    return changed
+
+
 def _split_argv(argv: list[str]) -> tuple[str, list[str]]:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        raise SystemExit(0)
     paths = [a for a in argv if "=" not in a and not a.startswith("-")]
     if len(paths) != 1 or any(a.startswith("-") for a in argv):
         raise SystemExit("usage: python -m jambatrain.eval RUN_DIR_OR_CHECKPOINT [key=value ...] (Hydra overrides "
@@ -331,6 +360,10 @@ def main(argv: list[str] | None = None) -> dict:
     if errors:
         raise SystemExit("eval: invalid configuration:\n  - " + "\n  - ".join(errors))
     dist = init_distributed(cfg.parallel)
+    scaled = scale_defaults(cfg, dist.device, overrides)
+    if scaled and dist.is_main:
+        print(f"eval: on CPU, smaller defaults (set them to override): {', '.join(scaled)}", file=sys.stderr,
+              flush=True)
     data_dir = data_kind(cfg).data_dir(cfg)  # "" for synthetic data
     if "val" in cfg.eval.tasks and data_dir and not is_url(data_dir) \
             and not os.path.isfile(os.path.join(data_dir, "manifest.json")):

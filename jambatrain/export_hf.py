@@ -32,8 +32,11 @@ from .runs import (find_run_config, load_run_config, model_config_from_checkpoin
 
 
 def find_tokenizer(run_cfg: dict, run_dir: str | None) -> str | None:
-    """A tokenizer.model named in the run's data config (a .model file, or a dir holding tokenizer.model),
-    else RUN_DIR/tokenizer.model."""
+    """RUN_DIR/tokenizer.model (the trainer's copy of the tokenizer the run trained with), else a tokenizer.model
+    named in the run's data config (a .model file, or a dir holding tokenizer.model): that one is what the data dir
+    holds now, which a rebuilt cache may have replaced."""
+    if run_dir and os.path.isfile(os.path.join(run_dir, "tokenizer.model")):
+        return os.path.join(run_dir, "tokenizer.model")
     cands = []
 
     def walk(x):
@@ -125,8 +128,9 @@ def export(src: str, out_dir: str, tokenizer: str | None = None, tag: str | None
                                 ".hydra/config.yaml with a `model:` section above it; pass --config FILE")
     if tokenizer is None and find_tok:
         tokenizer = find_tokenizer(run_cfg, os.path.dirname(os.path.dirname(run_config)) if run_config else None)
-    if tokenizer is not None:  # before the (slow) consolidation: never ship a tokenizer the model was not trained on
-        check_tokenizer(tokenizer, run_cfg)
+    run_copy = run_config and tokenizer == os.path.join(os.path.dirname(os.path.dirname(run_config)), "tokenizer.model")
+    if tokenizer is not None and not run_copy:  # before the (slow) consolidation: never ship a tokenizer the model
+        check_tokenizer(tokenizer, run_cfg)     # was not trained on (the run's copy was checked when it was made)
     print(f"export_hf: checkpoint {os.path.join(root, tag)}, model config from {source}, tokenizer {tokenizer}",
           file=sys.stderr)
     try:  # before any work: the HF config class comes from transformers

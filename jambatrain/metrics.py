@@ -89,10 +89,15 @@ class MetricsLogger:
         if cfg.logger.wandb and cfg.logger.wandb_mode != "disabled":
             import wandb
 
+            # silent: W&B's ~30-line banner (per start and at finish) would bury the run's own lines; one line here
             self.wandb_run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.name,
                                         dir=run_dir, mode=cfg.logger.wandb_mode, config=config_dict,
                                         tags=list(cfg.logger.tags), resume="allow",
-                                        id=_stable_run_id(run_dir))
+                                        id=_stable_run_id(run_dir), settings=wandb.Settings(silent=True))
+            where = os.path.dirname(self.wandb_run.dir.rstrip("/"))
+            print(f"jambatrain: W&B run {self.wandb_run.id}: " + (
+                f"{self.wandb_run.url}" if cfg.logger.wandb_mode == "online" else
+                f"offline in {where} (upload: wandb sync {where})"), flush=True)
 
     def resume_at(self, step: int) -> int:
         """Keep one row per step after a restart from ``step`` (0: a fresh start): the rows past it, logged by an

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import torch
 
@@ -217,4 +218,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["problems"] else 0)  # a PROBLEM line is a failed plan for scripts and CI

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint, profiling
-from .config import TrainConfig, problems, register_schema, to_train_config
+from .config import ConfigError, TrainConfig, problems, register_schema, to_train_config
 from .data.sources import BatchSource, data_kind, doc_starts
 from .metrics import (MetricsLogger, Throughput, grad_norm, memory_stats, moe_load_stats, peak_flops, runtime_info,
                       train_flops_per_token)
@@ -44,6 +44,28 @@ def prepare_data(cfg: TrainConfig, dist: DistInfo) -> str:
     check the shards against the config, filling data.seq_len / vocab_size / eos_id left unset), before any model
     is built. Returns the data directory ("" for synthetic data)."""
     return data_kind(cfg).prepare(cfg, dist)
+
+
+def keep_tokenizer(data_dir: str, run_dir: str, resuming: bool) -> None:
+    """Copy the shards' tokenizer (checked against their manifest by ``prepare_data``) into the run dir, so that
+    ``export_hf`` ships the one the run trained with even after the data dir (the embedded corpus' cache) is rebuilt.
+    A resumed run whose copy differs from the data's tokenizer would continue on other token ids: refused."""
+    import shutil
+
+    from .data.tokenizer import file_sha256
+
+    src, dst = os.path.join(data_dir, "tokenizer.model"), os.path.join(run_dir, "tokenizer.model")
+    if not os.path.isfile(src):  # synthetic shards
+        return
+    if os.path.isfile(dst) and file_sha256(dst) != file_sha256(src):
+        if resuming:
+            raise SystemExit(f"jambatrain: {dst} (the tokenizer this run trained with) differs from {src}: the data "
+                             "was retokenized since; point data.dir at the run's shards, or start a new run dir")
+    elif os.path.isfile(dst):
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    shutil.copyfile(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
 
 
 def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict, ep: ExpertParallel | None = None) -> JambaLM:
@@ -78,6 +100,9 @@ def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict, ep: ExpertPa
         from .hf_io import load_hf_pretrained
 
         load_hf_pretrained(model, mcfg.init_from)
+        if dist.is_main:
+            print(f"jambatrain: model.init_from: loaded all {sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M "
+                  f"weights from {mcfg.init_from} (HF Jamba)", flush=True)
     float8.convert(model, mcfg)  # model.fp8: a converter on the built model (no-op for none)
     return model
 
@@ -94,7 +119,7 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
 
         errors += init_from_problems(cfg.model, cfg.model.init_from)
     if errors:
-        raise SystemExit("jambatrain: invalid configuration:\n  - " + "\n  - ".join(errors))
+        raise ConfigError("jambatrain: invalid configuration:\n  - " + "\n  - ".join(errors))
     tr = cfg.trainer
     if tr.save_every:  # every rank looks (a node may see another disk); all stop if one cannot write
         with torch.device("meta"):
@@ -108,10 +133,10 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
     if tag is None and checkpoint.has_checkpoints(run_dir):
         raise SystemExit(f"jambatrain: {checkpoint.ckpt_root(run_dir)} holds checkpoint directories but none is "
                          "complete (see the warnings above); not starting again from step 0 over them. Move them "
-                         "aside to start afresh, or point hydra.run.dir at a new directory")
+                         f"aside to start afresh, or point {_run_dir_key()} at a new directory")
     if tr.resume and tag is None:
         raise SystemExit(f"trainer.resume=true but {checkpoint.ckpt_root(run_dir)} has no complete checkpoint: "
-                         "point hydra.run.dir at the run to resume, or drop trainer.resume")
+                         f"point {_run_dir_key()} at the run to resume, or drop trainer.resume")
     if tag is None or not (tr.resume or tr.auto_resume):
         return paths, None
     errors = checkpoint.check_resumable(run_dir, tag, asdict(cfg.model), dist.world_size, cfg.parallel.zero_stage)
@@ -124,11 +149,15 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
     if errors:
         raise SystemExit("jambatrain: cannot resume:\n  - " + "\n  - ".join(errors))
     horizon = saved_state.decay_steps
+    if dist.is_main and (table := resume_changes(saved_state.config, flat_config(cfg), saved_state.step,
+                                                    cfg.parallel.zero_stage)):
+        print(f"jambatrain: resuming {tag} (step {saved_state.step}) with settings that differ from the "
+              f"checkpoint's:\n{table}", flush=True)
     if cfg.optim.decay_steps is None and horizon and horizon != tr.max_steps:
         if dist.is_main:
-            print(f"jambatrain: keeping the checkpoint's LR schedule (cosine decay over {horizon} steps, then the floor) "
-                  f"although trainer.max_steps is now {tr.max_steps}; set optim.decay_steps to decay over another "
-                  "horizon", flush=True)
+            print(f"jambatrain: LR schedule: keeping the checkpoint's decay horizon (cosine decay to the floor at step "
+                  f"{horizon}) although trainer.max_steps is now {tr.max_steps}; set optim.decay_steps to decay over "
+                  "another horizon. optim.lr, warmup_steps and min_lr_ratio are this run's", flush=True)
         cfg.optim.decay_steps = horizon
     if gas != cfg.parallel.grad_accum_steps:
         if dist.is_main:
@@ -138,6 +167,61 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
                   f"{cfg.parallel.grad_accum_steps})", flush=True)
         cfg.parallel.grad_accum_steps = gas
     return paths, tag
+
+
+def quiet_known_warnings() -> None:
+    """Drop the one library warning every run prints, mid progress bar: DeepSpeed's ZeRO all-gather
+    (deepspeed/comm/torch.py) calls torch.distributed.all_gather_into_tensor, which torch 2.13 deprecates; the
+    warning is attributed to torch's c10d_logger wrapper. Only that message from there (jambatrain never calls it)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
+
+
+def flat_config(cfg: TrainConfig) -> dict:
+    """The settings as ``{"optim.lr": 0.002, ...}`` (JSON values), saved with every checkpoint."""
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict) and v:
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v.value if hasattr(v, "value") else v
+
+    walk(asdict(cfg), "")
+    return json.loads(json.dumps(out, default=str))
+
+
+ZERO3_RESTORED = ("optim.beta1", "optim.beta2", "optim.eps", "optim.weight_decay")
+
+
+def resume_changes(saved: dict, now: dict, step: int, zero_stage: int = 2) -> str:
+    """A table of the settings that differ between the checkpoint's run (``saved``, from its train_state) and this
+    one, and which value is in effect after the resume; "" when none differ (or the checkpoint predates the record).
+    Keys left unset now (None: taken from the data manifest or the checkpoint) are not changes. The architecture
+    (model.*) must match and is checked elsewhere; the global batch is the checkpoint's (said next), and so is the LR
+    decay horizon while optim.decay_steps is unset; everything else is this run's from step ``step`` on (the LR
+    schedule is a function of the step)."""
+    rows = []
+    for key in sorted(k for k in now if k in saved and saved[k] != now[k] and now[k] is not None):
+        if key.startswith("model.") and key != "model.init_from":
+            continue
+        if key in ("parallel.grad_accum_steps", "parallel.micro_batch_size"):
+            wins = "the checkpoint's global batch is kept"
+        elif key == "model.init_from":
+            wins = "ignored (the checkpoint's weights)"
+        elif zero_stage == 3 and key in ZERO3_RESTORED:  # DeepSpeed loads the optimizer's param groups whole
+            wins = "the checkpoint's (ZeRO-3 restores the optimizer's settings)"
+        else:
+            wins = f"now, from step {step}"
+        rows.append((key, repr(saved[key]), repr(now[key]), wins))
+    if not rows:
+        return ""
+    rows.insert(0, ("setting", "checkpoint", "now", "in effect"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3] for r in rows)
 
 
 @dataclass
@@ -219,11 +303,14 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
 def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
     """Process groups, preflight checks, data, model, engine, resume, logger: everything before the first step."""
     stop = _StopFlag()  # first: a preemption signal during start-up is a stop at the first step, not a death
+    quiet_known_warnings()
     dist = init_distributed(cfg.parallel)
     paths, resume_tag = preflight(cfg, dist, run_dir)
     tr, par = cfg.trainer, cfg.parallel
     torch.manual_seed(tr.seed)  # same init on every rank
     data_dir = prepare_data(cfg, dist)
+    if dist.is_main and data_dir:
+        keep_tokenizer(data_dir, run_dir, resuming=resume_tag is not None)
 
     from .data import make_loader
 
@@ -238,6 +325,12 @@ def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
     state = checkpoint.TrainState(model_config=asdict(cfg.model))
     if resume_tag is not None:
         state = checkpoint.load(engine, model, run_dir, resume_tag, dist.rank)
+        if par.zero_stage == 3 and engine.lr_scheduler is not None:
+            # DeepSpeed's load restored the LambdaLR's base LR (the checkpoint's optim.lr): the configured one, as
+            # under ZeRO-0..2 (the resume report says so)
+            sched = engine.lr_scheduler
+            sched.base_lrs = [cfg.optim.lr] * len(sched.base_lrs)
+            checkpoint._set_schedule_step(sched, sched.last_epoch)
         loader.load_state_dict(state.loader)
         if dist.is_main:
             print(f"jambatrain: resumed from {run_dir}/checkpoints/{resume_tag} at step {state.step}", flush=True)
@@ -245,7 +338,7 @@ def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
         torch.manual_seed(tr.seed + 1000 * dist.rank)
     if state.step >= tr.max_steps and dist.is_main:
         print(f"jambatrain: {run_dir} is already at step {state.step} (trainer.max_steps={tr.max_steps}): nothing to "
-              "train; raise trainer.max_steps to continue, or use another hydra.run.dir for a new run", flush=True)
+              f"train; raise trainer.max_steps to continue, or use another {_run_dir_key()} for a new run", flush=True)
 
     config_dict = {**config_dict, "runtime": runtime_info(dist, paths)}  # W&B config: what actually ran
     if dist.is_main:
@@ -330,6 +423,7 @@ def maybe_checkpoint(run: Run, preempted: bool) -> None:
         loader.count_skips(reduce_mean(loader.uncounted_skips(dist.device))[0] * run.dims.dp)
     state.loader = loader.state_dict()
     state.guard = run.guard.state_dict()
+    state.config = flat_config(run.cfg)
     state.decay_steps = run.cfg.optim.decay_steps or tr.max_steps
     state.parallel = {"world_size": dist.world_size, "zero_stage": par.zero_stage,
                       "expert_parallel_size": par.expert_parallel_size,
@@ -401,16 +495,33 @@ class _StopFlag:
         return any_rank(self.raised)
 
 
+def _run_dir_key() -> str:
+    """The option that picks this run's directory: ``hydra.sweep.dir`` for a job of a ``-m`` sweep (its dir is
+    ``<sweep dir>/<job num>``; hydra.run.dir does not apply there), else ``hydra.run.dir``."""
+    from hydra.types import RunMode
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return "hydra.sweep.dir" if multirun else "hydra.run.dir"
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(raw: DictConfig) -> float | None:
     export_submitit_env()  # before the rank checks below: under submitit each task is a rank
-    cfg = to_train_config(raw)
-    run_dir = HydraConfig.get().runtime.output_dir
-    config_dict = OmegaConf.to_container(raw, resolve=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(config_dict), os.path.join(run_dir, "config.yaml"))
-    result = train(cfg, run_dir, config_dict)
+    try:
+        cfg = to_train_config(raw)
+        run_dir = HydraConfig.get().runtime.output_dir
+        config_dict = OmegaConf.to_container(raw, resolve=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            os.makedirs(run_dir, exist_ok=True)
+            OmegaConf.save(OmegaConf.create(config_dict), os.path.join(run_dir, "config.yaml"))
+        result = train(cfg, run_dir, config_dict)
+    except SystemExit as e:  # the advice of every check names the option that sets this job's dir
+        code = e.code.replace("hydra.run.dir", _run_dir_key()) if isinstance(e.code, str) else e.code
+        if "SUBMITIT_FOLDER" in os.environ and code not in (0, None):
+            # a submitit job records an Exception in its result file, not a SystemExit: without one the sweep
+            # cannot tell that the job failed (and polls sacct forever on a cluster without accounting)
+            raise RuntimeError(code) from None
+        raise type(e)(code) from None
     if int(os.environ.get("RANK", "0")) == 0 and "loss" in result:
         print(f"jambatrain: step {result['step']} loss {result['loss']:.4f}; metrics, checkpoints and W&B run in "
               f"{run_dir}", flush=True)
@@ -420,7 +531,20 @@ def main(raw: DictConfig) -> float | None:
 def cli() -> None:
     """Entry point: ``python -m jambatrain.train``, ``jambatrain-train``."""
     require_configs()
-    main()
+    from .config import override_key_problems
+
+    if "-m" in sys.argv[1:] or "--multirun" in sys.argv[1:]:
+        from .slurm_watch import install
+
+        install()  # submitit's SLURM launcher: job states from squeue where sacct fails
+    try:
+        if bad := override_key_problems(sys.argv[1:], CONF_DIR):
+            raise ConfigError("jambatrain: unknown config keys on the command line:\n  - " + "\n  - ".join(bad))
+        main()
+    except ConfigError as e:  # every rank found the same problem: rank 0 says it
+        if int(os.environ.get("RANK", "0")) != 0:
+            raise SystemExit(1) from None
+        raise SystemExit(e.code) from None
 
 
 if __name__ == "__main__":

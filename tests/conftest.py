@@ -1,5 +1,7 @@
 import os
+import signal
 import socket
+import subprocess
 
 import pytest
 import torch
@@ -23,6 +25,45 @@ def train_env(cache_dir, tmp_path):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "JAMBATRAIN_RUN_DIR"):
         env.pop(k, None)
     return env
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it. torchrun starts its workers in sessions of their own, so a
+    process-group kill would leave them running (holding a cache lock, a port); the tree is collected first."""
+    import psutil
+
+    try:
+        procs = psutil.Process(pid).children(recursive=True) + [psutil.Process(pid)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def run_proc(cmd, *, timeout: float, tail: int = 6000, **kw) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)`` for commands that start
+    processes of their own (torchrun, a trainer): on timeout every process of the tree is killed and the test fails
+    with the end of what the command printed, instead of an empty timeout with orphans left behind."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(p.pid)
+        out, err = p.communicate()
+        timed_out = True
+    except BaseException:  # Ctrl-C, a pytest-timeout: leave nothing behind
+        kill_tree(p.pid)
+        raise
+    else:
+        timed_out = False
+    if timed_out:
+        pytest.fail(f"timed out after {timeout} s (process tree killed): {' '.join(map(str, cmd))[:500]}\n"
+                    f"--- stdout (end) ---\n{out[-tail:]}\n--- stderr (end) ---\n{err[-tail:]}", pytrace=False)
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def free_port() -> int:

@@ -221,9 +221,10 @@ def test_default_corpus_is_idempotent_and_process_safe(tmp_path):
     assert results[0][1] == results[1][1]
     manifest = json.loads(results[0][1])
     assert manifest["splits"]["train"]["num_samples"] > 0 and manifest["vocab_size"] == VOCAB
-    mtimes = {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir() if p.name != ".prepare.lock"}
     assert prepare_default_corpus(out, vocab_size=VOCAB, seq_len=SEQ, max_files=15) == manifest
-    assert {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()} == mtimes
+    # no data file touched (the lock records each holder)
+    assert {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir() if p.name != ".prepare.lock"} == mtimes
     with pytest.raises(ShardDataError, match="seq_len=32.*requested seq_len=64"):
         prepare_default_corpus(out, vocab_size=VOCAB, seq_len=64)
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, run_proc
 
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(REPO, "tests", "ep_worker.py")
@@ -23,7 +23,7 @@ def worker(nproc: int, *args, **env) -> dict:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, **{k: str(v) for k, v in env.items()}}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(k, None)
-    p = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+    p = run_proc(cmd, cwd=REPO, env=full_env, timeout=600)
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     assert p.returncode == 0 and lines, f"worker failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return json.loads(lines[-1][len("RESULT "):])

@@ -16,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import randomize  # noqa: E402
+from conftest import randomize, run_proc  # noqa: E402
 from jambatrain.hf_convert import (  # noqa: E402
     config_mismatches, from_hf_config, from_hf_state_dict, shift_labels, to_hf_config, to_hf_state_dict,
 )
@@ -370,7 +370,7 @@ def test_export_cli_from_a_jambatrain_checkpoint(tmp_path, launch, stage):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", port, *args]
         env = _env()
-    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = run_proc(cmd, env=env, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "shm_comm" not in r.stdout + r.stderr or "built successfully" not in r.stdout + r.stderr
     ckpt = run / "checkpoints" / "step_00000002"

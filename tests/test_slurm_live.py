@@ -120,8 +120,10 @@ def _last_step(run_dir: str) -> int:
 
 
 def _attempts(text: str) -> list[tuple[int, int]]:
-    return [(int(a), int(s)) for a, s in re.findall(r"^jambatrain: job \d+ attempt (\d+) resumed at step (\d+)", text,
-                                                     re.M)]
+    # a fresh start says "started from step 0", a requeued attempt "resumed at step S"
+    found = re.findall(r"^jambatrain: job \d+ attempt (\d+) (resumed at|started from) step (\d+)", text, re.M)
+    assert all((how == "started from") == (s == "0") for _, how, s in found), found
+    return [(int(a), int(s)) for a, _, s in found]
 
 
 def _ended(text: str) -> list[tuple[int, int, str]]:

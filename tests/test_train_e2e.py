@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, run_proc
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ def run_train(env, run_dir, *overrides, nproc=2, check=True):
     else:
         cmd = [sys.executable, "-m", "jambatrain.train"]
     cmd += ["experiment=tiny_cpu", f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", *overrides]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    p = run_proc(cmd, cwd=REPO, env=env, timeout=900)
     if check and p.returncode != 0:
         raise AssertionError(f"train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
@@ -153,7 +153,7 @@ def test_validation_and_hydra_multirun(train_env, tmp_path):
     cmd = [sys.executable, "-m", "jambatrain.train", "-m", "experiment=tiny_cpu", "optim.lr=1e-3,2e-3",
            "trainer.max_steps=2", "trainer.eval_every=2", "trainer.eval_batches=2", "trainer.save_every=0",
            "logger=none", "trainer.progress_bar=false", f"hydra.sweep.dir={sweep}"]
-    p = subprocess.run(cmd, cwd=REPO, env=train_env, capture_output=True, text=True, timeout=600)
+    p = run_proc(cmd, cwd=REPO, env=train_env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     for job, lr in (("0", 1e-3), ("1", 2e-3)):
         rows = metrics(os.path.join(sweep, job))
@@ -174,7 +174,7 @@ def test_multirun_through_the_submitit_launcher_runs_each_job_on_two_ranks(train
     cmd = [sys.executable, "-m", "jambatrain.train", "-m", "hydra/launcher=submitit_local",
            "hydra.launcher.tasks_per_node=2", "experiment=tiny_cpu", "optim.lr=1e-3,2e-3", "trainer.max_steps=2",
            "logger=none", "trainer.progress_bar=false", f"hydra.sweep.dir={sweep}"]
-    p = subprocess.run(cmd, cwd=REPO, env=train_env, capture_output=True, text=True, timeout=600)
+    p = run_proc(cmd, cwd=REPO, env=train_env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     for job in ("0", "1"):
         ckpt = os.path.join(sweep, job, "checkpoints", "step_00000002")
@@ -361,8 +361,9 @@ def test_pretraining_starts_from_an_exported_hf_directory(train_env, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     fresh, warm = str(tmp_path / "fresh"), str(tmp_path / "warm")
     run_train(train_env, fresh, "trainer.max_steps=1", "trainer.save_every=0", *common, nproc=1)
-    run_train(train_env, warm, "trainer.max_steps=1", "trainer.save_every=0", f"model.init_from={hf_dir}",
-              *common, nproc=1)
+    pw = run_train(train_env, warm, "trainer.max_steps=1", "trainer.save_every=0", f"model.init_from={hf_dir}",
+                   *common, nproc=1)
+    assert f"model.init_from: loaded all" in pw.stdout and hf_dir in pw.stdout  # the run says it
     first_fresh, first_warm = metrics(fresh)[0]["loss"], metrics(warm)[0]["loss"]
     trained = metrics(src)[-1]["loss"]
     assert first_warm < first_fresh - 0.5, (first_warm, first_fresh, trained)

@@ -212,12 +212,16 @@ def _encode(item: tuple[int, str]) -> tuple[int, np.ndarray]:
 
 def tokenize_documents(docs: Iterable[tuple[int, str]], tokenizer_path: str, num_workers: int,
                        block_chars: int = 1 << 25) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(doc_index, tokens + [eos])`` in input order, tokenizing in a process pool."""
+    """Yield ``(doc_index, tokens + [eos])`` in input order, tokenizing in a process pool.
+
+    The pool's workers are spawned, never forked: the caller may be a trainer whose process group (gloo) and
+    intra-op threads already run, and a child forked while another thread holds a lock (allocator, OpenMP, gloo)
+    waits for it forever."""
     if num_workers <= 1:
         _init_worker(tokenizer_path)
         yield from map(_encode, docs)
         return
-    with mp.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
+    with mp.get_context("spawn").Pool(num_workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
         block, chars = [], 0
         for item in docs:
             block.append(item)

@@ -186,6 +186,12 @@ def _shards_prepare(cfg, dist) -> str:
     errors = shards_manifest_problems(cfg, manifest, data_dir)
     if errors:
         raise SystemExit("jambatrain: the data does not fit the config:\n  - " + "\n  - ".join(errors))
+    unused = cfg.model.vocab_size - manifest["vocab_size"]
+    if unused >= 128 and dist.is_main:  # more than padding to a multiple of 128
+        print(f"jambatrain: WARNING: model.vocab_size={cfg.model.vocab_size} but the tokenizer of {data_dir} has "
+              f"{manifest['vocab_size']} tokens: {unused} embedding and output rows are never a target (wasted "
+              f"parameters, and the softmax spreads over ids that never occur); set model.vocab_size="
+              f"{manifest['vocab_size']} (or the next multiple of 128)", flush=True)
     return data_dir
 
 
