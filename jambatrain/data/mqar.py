@@ -108,9 +108,47 @@ def passkey_sequence(rng: np.random.Generator, cfg: MqarConfig, length: int, dep
     return tokens.astype(np.int64), labels
 
 
-class MqarLoader(BatchSource):
+class _NumberedBatches(BatchSource):
+    """A synthetic source whose batch g = 0, 1, ... is ``make_batch(g)``: train iterates endlessly from the resume
+    position, val one pass per ``iter()`` (like ``make_val_loader``). The state is the batch number; ``RESUME_KEYS``
+    must agree between the checkpoint and this loader."""
+    KIND = ""
+    RESUME_KEYS: tuple[str, ...] = ()
+    _position = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.split == "val":
+            self._position = 0
+            for g in range(self.batches_per_epoch):
+                self._position = g + 1
+                yield self.make_batch(g)
+            return
+        while True:
+            batch = self.make_batch(self._position)
+            self._position += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "kind": self.KIND, "split": self.split, "epoch": self.epoch,
+                "batch_in_epoch": self._position % self.batches_per_epoch, "seed": self.seed,
+                "dp_size": self.dp_size, "micro_batch_size": self.batch, "seq_len": self.seq_len, "skipped": 0}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Resume right after the last consumed batch of ``sd``."""
+        mine = {**self.state_dict(), "format": STATE_FORMAT}
+        for key in ("format", "kind", "split", "seed", *self.RESUME_KEYS):
+            if sd.get(key) != mine[key]:
+                raise ValueError(f"loader state has {key}={sd.get(key)!r} but this MQAR loader has {mine[key]!r}: "
+                                 "resume with the same data settings, data-parallel size and micro batch")
+        self._position = sd["epoch"] * self.batches_per_epoch + sd["batch_in_epoch"]
+
+
+class MqarLoader(_NumberedBatches):
     """``{"input_ids", "labels"}`` LongTensor(B, seq_len) batches of one data-parallel rank (module docstring). A
-    ``BatchSource`` that never skips a sample (the protocol's default accounting)."""
+    ``BatchSource`` that never skips a sample (the protocol's default accounting). Resume is bit-exact on the same
+    data-parallel size and micro batch; each rank has its own endless stream, so on another geometry (a job resumed on
+    fewer GPUs) the ranks continue from the same batch number with the new layout's streams, fresh synthetic samples."""
+    KIND, RESUME_KEYS = "mqar", ("seq_len",)
 
     def __init__(self, cfg: MqarConfig, split: str, seq_len: int, micro_batch_size: int, dp_rank: int,
                  dp_size: int, seed: int = 0, vocab_size: int | None = None, pin_memory: bool = False):
@@ -161,34 +199,6 @@ class MqarLoader(BatchSource):
         batch = {"input_ids": tokens[:, :-1].contiguous(), "labels": labels}
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self.split == "val":  # one pass per iter(), like make_val_loader
-            self._position = 0
-            for g in range(self.batches_per_epoch):
-                self._position = g + 1
-                yield self.make_batch(g)
-            return
-        while True:
-            batch = self.make_batch(self._position)
-            self._position += 1
-            yield batch
-
-    def state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, "kind": "mqar", "split": self.split, "epoch": self.epoch,
-                "batch_in_epoch": self._position % self.batches_per_epoch, "seed": self.seed,
-                "dp_size": self.dp_size, "micro_batch_size": self.batch, "seq_len": self.seq_len,
-                "skipped": 0}
-
-    def load_state_dict(self, sd: dict) -> None:
-        """Resume right after the last consumed batch of ``sd`` (bit-exact on the same data-parallel size and micro
-        batch). Each rank has its own endless stream: on another geometry (a job resumed on fewer GPUs) the ranks
-        continue from the same batch number with the new layout's streams, fresh synthetic samples."""
-        for key, mine in (("format", STATE_FORMAT), ("kind", "mqar"), ("split", self.split), ("seed", self.seed),
-                          ("seq_len", self.seq_len)):
-            if sd.get(key) != mine:
-                raise ValueError(f"loader state has {key}={sd.get(key)!r} but this MQAR loader has {mine!r}: "
-                                 "resume with the same data settings, data-parallel size and micro batch")
-        self._position = sd["epoch"] * self.batches_per_epoch + sd["batch_in_epoch"]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -324,12 +334,13 @@ def zoology_segment_cached(cfg: MqarZoologyConfig, split: str, i: int) -> tuple[
     return arr[0], arr[1]
 
 
-class MqarZoologyLoader(BatchSource):
+class MqarZoologyLoader(_NumberedBatches):
     """Zoology's batching: every batch is ``micro_batch_size * dp_size`` consecutive examples of one segment (one
     sequence length, so nothing is padded), a segment's last batch may be smaller; an epoch is every batch of every
     segment once, in segment order (Zoology: no shuffling) or, with ``shuffle``, in an order drawn from
     ``(seed, epoch)``. Rank ``r`` takes its contiguous share of each batch's rows. The val split is the test
     segments, one pass per ``iter()``. Resumable: the position is the global batch number."""
+    KIND, RESUME_KEYS = "mqar_zoology", ("dp_size", "micro_batch_size")  # these fix the batches
 
     def __init__(self, cfg: MqarZoologyConfig, split: str, micro_batch_size: int, dp_rank: int, dp_size: int,
                  seed: int = 0, shuffle: bool = False, vocab_size: int | None = None, pin_memory: bool = False):
@@ -379,29 +390,3 @@ class MqarZoologyLoader(BatchSource):
                  "labels": torch.from_numpy(np.asarray(lab[lo:hi], dtype=np.int64))}
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self.split == "val":
-            self._position = 0
-            for g in range(self.batches_per_epoch):
-                self._position = g + 1
-                yield self.make_batch(g)
-            return
-        while True:
-            batch = self.make_batch(self._position)
-            self._position += 1
-            yield batch
-
-    def state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, "kind": "mqar_zoology", "split": self.split, "epoch": self.epoch,
-                "batch_in_epoch": self._position % self.batches_per_epoch, "seed": self.seed,
-                "dp_size": self.dp_size, "micro_batch_size": self.batch, "seq_len": self.seq_len, "skipped": 0}
-
-    def load_state_dict(self, sd: dict) -> None:
-        """Resume right after the last consumed batch of ``sd`` (exact on the same data-parallel size and micro
-        batch, which fix the batches)."""
-        for key, mine in (("format", STATE_FORMAT), ("kind", "mqar_zoology"), ("split", self.split),
-                          ("seed", self.seed), ("dp_size", self.dp_size), ("micro_batch_size", self.batch)):
-            if sd.get(key) != mine:
-                raise ValueError(f"loader state has {key}={sd.get(key)!r} but this MQAR loader has {mine!r}: "
-                                 "resume with the same data settings, data-parallel size and micro batch")
-        self._position = sd["epoch"] * self.batches_per_epoch + sd["batch_in_epoch"]
