@@ -15,7 +15,6 @@ import pytest
 from conftest import REPO, free_port
 from jambatrain import checkpoint
 from jambatrain.models import ModelConfig
-from jambatrain.run_lock import LOCK_NAME, RunLock
 
 TRAIN = ["experiment=tiny_cpu", "trainer.progress_bar=false", "logger=none"]
 
@@ -84,18 +83,20 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_newest_that_verifies_r
 
 
 def _ckpt(run_dir, step, data=b"x" * 1000):
-    """A tag as the commit protocol writes it, with checksums."""
+    """A tag as the commit protocol writes it, with its files' xxh3-128 checksums in the manifest."""
+    import xxhash
+
     tag_dir = os.path.join(run_dir, "checkpoints", f"step_{step:08d}")
     os.makedirs(tag_dir)
     state = checkpoint.TrainState(step=step, model_config=asdict(ModelConfig(name="t", num_hidden_layers=2)))
-    sums, files = {}, {}
-    files["train_state.json"] = checkpoint._fsync_write(os.path.join(tag_dir, "train_state.json"),
-                                                        lambda f: f.write(json.dumps(asdict(state)).encode()), sums)
-    files["params_r00000_000.pt"] = checkpoint._fsync_write(os.path.join(tag_dir, "params_r00000_000.pt"),
-                                                            lambda f: f.write(data), sums)
+    contents = {"train_state.json": json.dumps(asdict(state)).encode(), "params_r00000_000.pt": data}
+    for rel, b in contents.items():
+        with open(os.path.join(tag_dir, rel), "wb") as f:
+            f.write(b)
     with open(os.path.join(tag_dir, "manifest.json"), "w") as f:
-        json.dump({"format": checkpoint.FORMAT, "kind": "portable", "step": step, "files": files,
-                   "checksum": checkpoint.CHECKSUM, "checksums": sums, "params": {}}, f)
+        json.dump({"format": 2, "kind": "portable", "step": step, "files": {k: len(b) for k, b in contents.items()},
+                   "checksum": "xxh3_128", "checksums": {k: xxhash.xxh3_128(b).hexdigest() for k, b in contents.items()},
+                   "params": {}}, f)
     return tag_dir
 
 
@@ -117,6 +118,8 @@ def test_export_and_eval_verify_the_checkpoint_they_read(tmp_path, capsys):
 
 # ---------------------------------------------------------------- 2. one job per run dir
 def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, monkeypatch):
+    from jambatrain.run_lock import LOCK_NAME, RunLock
+
     rd = str(tmp_path / "run")
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     first = RunLock(rd, stale_s=600)
@@ -157,6 +160,7 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, mon
 
 
 def test_a_second_job_in_a_locked_run_dir_is_refused_on_every_rank_and_writes_nothing(train_env, tmp_path):
+    LOCK_NAME = ".jambatrain.lock"
     rd = tmp_path / "run"
     rd.mkdir()
     import socket
