@@ -199,6 +199,8 @@ def find_resumable(run_dir: str, rank: int = 0, world: int = 1, report: bool = T
     for tag in _tags(root):
         tag_dir = os.path.join(root, tag)
         reason = incomplete_reason(tag_dir)
+        if world > 1:  # the ranks agree (a shared filesystem may show a tag late on one node)
+            reason = next((r for r in _all_gather(reason) if r is not None), None)
         if reason is not None:
             if report:
                 _say(f"WARNING: checkpoint {tag_dir} is incomplete ({reason}); it is left in place and an older "
@@ -253,16 +255,30 @@ def resolve_tag(run_dir: str, ref: str) -> str:
     return tag
 
 
-def roll_back_to(run_dir: str, tag: str) -> list[str]:
+ROLLED_BACK = ".rolled_back.json"
+
+
+def rolled_back(run_dir: str) -> dict | None:
+    """The last ``trainer.resume_from`` applied to this run dir ({ref, tag, at}), if any."""
+    try:
+        with open(os.path.join(ckpt_root(run_dir), ROLLED_BACK)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def roll_back_to(run_dir: str, tag: str, ref: str) -> list[str]:
     """Move every tag newer than ``tag`` aside (``step_X.rolled-back-<UTC time>``, kept, never pruned) so that later
-    restarts resume from ``tag`` and its successors; rank 0 only. Returns the new names."""
+    restarts resume from ``tag`` and its successors, and record that ``ref`` was applied (a restart with the same
+    command line does not roll back again); rank 0 only. Returns the new names."""
     import time
 
     root = ckpt_root(run_dir)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     moved = [_set_aside(os.path.join(root, t), f"rolled-back-{stamp}") for t in _tags(root) if t > tag]
-    if moved:
-        _fsync_write(os.path.join(root, "latest"), lambda f: f.write(tag.encode()))
+    _fsync_write(os.path.join(root, "latest"), lambda f: f.write(tag.encode()))
+    record = {"ref": ref, "tag": tag, "at": stamp, "moved": moved}
+    _fsync_write(os.path.join(root, ROLLED_BACK), lambda f: f.write(json.dumps(record).encode()))
     return moved
 
 

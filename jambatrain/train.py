@@ -151,7 +151,13 @@ def choose_checkpoint(cfg: TrainConfig, dist: DistInfo, run_dir: str) -> str | N
     never committed (a crash during the first save) starts afresh with them moved aside; one whose committed
     checkpoints are all damaged is refused, each named with what is wrong."""
     root = checkpoint.ckpt_root(run_dir)
-    if cfg.trainer.resume_from:
+    done = checkpoint.rolled_back(run_dir)
+    if cfg.trainer.resume_from and done and done.get("ref") == cfg.trainer.resume_from:
+        if dist.is_main:  # a requeue or restart with the same command line must not roll back again
+            print(f"jambatrain: trainer.resume_from={cfg.trainer.resume_from} was applied at {done.get('at')} "
+                  f"(rolled back to {done.get('tag')}); resuming from the newest checkpoint since. Drop "
+                  "trainer.resume_from from the command line", flush=True)
+    elif cfg.trainer.resume_from:
         tag = checkpoint.resolve_tag(run_dir, cfg.trainer.resume_from)
         reason = checkpoint.verify_reason(os.path.join(root, tag), dist.rank, dist.world_size)
         if reason:
@@ -159,7 +165,7 @@ def choose_checkpoint(cfg: TrainConfig, dist: DistInfo, run_dir: str) -> str | N
                              f"{os.path.join(root, tag)} cannot be used ({reason}); choose another (this run has: "
                              f"{', '.join(checkpoint._tags(root))})")
         if dist.is_main:
-            for moved in checkpoint.roll_back_to(run_dir, tag):
+            for moved in checkpoint.roll_back_to(run_dir, tag, cfg.trainer.resume_from):
                 print(f"jambatrain: rolling back to {tag}: moved {moved} aside (kept; never pruned)", flush=True)
         barrier()
         return tag
@@ -439,6 +445,7 @@ class _StopFlag:
     def __init__(self):
         self.raised = None  # the first stop signal's name
         self.first_at = 0.0
+        self.pid = os.getpid()  # forked DataLoader workers inherit the handler: there it only keeps them alive
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
                 signal.signal(sig, self._handler)
@@ -448,6 +455,8 @@ class _StopFlag:
             _die_with_parent()
 
     def _handler(self, signum, _frame):
+        if os.getpid() != self.pid:
+            return
         name = signal.Signals(signum).name
         now = time.monotonic()
         if self.raised is not None:

@@ -203,6 +203,10 @@ def test_a_divergent_update_is_not_checkpointed_a_streak_fails_the_run_and_resum
     names = tags(rd)
     assert "step_00000003" in names and "step_00000004" not in names
     assert any(n.startswith("step_00000004.rolled-back-") for n in names), names
+    # a restart with the same command line (a requeue) does not roll back again
+    p = run(train_env, rd, "trainer.max_steps=4", "trainer.save_every=1", "trainer.resume_from=2", *base)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "trainer.resume_from=2 was applied at" in p.stdout and "checkpoints/step_00000003 at step 3" in p.stdout
 
 
 # ---------------------------------------------------------------- 5. stop signals through every launcher

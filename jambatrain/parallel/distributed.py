@@ -163,8 +163,8 @@ def collective_failure(exc: BaseException, rank: int, world: int, timeout_minute
     """The message for a collective that timed out or lost a peer (None: ``exc`` is something else): this rank,
     what it was doing, and every rank's last sign of life."""
     text = f"{type(exc).__name__}: {exc}"
-    markers = ("Timed out", "timed out", "timeout", "Connection closed by peer", "Connection reset", "NCCL",
-               "gloo", "DistBackendError", "Broken pipe")
+    markers = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "gloo/transport",
+               "NCCL", "ProcessGroup", "Broken pipe")
     if world <= 1 or not (isinstance(exc, getattr(dist, "DistError", ())) or any(m in text for m in markers)):
         return None
     ranks = _Liveness.report(world)
