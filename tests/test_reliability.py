@@ -252,7 +252,7 @@ def test_sigusr1_to_plain_torchrun_leaves_no_orphans_the_trainers_checkpoint(tra
         trainers = psutil.Process(proc.pid).children()
         assert len(trainers) == 2
         proc.send_signal(signal.SIGUSR1)
-        proc.communicate(timeout=60)
+        proc.communicate(timeout=240)  # EOF once the trainers, which share its pipes, are gone too
         assert proc.returncode == -signal.SIGUSR1
         gone, alive = psutil.wait_procs(trainers, timeout=180)
         assert not alive, "trainers orphaned"
