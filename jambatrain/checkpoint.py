@@ -242,8 +242,8 @@ def resolve_tag(run_dir: str, ref: str) -> str:
     elif os.sep in ref or ref.startswith("."):
         path = os.path.abspath(ref.rstrip(os.sep))
         if os.path.dirname(path) != os.path.abspath(root):
-            raise SystemExit(f"jambatrain: trainer.resume_from={ref} is not a checkpoint of this run ({root}); to start "
-                             "a new run from another run's weights export them (jambatrain.export_hf) and use "
+            raise SystemExit(f"jambatrain: trainer.resume_from={ref} is not a checkpoint of this run ({root}); to "
+                             "start a new run from another run's weights export them (jambatrain.export_hf) and use "
                              "model.init_from")
         tag = os.path.basename(path)
     else:

@@ -95,7 +95,8 @@ def _ckpt(run_dir, step, data=b"x" * 1000):
             f.write(b)
     with open(os.path.join(tag_dir, "manifest.json"), "w") as f:
         json.dump({"format": 2, "kind": "portable", "step": step, "files": {k: len(b) for k, b in contents.items()},
-                   "checksum": "xxh3_128", "checksums": {k: xxhash.xxh3_128(b).hexdigest() for k, b in contents.items()},
+                   "checksum": "xxh3_128",
+                   "checksums": {k: xxhash.xxh3_128(b).hexdigest() for k, b in contents.items()},
                    "params": {}}, f)
     return tag_dir
 
