@@ -248,6 +248,7 @@ def test_sigusr1_to_plain_torchrun_leaves_no_orphans_the_trainers_checkpoint(tra
                                       "trainer.log_every=1", nproc=2, launcher="torchrun"),
                             cwd=REPO, env=train_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+    trainers = []
     try:
         wait_rows(rd, 3, proc)
         trainers = psutil.Process(proc.pid).children()
@@ -258,7 +259,9 @@ def test_sigusr1_to_plain_torchrun_leaves_no_orphans_the_trainers_checkpoint(tra
         gone, alive = psutil.wait_procs(trainers, timeout=180)
         assert not alive, "trainers orphaned"
         assert _checkpointed_last_step(rd)
-    finally:
+    finally:  # torchrun's trainers have sessions of their own: a killpg of the launcher's does not reach them
+        for t in trainers:
+            t.kill() if t.is_running() else None
         os.killpg(proc.pid, signal.SIGKILL) if psutil.pid_exists(proc.pid) else None
 
 
@@ -295,14 +298,18 @@ def test_a_stalled_rank_ends_the_job_within_the_timeout_naming_it_and_the_job_re
     proc = subprocess.Popen(train_cmd(rd, "trainer.max_steps=100000", *common, nproc=2, launcher="torchrun"),
                             cwd=REPO, env=train_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+    trainers = []
     try:
         wait_rows(rd, 3, proc)
-        rank1 = next(c for c in psutil.Process(proc.pid).children() if c.environ().get("RANK") == "1")
+        trainers = psutil.Process(proc.pid).children()
+        rank1 = next(c for c in trainers if c.environ().get("RANK") == "1")
         rank1.send_signal(signal.SIGSTOP)
         t0 = time.time()
         out, err = proc.communicate(timeout=200)
         waited = time.time() - t0
-    finally:
+    finally:  # torchrun's trainers have sessions of their own: a killpg of the launcher's does not reach them
+        for t in trainers:
+            t.kill() if t.is_running() else None
         os.killpg(proc.pid, signal.SIGKILL) if psutil.pid_exists(proc.pid) else None
     assert proc.returncode != 0
     assert "jambatrain: rank 0: a collective in " in err and "parallel.timeout_minutes=0.25" in err, err[-3000:]
