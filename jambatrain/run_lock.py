@@ -22,6 +22,7 @@ import time
 import uuid
 
 LOCK_NAME = ".jambatrain.lock"
+HYDRA_COPY = ".jambatrain.hydra"  # the lock holder's copy of RUN/.hydra/
 HEARTBEAT_S = 30.0
 
 
@@ -137,6 +138,23 @@ class RunLock:
                 self.took_over = f"took over the run-dir lock of {describe(holder)}: {why}"
         finally:
             os.rmdir(guard)
+
+    # ------------------------------------------------------------ Hydra's copy of the config
+    # Hydra writes RUN/.hydra/ (config.yaml, overrides.yaml: what eval composes from) before any task code runs, so
+    # before the lock can refuse a second job: the holder keeps a copy, a refused job puts it back.
+    def keep_hydra(self, subdir: str | None) -> None:
+        import shutil
+
+        src = os.path.join(self.run_dir, subdir) if subdir else None
+        if src and os.path.isdir(src):
+            shutil.copytree(src, os.path.join(self.run_dir, HYDRA_COPY), dirs_exist_ok=True)
+
+    def restore_hydra(self, subdir: str | None) -> None:
+        import shutil
+
+        kept = os.path.join(self.run_dir, HYDRA_COPY)
+        if subdir and os.path.isdir(kept):
+            shutil.copytree(kept, os.path.join(self.run_dir, subdir), dirs_exist_ok=True)
 
     # ------------------------------------------------------------ holding it
     def _start_heartbeat(self) -> None:

@@ -269,6 +269,8 @@ def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
     stop = _StopFlag()  # first: a preemption signal during start-up is a stop at the first step, not a death
     dist = init_distributed(cfg.parallel)
     if any_rank(_lock.error is not None):  # rank 0 could not lock the run dir: every rank stops, before any work
+        if dist.is_main:  # every rank's Hydra rewrote the holder's .hydra/ before this job could be refused
+            _lock.restore()
         raise SystemExit(_lock.error if dist.is_main else 3)
     if dist.is_main and _lock.held is not None and _lock.held.took_over:
         print(f"jambatrain: {_lock.held.took_over}", flush=True)
@@ -491,6 +493,7 @@ class _lock:
     """The run-dir lock held by global rank 0 of this process (run_lock.py); ``error``: why it could not be taken."""
     held: RunLock | None = None
     error: str | None = None
+    restore = None  # puts the holder's copy of .hydra/ back (a refused job)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -501,12 +504,16 @@ def main(raw: DictConfig) -> float | None:
     config_dict = OmegaConf.to_container(raw, resolve=True)
     _lock.held, _lock.error = None, None
     if int(os.environ.get("RANK", "0")) == 0:
+        subdir = HydraConfig.get().output_subdir
+        lock = RunLock(run_dir, cfg.trainer.lock_stale_minutes * 60)
         try:  # before anything is written in the run dir; the other ranks learn the outcome in setup()
-            _lock.held = RunLock(run_dir, cfg.trainer.lock_stale_minutes * 60)
-            _lock.held.acquire()
+            lock.acquire()
         except SystemExit as exc:
-            _lock.held, _lock.error = None, str(exc)
+            _lock.error = str(exc)
+            _lock.restore = lambda: lock.restore_hydra(subdir)  # once every rank's Hydra has written (setup)
         else:
+            _lock.held = lock
+            lock.keep_hydra(subdir)
             OmegaConf.save(OmegaConf.create(config_dict), os.path.join(run_dir, "config.yaml"))
     try:
         result = train(cfg, run_dir, config_dict)

@@ -166,6 +166,8 @@ def test_a_second_job_in_a_locked_run_dir_is_refused_on_every_rank_and_writes_no
     rd.mkdir()
     import socket
 
+    (rd / ".jambatrain.hydra").mkdir()  # the holder's copy of its Hydra config (what eval composes from)
+    (rd / ".jambatrain.hydra" / "overrides.yaml").write_text("- optim.lr=0.001\n")
     sleeper = subprocess.Popen(["sleep", "300"])
     try:
         (rd / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "job": "12",
@@ -176,6 +178,7 @@ def test_a_second_job_in_a_locked_run_dir_is_refused_on_every_rank_and_writes_no
     assert p.returncode != 0
     assert f"is in use by another job (host {socket.gethostname()} pid {sleeper.pid}, SLURM job 12" in p.stderr
     assert not (rd / "config.yaml").exists() and not (rd / "checkpoints").exists()
+    assert (rd / ".hydra" / "overrides.yaml").read_text() == "- optim.lr=0.001\n"  # Hydra's rewrite undone
 
 
 # ---------------------------------------------------------------- 4. poisoned saves, streaks, roll back
