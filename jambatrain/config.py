@@ -82,7 +82,7 @@ class ParallelConfig:
     precision: Precision = Precision.auto  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     backend: Backend = Backend.auto  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     device: Device = Device.auto  # auto | cpu | cuda
-    timeout_minutes: int = 30
+    timeout_minutes: float = 30  # every process group's collective timeout (a stalled rank ends the job)
 
     def __post_init__(self):
         coerce_choices(self, "parallel.")
@@ -118,6 +118,13 @@ class TrainerConfig:
     skip_spike_factor: float = 5.0
     skip_spike_warmup: int = 20
     max_skipped_steps: int = 10
+    # checkpoints (jambatrain/checkpoint.py): a save whose weight norm exceeds this x the last checkpoint's is not
+    # published (a divergent update with a finite loss; 0: no bound); resume_from: roll back to a tag
+    # (step_00000030, 30 or its path), the newer ones moved aside (kept); the run-dir lock (run_lock.py) of a job on
+    # another host is taken over once its heartbeat is this old
+    save_max_weight_growth: float = 10.0
+    resume_from: str = ""
+    lock_stale_minutes: float = 10.0
 
 
 @dataclass

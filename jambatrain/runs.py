@@ -22,22 +22,27 @@ from .paths import CONF_DIR, require_configs
 # ---------------------------------------------------------------- which checkpoint, which config
 def resolve_checkpoint(src: str, tag: str | None = None) -> tuple[str, str]:
     """(checkpoint root, tag) for a run dir, a checkpoint root or a single checkpoint dir; without ``tag``, the
-    newest complete checkpoint (the one a resume would take, never a half-written one)."""
-    from .checkpoint import incomplete_reason
+    newest complete checkpoint whose contents match their checksums (the one a resume would take, never a
+    half-written or corrupt one; the ones passed over are named on stderr). A named checkpoint is verified too."""
+    from .checkpoint import _tags, verify_reason
 
     src = os.path.abspath(src)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"{src} is not a directory")
     if os.path.isfile(os.path.join(src, "manifest.json")):  # a tag dir
-        return os.path.dirname(src), os.path.basename(src)
-    root = os.path.join(src, "checkpoints") if os.path.isdir(os.path.join(src, "checkpoints")) else src
+        root, tag = os.path.dirname(src), os.path.basename(src)
+    else:
+        root = os.path.join(src, "checkpoints") if os.path.isdir(os.path.join(src, "checkpoints")) else src
     if tag is None:
-        tags = sorted((t for t in os.listdir(root) if t.startswith("step_") and "." not in t), reverse=True)
-        tag = next((t for t in tags if incomplete_reason(os.path.join(root, t)) is None), None)
-        if tag is None:
-            raise FileNotFoundError(f"no complete checkpoint at {src}: expected RUN_DIR/checkpoints/step_XXXXXXXX, "
-                                    "CKPT_ROOT/step_XXXXXXXX or a step dir, each with its manifest.json (or pass --tag)")
-    reason = incomplete_reason(os.path.join(root, tag))
+        for t in _tags(root):
+            reason = verify_reason(os.path.join(root, t))
+            if reason is None:
+                return root, t
+            print(f"jambatrain: WARNING: checkpoint {os.path.join(root, t)} passed over: {reason}", file=sys.stderr,
+                  flush=True)
+        raise FileNotFoundError(f"no complete checkpoint at {src}: expected RUN_DIR/checkpoints/step_XXXXXXXX, "
+                                "CKPT_ROOT/step_XXXXXXXX or a step dir, each with its manifest.json (or pass --tag)")
+    reason = verify_reason(os.path.join(root, tag))
     if reason:
         raise FileNotFoundError(f"checkpoint {os.path.join(root, tag)} is not complete ({reason})")
     return root, tag

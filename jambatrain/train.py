@@ -28,8 +28,9 @@ from .models.fast_paths import describe as describe_fast_paths
 from .quantization import float8
 from .parallel import barrier, build_deepspeed_config, build_engine, expert_parallel, init_distributed, reduce_mean
 from .parallel.deepspeed_setup import resolve_precision
-from .parallel.distributed import DistInfo, any_rank, export_submitit_env
-from .parallel.ds_compat import install_skip_hook
+from .parallel.distributed import DistInfo, any_rank, collective_failure, export_submitit_env, set_phase
+from .parallel.ds_compat import install_skip_hook, set_schedule_position
+from .run_lock import RunLock
 from .parallel.expert_parallel import ExpertParallel
 from .parallel import context_parallel
 from .parallel.parallel_dims import ParallelDims, build as build_parallel_dims
@@ -129,15 +130,11 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
         if any_rank(bool(storage)):
             raise SystemExit("jambatrain: cannot checkpoint:\n  - " + "\n  - ".join(
                 storage or ["another rank cannot write the checkpoint directory (see its message)"]))
-    tag = checkpoint.latest_tag(run_dir, report=dist.is_main)
-    if tag is None and checkpoint.has_checkpoints(run_dir):
-        raise SystemExit(f"jambatrain: {checkpoint.ckpt_root(run_dir)} holds checkpoint directories but none is "
-                         "complete (see the warnings above); not starting again from step 0 over them. Move them "
-                         f"aside to start afresh, or point {_run_dir_key()} at a new directory")
+    tag = choose_checkpoint(cfg, dist, run_dir)
     if tr.resume and tag is None:
         raise SystemExit(f"trainer.resume=true but {checkpoint.ckpt_root(run_dir)} has no complete checkpoint: "
                          f"point {_run_dir_key()} at the run to resume, or drop trainer.resume")
-    if tag is None or not (tr.resume or tr.auto_resume):
+    if tag is None or not (tr.resume or tr.auto_resume or tr.resume_from):
         return paths, None
     errors = checkpoint.check_resumable(run_dir, tag, asdict(cfg.model), dist.world_size, cfg.parallel.zero_stage)
     saved_state = checkpoint.read_state(run_dir, tag)
@@ -224,6 +221,51 @@ def resume_changes(saved: dict, now: dict, step: int, zero_stage: int = 2) -> st
     return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3] for r in rows)
 
 
+def choose_checkpoint(cfg: TrainConfig, dist: DistInfo, run_dir: str) -> str | None:
+    """The tag to resume from: ``trainer.resume_from`` (verified; the newer tags moved aside), else the newest that
+    is complete and verifies (``checkpoint.find_resumable``). A run dir whose only checkpoint dirs are saves that
+    never committed (a crash during the first save) starts afresh with them moved aside; one whose committed
+    checkpoints are all damaged is refused, each named with what is wrong."""
+    root = checkpoint.ckpt_root(run_dir)
+    done = checkpoint.rolled_back(run_dir)
+    if cfg.trainer.resume_from and done and done.get("ref") == cfg.trainer.resume_from:
+        if dist.is_main:  # a requeue or restart with the same command line must not roll back again
+            print(f"jambatrain: trainer.resume_from={cfg.trainer.resume_from} was applied at {done.get('at')} "
+                  f"(rolled back to {done.get('tag')}); resuming from the newest checkpoint since. Drop "
+                  "trainer.resume_from from the command line", flush=True)
+    elif cfg.trainer.resume_from:
+        tag = checkpoint.resolve_tag(run_dir, cfg.trainer.resume_from)
+        reason = checkpoint.verify_reason(os.path.join(root, tag), dist.rank, dist.world_size)
+        if reason:
+            raise SystemExit(f"jambatrain: trainer.resume_from={cfg.trainer.resume_from}: checkpoint "
+                             f"{os.path.join(root, tag)} cannot be used ({reason}); choose another (this run has: "
+                             f"{', '.join(checkpoint._tags(root))})")
+        if dist.is_main:
+            for moved in checkpoint.roll_back_to(run_dir, tag, cfg.trainer.resume_from):
+                print(f"jambatrain: rolling back to {tag}: moved {moved} aside (kept; never pruned)", flush=True)
+        barrier()
+        return tag
+    tag = checkpoint.find_resumable(run_dir, dist.rank, dist.world_size, report=dist.is_main)
+    if tag is not None or not checkpoint.has_checkpoints(run_dir):
+        return tag
+    uncommitted, committed = checkpoint.leftovers(run_dir)
+    if committed:
+        why = [f"{d}: {checkpoint.incomplete_reason(d) or 'set aside (its name says why)'}" for d in committed]
+        raise SystemExit(f"jambatrain: {root} holds checkpoints but none is complete and intact; not starting again "
+                         "from step 0 over them:\n  - " + "\n  - ".join(why) + "\nRoll back to one with "
+                         "trainer.resume_from=..., move them aside to start afresh, or point hydra.run.dir at a new "
+                         "directory")
+    barrier()  # every rank has looked before rank 0 renames
+    if dist.is_main:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for d in uncommitted:
+            aside = checkpoint._set_aside(d, f"aborted-{stamp}")
+            print(f"jambatrain: {d} is a save that never completed (no manifest.json: the job died while writing "
+                  f"the first checkpoint); moved aside to {aside} (kept) and starting afresh from step 0", flush=True)
+    barrier()
+    return None
+
+
 @dataclass
 class Run:
     """Everything a training run holds between steps (built by ``setup``)."""
@@ -262,7 +304,9 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
         if prof is not None:
             prof.step_start()
         step_lr = run.engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
+        set_phase(f"step {state.step + 1} (forward, backward, optimizer step)")
         losses, skipped = train_step(run.engine, batches, run.guard, cfg, run.dist)
+        set_phase(f"after step {state.step + 1} (logging, evaluation, checkpoint)")
         account(run, losses, skipped)
         if prof is not None:  # each profiled step leaves tokens/s as it ends, whichever log window it falls in
             run.meter.exclude(prof.step_end(state.step), run.tokens_per_step)
@@ -297,6 +341,12 @@ def train(cfg: TrainConfig, run_dir: str, config_dict: dict) -> dict:
         pbar.close()
     run.logger.close()
     barrier()
+    if run.guard.in_a_row:  # the last steps were all skipped: the weights in memory and run.last are not trustworthy
+        last = checkpoint.latest_tag(run_dir)
+        raise SystemExit(f"jambatrain: the run ended at step {state.step} inside a streak of {run.guard.in_a_row} "
+                         f"skipped steps (non-finite or spiking loss): not a result, and nothing from the streak was "
+                         f"checkpointed; the last checkpoint is {last or 'none'}. Roll back with "
+                         "trainer.resume_from=<an earlier step> and lower optim.lr, or check the data")
     return {"step": state.step, **run.last}
 
 
@@ -305,6 +355,12 @@ def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
     stop = _StopFlag()  # first: a preemption signal during start-up is a stop at the first step, not a death
     quiet_known_warnings()
     dist = init_distributed(cfg.parallel)
+    if any_rank(_lock.error is not None):  # rank 0 could not lock the run dir: every rank stops, before any work
+        if dist.is_main:  # every rank's Hydra rewrote the holder's .hydra/ before this job could be refused
+            _lock.restore()
+        raise SystemExit(_lock.error if dist.is_main else 3)
+    if dist.is_main and _lock.held is not None and _lock.held.took_over:
+        print(f"jambatrain: {_lock.held.took_over}", flush=True)
     paths, resume_tag = preflight(cfg, dist, run_dir)
     tr, par = cfg.trainer, cfg.parallel
     torch.manual_seed(tr.seed)  # same init on every rank
@@ -330,7 +386,7 @@ def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
             # under ZeRO-0..2 (the resume report says so)
             sched = engine.lr_scheduler
             sched.base_lrs = [cfg.optim.lr] * len(sched.base_lrs)
-            checkpoint._set_schedule_step(sched, sched.last_epoch)
+            set_schedule_position(engine, engine.global_steps, sched.last_epoch)
         loader.load_state_dict(state.loader)
         if dist.is_main:
             print(f"jambatrain: resumed from {run_dir}/checkpoints/{resume_tag} at step {state.step}", flush=True)
@@ -429,7 +485,13 @@ def maybe_checkpoint(run: Run, preempted: bool) -> None:
                       "expert_parallel_size": par.expert_parallel_size,
                       "context_parallel_size": run.dims.cp,
                       "global_batch": run.dims.global_batch(par.micro_batch_size, par.grad_accum_steps)}
-    checkpoint.save(run.engine, run.model, run.run_dir, state, dist.rank, tr.keep_checkpoints, run.ep)
+    if any_rank(_lock.held is not None and _lock.held.lost is not None):
+        raise SystemExit(f"jambatrain: the run-dir lock of {run.run_dir} was taken over by another job "
+                         f"({_lock.held.lost if _lock.held else 'see rank 0'}) while this one was not heard from; "
+                         f"stopping without writing step {state.step}'s checkpoint over its run")
+    set_phase(f"the checkpoint of step {state.step}")
+    checkpoint.save(run.engine, run.model, run.run_dir, state, dist.rank, tr.keep_checkpoints, run.ep,
+                    max_weight_growth=tr.save_max_weight_growth)
 
 
 def train_step(engine, batches, guard: StepGuard, cfg: TrainConfig, dist: DistInfo) -> tuple[torch.Tensor, str | None]:
@@ -477,22 +539,63 @@ def _progress(cfg: TrainConfig, dist: DistInfo, start: int):
 
 
 class _StopFlag:
-    """SIGTERM/SIGUSR1 (SLURM preemption, scancel) -> checkpoint at the next step boundary, then exit.
-    Ranks agree through an all-reduce so they all stop at the same step."""
+    """SIGTERM/SIGUSR1 (SLURM preemption, scancel, a launcher passing them on) and SIGINT (Ctrl-C) -> checkpoint at
+    the next step boundary, then exit 0. Ranks agree through an all-reduce so they all stop at the same step. A
+    second SIGINT more than 2 s after the first (a terminal sends one to every process, a launcher may pass it on
+    again at once) aborts without a checkpoint. Under a launcher (torchrun) the trainer also asks the kernel for a
+    SIGTERM if the launcher dies (PR_SET_PDEATHSIG), so a launcher killed by a signal it does not handle (plain
+    torchrun and SIGUSR1) leaves no trainer running unsupervised: they checkpoint and exit."""
 
     def __init__(self):
-        self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.raised = None  # the first stop signal's name
+        self.first_at = 0.0
+        self.pid = os.getpid()  # forked DataLoader workers inherit the handler: there it only keeps them alive
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
                 signal.signal(sig, self._handler)
             except ValueError:  # not the main thread
                 pass
+        if "LOCAL_RANK" in os.environ and sys.platform == "linux":
+            _die_with_parent()
 
-    def _handler(self, *_):
-        self.raised = True
+    def _handler(self, signum, _frame):
+        if os.getpid() != self.pid:
+            return
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.raised is not None:
+            if signum == signal.SIGINT and now - self.first_at > 2.0:
+                os.write(2, b"jambatrain: second SIGINT: aborting without a checkpoint\n")
+                os._exit(130)
+            return
+        self.raised, self.first_at = name, now
+        if int(os.environ.get("RANK", "0")) == 0:  # one line (os.write: safe inside a signal handler)
+            os.write(2, f"jambatrain: {name} received: checkpointing at the end of this step, then exiting"
+                        f"{' (Ctrl-C again to abort without one)' if signum == signal.SIGINT else ''}\n".encode())
 
     def agreed(self) -> bool:
-        return any_rank(self.raised)
+        return any_rank(self.raised is not None)
+
+
+def _die_with_parent() -> None:
+    """SIGTERM to this process when its parent (the launcher) exits (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        parent = os.getppid()
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent:  # the parent died before the prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class _lock:
+    """The run-dir lock held by global rank 0 of this process (run_lock.py); ``error``: why it could not be taken."""
+    held: RunLock | None = None
+    error: str | None = None
+    restore = None  # puts the holder's copy of .hydra/ back (a refused job)
 
 
 def _run_dir_key() -> str:
@@ -511,10 +614,36 @@ def main(raw: DictConfig) -> float | None:
         cfg = to_train_config(raw)
         run_dir = HydraConfig.get().runtime.output_dir
         config_dict = OmegaConf.to_container(raw, resolve=True)
+        _lock.held, _lock.error = None, None
         if int(os.environ.get("RANK", "0")) == 0:
             os.makedirs(run_dir, exist_ok=True)
-            OmegaConf.save(OmegaConf.create(config_dict), os.path.join(run_dir, "config.yaml"))
-        result = train(cfg, run_dir, config_dict)
+            subdir = HydraConfig.get().output_subdir
+            lock = RunLock(run_dir, cfg.trainer.lock_stale_minutes * 60)
+            try:  # before anything is written in the run dir; the other ranks learn the outcome in setup()
+                lock.acquire()
+            except SystemExit as exc:
+                _lock.error = str(exc)
+                _lock.restore = lambda: lock.restore_hydra(subdir)  # once every rank's Hydra has written (setup)
+            else:
+                _lock.held = lock
+                lock.keep_hydra(subdir)
+                OmegaConf.save(OmegaConf.create(config_dict), os.path.join(run_dir, "config.yaml"))
+        try:
+            result = train(cfg, run_dir, config_dict)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a collective that timed out or lost a peer: say which rank, where, who is stalled
+            message = collective_failure(exc, int(os.environ.get("RANK", "0")),
+                                         int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.timeout_minutes)
+            if message is None:
+                raise
+            print(message, file=sys.stderr, flush=True)
+            if _lock.held is not None:
+                _lock.held.release()
+            os._exit(1)  # not sys.exit: interpreter shutdown would wait on the process group that is stuck
+        finally:
+            if _lock.held is not None:
+                _lock.held.release()
     except SystemExit as e:  # the advice of every check names the option that sets this job's dir
         code = e.code.replace("hydra.run.dir", _run_dir_key()) if isinstance(e.code, str) else e.code
         if "SUBMITIT_FOLDER" in os.environ and code not in (0, None):

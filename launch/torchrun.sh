@@ -11,4 +11,6 @@ py=python3
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # NVLink multicast (NVLS) stays off unless you know your fabric supports it
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
-exec "$py" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m jambatrain.train "$@"
+# jambatrain.torchrun = torchrun that passes SIGTERM / SIGUSR1 / SIGINT on to the trainers (they checkpoint at the
+# next step and exit 0) and waits for them; exec: a signal to this script's pid reaches it
+exec "$py" -m jambatrain.torchrun --standalone --nproc_per_node "$nproc" -m jambatrain.train "$@"

@@ -73,10 +73,119 @@ def init_distributed(par: ParallelConfig) -> DistInfo:
         ds_compat.skip_cpu_shm_op_build()  # DeepSpeed's CPU all-reduce op (~40 s of g++): gloo needs none
     import deepspeed
 
+    timeout = timedelta(minutes=par.timeout_minutes)
+    _default_group_timeout(timeout)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=par.timeout_minutes),
-                                   dist_init_required=True)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, dist_init_required=True)
+    if world > 1:
+        _Liveness.start(rank)
     return DistInfo(rank, world, local_rank, device, backend)
+
+
+def _default_group_timeout(timeout: timedelta) -> None:
+    """Every process group gets ``parallel.timeout_minutes``: DeepSpeed creates its groups with
+    ``dist.new_group(ranks)`` (deepspeed/utils/groups.py, deepspeed/comm/torch.py) and so does expert parallelism,
+    without a timeout, which torch then takes from its module default (30 min for gloo, 10 for NCCL), not from the
+    world group: a stalled rank would hang the others that long whatever the config says."""
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if getattr(c10d, "default_pg_nccl_timeout", None) is not None:
+        c10d.default_pg_nccl_timeout = timeout
+
+
+# ---------------------------------------------------------------- naming a stalled rank
+_phase = ["start-up"]
+
+
+def set_phase(what: str) -> None:
+    """What this rank is doing now (the trainer says it before each collective-bearing part of a step), named when a
+    collective times out."""
+    _phase[0] = what
+
+
+class _Liveness:
+    """Each rank posts (time, phase, host, pid) to the job's TCP store every few seconds from a thread, on its own
+    store connection; a rank whose collective times out reads them back to name the ranks that stopped posting (a
+    stopped or dead process) or that are elsewhere in the step."""
+    every_s = 5.0
+    store = None
+
+    @classmethod
+    def start(cls, rank: int) -> None:
+        import socket
+        import threading
+
+        try:
+            cls.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                      timeout=timedelta(seconds=10))
+        except Exception:  # noqa: BLE001 - best effort: diagnosis only
+            cls.store = None
+            return
+        host, pid = socket.gethostname(), os.getpid()
+
+        def post():
+            import json
+            import time
+
+            while True:
+                try:
+                    cls.store.set(f"jambatrain/alive/{rank}", json.dumps([time.time(), _phase[0], host, pid]))
+                except Exception:  # noqa: BLE001 - the store went away (its host ended): nothing to post to
+                    return
+                time.sleep(cls.every_s)
+
+        threading.Thread(target=post, name="jambatrain-liveness", daemon=True).start()
+
+    @classmethod
+    def report(cls, world: int) -> list[str]:
+        import json
+        import time
+
+        if cls.store is None:
+            return []
+        lines = []
+        for r in range(world):
+            try:
+                key = f"jambatrain/alive/{r}"
+                if not cls.store.check([key]):
+                    lines.append(f"rank {r}: never posted")
+                    continue
+                t, phase, host, pid = json.loads(cls.store.get(key))
+            except Exception:  # noqa: BLE001
+                return lines
+            age = time.time() - t
+            state = f"silent for {age:.0f} s (stopped or dead)" if age > 3 * cls.every_s else "alive"
+            lines.append(f"rank {r} (host {host} pid {pid}): {state}, last in: {phase}")
+        return lines
+
+
+def collective_failure(exc: BaseException, rank: int, world: int, timeout_minutes: float) -> str | None:
+    """The message for a collective that timed out or lost a peer (None: ``exc`` is something else): this rank,
+    what it was doing, and every rank's last sign of life."""
+    text = f"{type(exc).__name__}: {exc}"
+    markers = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "gloo/transport",
+               "NCCL", "ProcessGroup", "Broken pipe")
+    if world <= 1 or not (isinstance(exc, getattr(dist, "DistError", ())) or any(m in text for m in markers)):
+        return None
+    ranks = _Liveness.report(world)
+    stalled = [line.split(" (")[0] for line in ranks if "silent" in line or "never" in line]
+    first = text.strip().splitlines()[0][:300]
+    return (f"jambatrain: rank {rank}: a collective in {_phase[0]} did not complete within "
+            f"parallel.timeout_minutes={timeout_minutes:g} ({first}). "
+            + (f"Stalled: {', '.join(stalled)}. " if stalled else "")
+            + "The step's checkpoint (if one was being written) is not published; restart the job to resume from the "
+              "last complete checkpoint." + "".join(f"\n  - {line}" for line in ranks))
+
+
+def _skip_deepspeed_cpu_shm_op() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op (~40 s of g++) when its comm
+    layer starts. It only speeds up CPU all-reduce; gloo is correct without it, so on CPU we skip the build."""
+    import importlib
+
+    # not `import deepspeed.comm.torch as m`: deepspeed.comm's `torch` attribute is the real torch module
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    ds_torch_comm.build_shm_op = lambda: None
 
 
 def _free_port() -> int:
