@@ -1,5 +1,6 @@
 """Issue 23: the global sample stream end to end. A run resumed on another number of ranks (2 ranks -> 1 process
-with grad accumulation 2, and 1 -> 2) follows the uninterrupted run's losses to fp32 noise."""
+with grad accumulation 2, and 1 -> 2) or another context-parallel size follows the uninterrupted run's losses to
+fp32 noise."""
 import json
 import os
 import shutil
@@ -21,7 +22,8 @@ def losses(run_dir):
 def test_elastic_resume_follows_the_uninterrupted_run(train_env, tmp_path):
     """tiny_cpu MoE: 2 ranks (expert parallel 2) for 3 steps, then on to 6 on 2 ranks (the reference: resume on
     the same geometry is bit-exact) and on 1 process (grad accumulation 2); and 1 process (accumulation 2) for 3
-    steps, then 2 ranks. Every step's loss equals the reference's within 1e-4 relative."""
+    steps, then 2 ranks; and 2 ranks at context parallel 2 (one data-parallel replica, accumulation 2) for 3 steps,
+    then at cp 1. Every step's loss equals the reference's within 1e-4 relative."""
     two, one = str(tmp_path / "two"), str(tmp_path / "two_then_one")
     run_train(train_env, two, "trainer.max_steps=3", "parallel.expert_parallel_size=2", *COMMON)
     shutil.copytree(two, one)
@@ -36,7 +38,12 @@ def test_elastic_resume_follows_the_uninterrupted_run(train_env, tmp_path):
     back = str(tmp_path / "one_then_two")
     run_train(train_env, back, "trainer.max_steps=3", "parallel.grad_accum_steps=2", *COMMON, nproc=1)
     run_train(train_env, back, "trainer.max_steps=6", "parallel.expert_parallel_size=2", *COMMON)
-    for name, run in (("2 -> 1", one), ("1 -> 2", back)):
+    # a context-parallel change: cp 2 (dp 1, accumulation 2) for 3 steps, then cp 1 (dp 2): the same samples
+    cp = str(tmp_path / "cp2_then_cp1")
+    run_train(train_env, cp, "trainer.max_steps=3", "parallel.expert_parallel_size=2",
+              "parallel.context_parallel_size=2", "parallel.grad_accum_steps=2", *COMMON)
+    run_train(train_env, cp, "trainer.max_steps=6", "parallel.expert_parallel_size=2", *COMMON)
+    for name, run in (("2 -> 1", one), ("1 -> 2", back), ("cp 2 -> cp 1", cp)):
         got = losses(run)
         assert sorted(got) == [1, 2, 3, 4, 5, 6], (name, got)
         for step in range(1, 7):
