@@ -135,6 +135,10 @@ class _HashingWriter:
     def flush(self):
         self.f.flush()
 
+    @property
+    def name(self) -> str:  # the file's path, as a plain file object has (error messages, test hooks)
+        return self.f.name
+
 
 def file_checksum(path: str, chunk: int = 16 << 20) -> str:
     h = _hasher()

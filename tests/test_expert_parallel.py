@@ -115,5 +115,5 @@ def test_a_checkpoint_that_fails_to_write_is_not_published(tmp_path):
     partial tag is removed, and the previous checkpoint stays the one a resume takes."""
     out = worker(2, "savefail", 2, 2, str(tmp_path / "run"))
     assert out["tags"] == ["latest", "step_00000001"] and out["latest"] == "step_00000001"
-    assert "step_00000002 could not be written" in out["message"] and "step_00000001, is kept" in out["message"]
+    assert "step_00000002 was not published" in out["message"] and "step_00000001, is kept" in out["message"]
     assert "params_r00001_000.pt: RuntimeError" in out["message"]

@@ -91,7 +91,9 @@ def test_seq_len_left_to_the_manifest_is_read_from_it(tmp_path):
 def test_activations_split_over_cp_and_the_needed_cp_is_named(capsys):
     """Full recompute keeps each layer's input: Jamba v0.1 at 262,144 tokens keeps 32 x 4096 x 2 bytes per token
     = 64 GiB on one GPU, 1/cp of it under context parallelism; the 1.3b at 1M tokens on 8 H200s needs cp 4."""
-    cfg = plan._compose(["experiment=jamba_v0_1", "data.dir=/nonexistent", "data.seq_len=262144"])
+    from jambatrain.runs import compose_train_config
+
+    cfg = compose_train_config(["experiment=jamba_v0_1", "data.dir=/nonexistent", "data.seq_len=262144"])
     one, four = plan.activation_bytes(cfg, 1), plan.activation_bytes(cfg, 4)
     assert one["kept"] == 64 * 2**30 and four["kept"] == 16 * 2**30
     assert four["cp_buffers"] > 0 == one["cp_buffers"]

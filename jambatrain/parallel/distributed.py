@@ -178,16 +178,6 @@ def collective_failure(exc: BaseException, rank: int, world: int, timeout_minute
               "last complete checkpoint." + "".join(f"\n  - {line}" for line in ranks))
 
 
-def _skip_deepspeed_cpu_shm_op() -> None:
-    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op (~40 s of g++) when its comm
-    layer starts. It only speeds up CPU all-reduce; gloo is correct without it, so on CPU we skip the build."""
-    import importlib
-
-    # not `import deepspeed.comm.torch as m`: deepspeed.comm's `torch` attribute is the real torch module
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-    ds_torch_comm.build_shm_op = lambda: None
-
-
 def _free_port() -> int:
     import socket
 
