@@ -45,6 +45,13 @@ def tags(run_dir):
     return sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
 
 
+def start_endless(run_dir, env, *overrides, nproc=2, launcher="torchrun"):
+    """A run that trains until stopped (max_steps 100000), in a session of its own, its output piped."""
+    cmd = train_cmd(run_dir, "trainer.max_steps=100000", *overrides, nproc=nproc, launcher=launcher)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
 def wait_rows(run_dir, n, proc, limit=300):
     path = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.time() + limit
@@ -215,10 +222,8 @@ def test_a_divergent_update_is_not_checkpointed_a_streak_fails_the_run_and_resum
 
 # ---------------------------------------------------------------- 5. stop signals through every launcher
 def _signal_after_rows(env, rd, sig, launcher, nproc, n=3):
-    proc = subprocess.Popen(train_cmd(rd, "trainer.max_steps=100000", "trainer.save_every=100000",
-                                      "trainer.log_every=1", nproc=nproc, launcher=launcher),
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = start_endless(rd, env, "trainer.save_every=100000", "trainer.log_every=1", nproc=nproc,
+                         launcher=launcher)
     wait_rows(rd, n, proc)
     proc.send_signal(sig)
     try:
@@ -247,10 +252,7 @@ def test_sigusr1_to_plain_torchrun_leaves_no_orphans_the_trainers_checkpoint(tra
     import psutil
 
     rd = str(tmp_path / "run")
-    proc = subprocess.Popen(train_cmd(rd, "trainer.max_steps=100000", "trainer.save_every=100000",
-                                      "trainer.log_every=1", nproc=2, launcher="torchrun"),
-                            cwd=REPO, env=train_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = start_endless(rd, train_env, "trainer.save_every=100000", "trainer.log_every=1")
     trainers = []
     try:
         wait_rows(rd, 3, proc)
@@ -298,9 +300,7 @@ def test_a_stalled_rank_ends_the_job_within_the_timeout_naming_it_and_the_job_re
 
     rd = str(tmp_path / "run")
     common = ["trainer.save_every=2", "trainer.log_every=1", "parallel.timeout_minutes=0.25"]
-    proc = subprocess.Popen(train_cmd(rd, "trainer.max_steps=100000", *common, nproc=2, launcher="torchrun"),
-                            cwd=REPO, env=train_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = start_endless(rd, train_env, *common)
     trainers = []
     try:
         wait_rows(rd, 3, proc)

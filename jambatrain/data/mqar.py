@@ -116,6 +116,14 @@ class _NumberedBatches(BatchSource):
     RESUME_KEYS: tuple[str, ...] = ()
     _position = 0
 
+    @staticmethod
+    def _check_geometry(split: str, micro_batch_size: int, dp_rank: int, dp_size: int) -> None:
+        if split not in _SPLITS:
+            raise ValueError(f"MQAR data has splits {sorted(_SPLITS)}, not {split!r}")
+        if not 0 <= dp_rank < dp_size or micro_batch_size < 1:
+            raise ValueError(f"bad loader geometry: dp_rank={dp_rank} dp_size={dp_size} "
+                             f"micro_batch_size={micro_batch_size}")
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self.split == "val":
             self._position = 0
@@ -152,11 +160,7 @@ class MqarLoader(_NumberedBatches):
 
     def __init__(self, cfg: MqarConfig, split: str, seq_len: int, micro_batch_size: int, dp_rank: int,
                  dp_size: int, seed: int = 0, vocab_size: int | None = None, pin_memory: bool = False):
-        if split not in _SPLITS:
-            raise ValueError(f"MQAR data has splits {sorted(_SPLITS)}, not {split!r}")
-        if not 0 <= dp_rank < dp_size or micro_batch_size < 1:
-            raise ValueError(f"bad loader geometry: dp_rank={dp_rank} dp_size={dp_size} "
-                             f"micro_batch_size={micro_batch_size}")
+        self._check_geometry(split, micro_batch_size, dp_rank, dp_size)
         problems = cfg.problems(vocab_size if vocab_size is not None else cfg.vocab_needed)
         if 4 * cfg.min_pairs > seq_len + 1:
             problems.append(f"data.seq_len={seq_len} is too short for data.mqar.min_pairs={cfg.min_pairs} "
@@ -344,11 +348,7 @@ class MqarZoologyLoader(_NumberedBatches):
 
     def __init__(self, cfg: MqarZoologyConfig, split: str, micro_batch_size: int, dp_rank: int, dp_size: int,
                  seed: int = 0, shuffle: bool = False, vocab_size: int | None = None, pin_memory: bool = False):
-        if split not in _SPLITS:
-            raise ValueError(f"MQAR data has splits {sorted(_SPLITS)}, not {split!r}")
-        if not 0 <= dp_rank < dp_size or micro_batch_size < 1:
-            raise ValueError(f"bad loader geometry: dp_rank={dp_rank} dp_size={dp_size} "
-                             f"micro_batch_size={micro_batch_size}")
+        self._check_geometry(split, micro_batch_size, dp_rank, dp_size)
         problems = cfg.problems(vocab_size if vocab_size is not None else cfg.vocab)
         if problems:
             raise ValueError("; ".join(problems))
