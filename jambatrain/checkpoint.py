@@ -345,17 +345,19 @@ def _torch_optimizer(engine):
     return getattr(opt, "optimizer", opt)
 
 
-def _full_state(engine, p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """fp32 master and Adam moments of ``p``, whole (collectives over ``p``'s ZeRO group), on the CPU."""
+def _full_state(engine, p: torch.Tensor, masters: dict) -> dict[str, torch.Tensor]:
+    """fp32 master and Adam moments of ``p``, whole (collectives over ``p``'s ZeRO group), on the CPU. ``masters``:
+    ``ds_compat.zero0_fp32_masters(engine)``."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if ds_compat.has_fp32_fragment(p):  # ZeRO-1/2, bf16 optimizer (mapping None where p has no
         vals = {"fp32": safe_get_full_fp32_param(p)}  # fragment on this rank), ZeRO-3
         for k in ADAM_KEYS:
             vals[k] = safe_get_full_optimizer_state(p, k)
-    else:  # no ZeRO optimizer in between (ZeRO-0 in fp32): the parameter is the master
-        st = _torch_optimizer(engine).state.get(p, {})
-        vals = {"fp32": p.detach().float()}
+    else:  # ZeRO-0: the torch optimizer steps the parameter (fp32) or DeepSpeed's fp32 copy of it (bf16)
+        master = masters.get(p, p)
+        st = _torch_optimizer(engine).state.get(master, {})
+        vals = {"fp32": master.detach().float()}
         for k in ADAM_KEYS:
             vals[k] = st[k].detach().float() if k in st else torch.zeros_like(vals["fp32"])
     return {k: v.detach().cpu() for k, v in vals.items()}
@@ -365,7 +367,8 @@ def optimizer_states(engine, model) -> dict[str, dict[str, torch.Tensor]]:
     """Every parameter's fp32 master and Adam moments (``fp32``, ``exp_avg``, ``exp_avg_sq``), whole, on the CPU, as
     a checkpoint saves them (collectives: every rank calls it; this rank's experts under expert parallelism)."""
     ds_compat.relink_optimizer_state(engine)
-    return {name: {k: v.clone() for k, v in _full_state(engine, p).items()}  # copies: on CPU .cpu() aliases
+    masters = ds_compat.zero0_fp32_masters(engine)
+    return {name: {k: v.clone() for k, v in _full_state(engine, p, masters).items()}  # copies: .cpu() aliases on CPU
             for name, p in model.named_parameters()}
 
 
@@ -389,17 +392,21 @@ def _prepare_optimizer_state(engine, step: float) -> None:
     ds_compat.relink_optimizer_state(engine)
 
 
-def _set_full_state(engine, p: torch.Tensor, vals: dict[str, torch.Tensor]) -> None:
+def _set_full_state(engine, p: torch.Tensor, vals: dict[str, torch.Tensor], masters: dict) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     if ds_compat.has_fp32_fragment(p, zero3=False):  # ZeRO-1/2 or bf16 optimizer (None where p has no fragment on this rank)
         safe_set_full_fp32_param(p, vals["fp32"].to(p.device))
         for k in ADAM_KEYS:
             safe_set_full_optimizer_state(p, vals[k].to(p.device), k)
-    else:
-        st = _torch_optimizer(engine).state[p]
+    else:  # ZeRO-0: the parameter (fp32) or DeepSpeed's fp32 copy of it (bf16) is the master
+        master = masters.get(p, p)
+        st = _torch_optimizer(engine).state[master]
         for k in ADAM_KEYS:
             st[k].copy_(vals[k])
+        if master is not p:
+            with torch.no_grad():
+                master.copy_(vals["fp32"])
     with torch.no_grad():
         p.copy_(vals["fp32"].to(p.dtype))  # the working (possibly bf16) copy every rank computes with
 
@@ -420,6 +427,7 @@ def _save_params(engine, model, tag_dir: str, rank: int, world: int, ep) -> tupl
     state's statistics over what this rank wrote: {"sumsq": sum of the fp32 weights' squares, "nonfinite": names of
     entries with a NaN/inf weight or moment})."""
     ds_compat.relink_optimizer_state(engine)
+    masters = ds_compat.zero0_fp32_masters(engine)
     files, index, buf, size, part, sums = {}, {}, {}, 0, 0, {}
     stats = {"sumsq": 0.0, "nonfinite": []}
     failed: list[str] = []  # a write that failed: this rank stops writing but keeps joining the collectives
@@ -438,7 +446,7 @@ def _save_params(engine, model, tag_dir: str, rank: int, world: int, ep) -> tupl
 
     dense_i = expert_i = 0
     for name, p in model.named_parameters():  # the same order on every rank: the gathers are collectives
-        vals = _full_state(engine, p)
+        vals = _full_state(engine, p, masters)
         rng = expert_range(model, name)
         if rng is None:
             mine = dense_i % world == rank
@@ -500,6 +508,7 @@ def _load_params(engine, model, tag_dir: str, manifest: dict) -> None:
 
     where = manifest["params"]
     _prepare_optimizer_state(engine, manifest["adam_step"])
+    masters = ds_compat.zero0_fp32_masters(engine)
     for name, p in model.named_parameters():
         if name not in where:
             raise RuntimeError(f"checkpoint {tag_dir} holds no {name}: it was written by another model")
@@ -525,7 +534,7 @@ def _load_params(engine, model, tag_dir: str, manifest: dict) -> None:
         if tuple(vals["fp32"].shape) != tuple(p.shape):
             raise RuntimeError(f"checkpoint {tag_dir}: {name} is {tuple(vals['fp32'].shape)}, the model has "
                                f"{tuple(p.shape)}")
-        _set_full_state(engine, p, vals)
+        _set_full_state(engine, p, vals, masters)
 
 
 def portable_state_dict(tag_dir: str) -> dict[str, torch.Tensor]:

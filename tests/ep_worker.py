@@ -291,12 +291,27 @@ def hooks_case(dist_info) -> dict:
             # every parameter group's moments reachable (without the re-link, the later groups' read as zeros)
             "moments_everywhere": all(bool(v["exp_avg_sq"].abs().sum() > 0) for v in applied.values()),
             "fp32_partitions": None if flats is None else len(flats),
+            "zero0_masters": _zero0_masters(engine, model),
             "fragments": sorted({ds_compat.has_fp32_fragment(p) for p in model.parameters()}),
             "schedule_position": [engine.global_steps, engine.lr_scheduler.last_epoch,
                                   engine.get_lr()[0] == cfg.optim.lr * engine.lr_scheduler.lr_lambdas[0](5)]}
     out["expert_groups"] = {k: v for k, v in ds_compat.expert_groups(dist.get_world_size()).items()
                             if k in ("name", "rank", "edp_rank")}
     return out
+
+
+def _zero0_masters(engine, model) -> dict:
+    """ds_compat.zero0_fp32_masters on a real engine: how many parameters have an fp32 master apart from them, and
+    whether each is fp32, of its parameter's shape, what the torch optimizer steps (holds Adam state), and the value
+    its (bf16) parameter was last set from."""
+    from jambatrain.parallel import ds_compat
+
+    masters = ds_compat.zero0_fp32_masters(engine)
+    stepped = {id(p) for g in engine.optimizer.param_groups for p in g["params"]}
+    state = getattr(engine.optimizer, "optimizer", engine.optimizer).state
+    return {"count": len(masters), "all_params": len(masters) == len(list(model.parameters())),
+            "consistent": all(m.dtype == torch.float32 and m.shape == p.shape and id(m) in stepped and
+                              "exp_avg" in state[m] and torch.equal(m.to(p.dtype), p) for p, m in masters.items())}
 
 
 def savefail_case(stage: int, ep: int, dist_info, run_dir: str) -> dict:

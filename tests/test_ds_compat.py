@@ -86,10 +86,9 @@ def test_relink_optimizer_state(engines):
         lazy = _source(cls._lazy_init_hp_params_optimizer_state)
         assert "if not self._hp_optimizer_states_linked:" in lazy, cls
         assert "self._hp_optimizer_states_linked = True" in lazy, cls
-    # every parameter group's Adam moments are reachable after a step (the re-link); ZeRO-0 bf16
-    # (FP16_UnfusedOptimizer) keeps fp32 copies no parameter links to: see docs/design.md, Known gaps
+    # every parameter group's Adam moments are reachable after a step (the re-link; ZeRO-0 bf16: zero0_fp32_masters)
     for case, r in engines.items():
-        if "moments_everywhere" in r and case != "zero0_bf16":
+        if "moments_everywhere" in r:
             assert r["moments_everywhere"], case
 
 
@@ -102,6 +101,25 @@ def test_fp32_partitions(engines):
     got = {case: r["fp32_partitions"] for case, r in engines.items() if "path" in r}
     assert got == {"zero0_fp32": None, "zero0_bf16": None, "zero1_fp32": 2, "zero2_fp32": 2, "zero3_fp32": None,
                    "zero1_bf16-fp32acc": 2}  # two groups: decay and no decay
+
+
+def test_zero0_fp32_masters(engines):
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    # FP16_UnfusedOptimizer: fp32 copies, parallel to the model's parameters, are what the torch optimizer steps,
+    # copied into the parameters after each step
+    init, step = _source(FP16_UnfusedOptimizer.__init__), _source(FP16_UnfusedOptimizer.step)
+    assert "self.fp16_groups.append(trainable)" in init
+    assert "fp32_group = [p.clone().float().detach() for p in self.fp16_groups[i]]" in init
+    assert "param_group['params'] = self.fp32_groups[i]" in init
+    assert "fp16_param.data.copy_(fp32_param.data)" in step
+    # which engines have such masters: ZeRO-0 with bf16 weights, every parameter; nowhere else
+    assert {case: r["optimizer"] for case, r in engines.items() if "path" in r}["zero0_bf16"] == \
+        "FP16_UnfusedOptimizer"
+    got = {case: r["zero0_masters"] for case, r in engines.items() if "path" in r}
+    bf16 = got.pop("zero0_bf16")
+    assert bf16["count"] > 0 and bf16["all_params"] and bf16["consistent"], bf16
+    assert all(v == {"count": 0, "all_params": False, "consistent": True} for v in got.values()), got
 
 
 def test_has_fp32_fragment(engines):
@@ -193,7 +211,7 @@ def test_every_private_deepspeed_access_is_in_ds_compat():
 
     private = re.compile(r"groups\._|_hp_mapping|_hp_optimizer_states|_lazy_init_hp|check_grad_overflow|"
                          r"_overflow_check_and_loss_scale_update|build_shm_op|single_partition_of_fp32_groups|"
-                         r"fp32_groups_flat_partition|_last_lr|global_steps\s*=|__class__\s*=")
+                         r"fp32_groups_flat_partition|\bfp(16|32)_groups\b|_last_lr|global_steps\s*=|__class__\s*=")
     offenders = []
     for path in glob.glob(f"{REPO}/jambatrain/**/*.py", recursive=True):
         if path.endswith("ds_compat.py"):

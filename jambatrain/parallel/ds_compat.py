@@ -1,6 +1,6 @@
 """Every private DeepSpeed access of jambatrain, in one module, for the DeepSpeed versions it was written for.
 
-DeepSpeed's public API does not cover six things the trainer needs; each is a function here, used by one caller,
+DeepSpeed's public API does not cover nine things the trainer needs; each is a function here, used by one caller,
 and held by a test in ``tests/test_ds_compat.py`` that fails when DeepSpeed changes what it relies on:
 
   hook                     caller                     what it touches (DeepSpeed 0.19)
@@ -11,6 +11,8 @@ and held by a test in ``tests/test_ds_compat.py`` that fails when DeepSpeed chan
   relink_optimizer_state   checkpoint (save, load)    ``_hp_optimizer_states_linked`` +
                                                       ``_lazy_init_hp_params_optimizer_state``
   fp32_partitions          checkpoint (load)          ``single_partition_of_fp32_groups`` / ``fp32_groups_flat_partition``
+  zero0_fp32_masters       checkpoint (save, load)    ZeRO-0 bf16/fp16: ``FP16_UnfusedOptimizer``'s ``fp16_groups`` /
+                                                      ``fp32_groups``
   has_fp32_fragment        checkpoint                 a parameter's ``_hp_mapping`` (ZeRO-1/2, bf16) / ``ds_id`` (ZeRO-3)
   set_schedule_position    checkpoint (load)          ``engine.global_steps``; torch ``LambdaLR._last_lr``
   expert_groups            expert_parallel            ``deepspeed.utils.groups._create_expert_and_data_parallel`` and
@@ -158,6 +160,33 @@ def fp32_partitions(engine) -> list[torch.Tensor] | None:
     if z is None:
         return None
     return getattr(z, "single_partition_of_fp32_groups", None) or getattr(z, "fp32_groups_flat_partition")
+
+
+def zero0_fp32_masters(engine) -> dict[torch.Tensor, torch.Tensor]:
+    """ZeRO-0 with bf16 (or fp16) weights: DeepSpeed wraps the torch optimizer in its ``FP16_UnfusedOptimizer``,
+    which steps an fp32 copy of each trainable parameter (``fp32_groups``, parallel to the model's ``fp16_groups``;
+    the torch optimizer's groups and Adam state hold the copies) and copies it into the parameter after each step.
+    Returns {model parameter: its fp32 master}; empty where the torch optimizer steps the parameters themselves
+    (ZeRO-0 in fp32) or a ZeRO / bf16 optimizer keeps the masters (``zero_wrapper``, ``has_fp32_fragment``)."""
+    check_version()
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    opt = engine.optimizer
+    if isinstance(opt, FP16_Optimizer):  # only for DeepSpeed's FusedAdam/apex as client optimizer; optim.py never is
+        raise RuntimeError("DeepSpeed chose its fused FP16_Optimizer (flat fp32 masters), which jambatrain's "
+                           "checkpoints do not read: use torch AdamW (jambatrain.optim.build_optimizer) or "
+                           "parallel.zero_stage>=1")
+    if not isinstance(opt, FP16_UnfusedOptimizer):
+        return {}
+    masters = {}
+    for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups, strict=True):
+        for lp, hp in zip(lp_group, hp_group, strict=True):
+            if lp.shape != hp.shape or hp.dtype != torch.float32:
+                raise RuntimeError(f"FP16_UnfusedOptimizer's fp32 copy of a {tuple(lp.shape)} parameter is "
+                                   f"{hp.dtype} {tuple(hp.shape)}: update jambatrain/parallel/ds_compat.py")
+            masters[lp] = hp
+    return masters
 
 
 def has_fp32_fragment(p: torch.Tensor, zero3: bool = True) -> bool:
