@@ -292,6 +292,7 @@ def hooks_case(dist_info) -> dict:
             "moments_everywhere": all(bool(v["exp_avg_sq"].abs().sum() > 0) for v in applied.values()),
             "fp32_partitions": None if flats is None else len(flats),
             "zero0_masters": _zero0_masters(engine, model),
+            "adam_step": checkpoint._adam_step(engine),  # two steps applied, one skipped
             "fragments": sorted({ds_compat.has_fp32_fragment(p) for p in model.parameters()}),
             "schedule_position": [engine.global_steps, engine.lr_scheduler.last_epoch,
                                   engine.get_lr()[0] == cfg.optim.lr * engine.lr_scheduler.lr_lambdas[0](5)]}

@@ -3,9 +3,10 @@
   exact DIR    per case (ZeRO stage, precision): an engine trains A steps, saves (jambatrain.checkpoint.save), trains
                B more and saves again; a differently initialised engine loads the first checkpoint, trains the same
                B steps and saves. Reports whether the two last checkpoints hold the same fp32 masters and Adam moments
-               (bit for bit) and Adam step, what the first checkpoint holds (moments, masters finer than bf16), and
-               whether a ZeRO-1 engine of the same precision loads that checkpoint's exact state (the format is
-               portable across stages).
+               (bit for bit) and Adam step, what the first checkpoint holds (moments, masters finer than bf16), how
+               far a ZeRO-1 engine of the same precision trained the same A steps is from it (largest difference
+               relative to the largest value, per kind of tensor) and whether that engine then loads the
+               checkpoint's exact state (the format is portable across stages).
 """
 from __future__ import annotations
 
@@ -78,8 +79,15 @@ def exact_case(stage: int, precision: str, root: str, dist_info) -> dict:
         end_resumed, adam_resumed = saved(resumed, A + B)
         out.update(differ=same(end_straight, end_resumed), adam_steps=[adam_a, adam_straight, adam_resumed],
                    norms_equal=norms_straight == norms_resumed)
-        # the same checkpoint into ZeRO-1 of the same precision: the state it holds, exactly
-        z1, z1_model = engine_for(1, precision, 7, dist_info)
+        # ZeRO-1 of the same precision trained the same A steps: the same state (to rounding) and Adam step
+        z1, z1_model = engine_for(1, precision, 0, dist_info)
+        run_steps(z1, 0, A)
+        z1_state = checkpoint.optimizer_states(z1, z1_model)
+        out["zero1_trained"] = {k: max((at_a[n][k] - z1_state[n][k]).abs().max().item() /
+                                       max(z1_state[n][k].abs().max().item(), 1e-30) for n in at_a)
+                                for k in ("fp32", "exp_avg", "exp_avg_sq")}
+        out["zero1_adam_step"] = checkpoint._adam_step(z1)
+        # and that engine loads the checkpoint's state exactly (the format is portable across stages)
         checkpoint.load(z1, z1_model, straight, f"step_{A:08d}", rank)
         out["zero1_load_differs"] = same(at_a, checkpoint.optimizer_states(z1, z1_model))
     except Exception as exc:  # noqa: BLE001 - reported, so that the other cases still run

@@ -122,6 +122,17 @@ def test_zero0_fp32_masters(engines):
     assert all(v == {"count": 0, "all_params": False, "consistent": True} for v in got.values()), got
 
 
+def test_drop_construction_step(engines):
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    # FP16_UnfusedOptimizer steps once on zero gradients when it is built; no other optimizer wrapper does
+    assert "self.initialize_optimizer_states()" in _source(FP16_UnfusedOptimizer.__init__)
+    assert "self.optimizer.step()" in _source(FP16_UnfusedOptimizer.initialize_optimizer_states)
+    # undone on the real engines (train.setup's build_engine): every stage counts the two steps it applied
+    got = {case: r["adam_step"] for case, r in engines.items() if "path" in r}
+    assert got == dict.fromkeys(got, 2.0) and "zero0_bf16" in got, got
+
+
 def test_has_fp32_fragment(engines):
     from deepspeed.utils import mixed_precision_linkage
 

@@ -5,6 +5,7 @@ import torch
 
 from ..config import TrainConfig
 from ..optim import build_optimizer, build_scheduler, param_groups
+from . import ds_compat
 from .distributed import DistInfo
 from .expert_parallel import ExpertParallel, split_param_groups
 
@@ -56,4 +57,5 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, dist: DistInfo, ds_co
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.trainer.max_steps),
     )
+    ds_compat.drop_construction_step(engine)  # ZeRO-0 bf16 starts as every other stage does
     return engine

@@ -1,6 +1,6 @@
 """Every private DeepSpeed access of jambatrain, in one module, for the DeepSpeed versions it was written for.
 
-DeepSpeed's public API does not cover nine things the trainer needs; each is a function here, used by one caller,
+DeepSpeed's public API does not cover ten things the trainer needs; each is a function here, used by one caller,
 and held by a test in ``tests/test_ds_compat.py`` that fails when DeepSpeed changes what it relies on:
 
   hook                     caller                     what it touches (DeepSpeed 0.19)
@@ -13,6 +13,8 @@ and held by a test in ``tests/test_ds_compat.py`` that fails when DeepSpeed chan
   fp32_partitions          checkpoint (load)          ``single_partition_of_fp32_groups`` / ``fp32_groups_flat_partition``
   zero0_fp32_masters       checkpoint (save, load)    ZeRO-0 bf16/fp16: ``FP16_UnfusedOptimizer``'s ``fp16_groups`` /
                                                       ``fp32_groups``
+  drop_construction_step   deepspeed_setup            ZeRO-0 bf16: the step ``FP16_UnfusedOptimizer.__init__`` takes
+                                                      (``initialize_optimizer_states``), undone
   has_fp32_fragment        checkpoint                 a parameter's ``_hp_mapping`` (ZeRO-1/2, bf16) / ``ds_id`` (ZeRO-3)
   set_schedule_position    checkpoint (load)          ``engine.global_steps``; torch ``LambdaLR._last_lr``
   expert_groups            expert_parallel            ``deepspeed.utils.groups._create_expert_and_data_parallel`` and
@@ -187,6 +189,22 @@ def zero0_fp32_masters(engine) -> dict[torch.Tensor, torch.Tensor]:
                                    f"{hp.dtype} {tuple(hp.shape)}: update jambatrain/parallel/ds_compat.py")
             masters[lp] = hp
     return masters
+
+
+def drop_construction_step(engine) -> bool:
+    """``FP16_UnfusedOptimizer.__init__`` (ZeRO-0 with bf16 weights) runs one optimizer step on zero gradients
+    (``initialize_optimizer_states``): Adam's step count would start at 1 (a smaller bias correction for every
+    later step) and the fp32 copies would be weight-decayed once at the peak LR, unlike under every other stage.
+    Undo it: the copies equal their parameters again and the torch optimizer holds no state (it creates it at the
+    first real step; a resume creates it from the checkpoint). Returns whether there was such a step to undo."""
+    masters = zero0_fp32_masters(engine)
+    if not masters:
+        return False
+    with torch.no_grad():
+        for lp, hp in masters.items():
+            hp.copy_(lp)
+    engine.optimizer.optimizer.state.clear()
+    return True
 
 
 def has_fp32_fragment(p: torch.Tensor, zero3: bool = True) -> bool:
