@@ -195,8 +195,9 @@ def drop_construction_step(engine) -> bool:
     """``FP16_UnfusedOptimizer.__init__`` (ZeRO-0 with bf16 weights) runs one optimizer step on zero gradients
     (``initialize_optimizer_states``): Adam's step count would start at 1 (its bias correction a step late, the
     first update ~25% smaller) and the fp32 copies would be weight-decayed once at the peak LR, unlike under every
-    other stage. Undo it: the copies equal their parameters again and the torch optimizer holds no state (it creates it at the
-    first real step; a resume creates it from the checkpoint). Returns whether there was such a step to undo."""
+    other stage. Undo it: the copies equal their parameters again and the torch optimizer holds no state (it
+    creates it at the first real step; a resume creates it from the checkpoint). Returns whether there was such a
+    step to undo."""
     masters = zero0_fp32_masters(engine)
     if not masters:
         return False
