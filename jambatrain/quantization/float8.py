@@ -154,10 +154,103 @@ def problems(recipe: str, device_type: str, precision: str, device_index: int | 
     return p
 
 
-def convert(model: nn.Module, cfg) -> Float8Plan:
+def cache_decision(recipe: str, cache_weights: bool, zero_stage: int = 0) -> tuple[bool, str]:
+    """Whether the FP8 weight casts are cached for an optimizer step (``model.fp8_cache_weights``), and the start-up
+    report's words for it. The one decision ``convert`` executes and ``models/fast_paths.py`` reports."""
+    if str(recipe) == "none":
+        return False, "off"
+    if not cache_weights:
+        return False, "weights re-cast every micro batch (model.fp8_cache_weights=false)"
+    if zero_stage >= 3:
+        return False, ("weights re-cast every micro batch: ZeRO-3 gathers the parameters per forward, so there is no "
+                       "step-long weight to cache")
+    if str(recipe) != "tensorwise":
+        return False, (f"weights re-cast every micro batch: the {recipe} recipe scales the weight along different "
+                       "axes for the forward and the backward GEMM (only tensorwise shares one cast, as torchao's "
+                       "FSDP float8 all-gather)")
+    return True, "weights cast to FP8 once per optimizer step, reused by every micro batch and recompute"
+
+
+class WeightCache:
+    """The FP8 casts of the converted projections' weights, made by torchao's own ``hp_tensor_to_float8_dynamic``
+    exactly as its uncached matmul makes them, once per optimizer step: the weights change only at the optimizer
+    step, while torchao's matmul re-casts (amax, scale, cast) every weight in every micro batch's forward, again in
+    its backward, and again in an activation-checkpoint recompute. The cast is handed to torchao's matmul already in
+    FP8 (``matmul_with_hp_or_float8_args`` takes FP8 operands as they are: how its FSDP float8 all-gather runs)
+    through ``_UseCast``, whose backward passes the weight gradient to the bf16 weight unchanged, as torchao's own
+    cast does: outputs and gradients are the uncached path's, bit for bit.
+
+    The trainer and the bench call ``optimizer_stepped(model)`` after every optimizer step (and after loading
+    weights): that drops the casts. It is explicit because the weights' own version counters miss DeepSpeed's
+    updates (it writes through ``.data``). A weight whose storage or shape changed since its cast (a parameter
+    re-materialised) is re-cast. Never used under ZeRO-3 (``cache_decision``)."""
+
+    def __init__(self):
+        self.step = 0
+        self.casts = 0  # casts made so far (tests, reports)
+        self._casts: dict = {}
+
+    def advance(self) -> None:
+        self.step += 1
+        self._casts.clear()
+
+    def operand(self, proj: nn.Module, role) -> torch.Tensor:
+        """The weight operand of ``proj``'s float8 matmul in ``role`` (``WEIGHT``: ``weight.t()`` as the right
+        operand, ``proj(x)``; ``INPUT``: ``weight`` as the left operand, ``float8_weight_mm``), FP8, this step's."""
+        from torchao.float8.float8_scaling_utils import get_maybe_axiswise_dim, hp_tensor_to_float8_dynamic
+        from torchao.float8.float8_training_tensor import GemmInputRole
+
+        w = proj.weight
+        as_weight = role is GemmInputRole.WEIGHT
+        hp = w.t() if as_weight else w
+        key = (id(proj), role)
+        hit = self._casts.get(key)
+        if hit is None or hit[0] != w.data_ptr() or hit[1] != w.shape:
+            c = proj.config
+            cast = c.cast_config_weight if as_weight else c.cast_config_input
+            with torch.no_grad():  # the arguments torchao's matmul passes for this operand
+                f8 = hp_tensor_to_float8_dynamic(
+                    hp, cast.target_dtype, proj.linear_mm_config, gemm_input_role=role,
+                    scaling_granularity=cast.scaling_granularity,
+                    axiswise_dim=get_maybe_axiswise_dim(0 if as_weight else -1, cast.scaling_granularity),
+                    round_scales_to_power_of_2=c.round_scales_to_power_of_2)
+            hit = self._casts[key] = (w.data_ptr(), w.shape, f8)
+            self.casts += 1
+        return _UseCast.apply(hp, hit[2])
+
+
+class _UseCast(torch.autograd.Function):
+    """Forward: the cached FP8 cast of ``hp`` (a new wrapper around its data and scale); backward: the gradient
+    to ``hp`` unchanged, as torchao's own cast function passes it."""
+
+    @staticmethod
+    def forward(ctx, hp, f8):
+        from torchao.float8.float8_training_tensor import Float8TrainingTensor
+
+        return Float8TrainingTensor(f8._data, f8._scale, f8._orig_dtype, f8._linear_mm_config, f8._gemm_input_role,
+                                    f8._axiswise_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def weight_cache(model: nn.Module) -> WeightCache | None:
+    return getattr(model, "fp8_weight_cache", None)
+
+
+def optimizer_stepped(model: nn.Module) -> None:
+    """Call after every optimizer step (and after weights are loaded): the cached FP8 weights are stale."""
+    cache = weight_cache(model)
+    if cache is not None:
+        cache.advance()
+
+
+def convert(model: nn.Module, cfg, zero_stage: int = 0) -> Float8Plan:
     """Swap the projections ``plan`` selects for torchao ``Float8Linear``s (same parameters, so optimizer state,
     checkpoints and ZeRO partitioning see the same tensors) and switch the selected MoE layers to the FP8 grouped
-    GEMM. Call after the model is built and initialised, before the optimizer / DeepSpeed engine is made."""
+    GEMM. Call after the model is built and initialised, before the optimizer / DeepSpeed engine is made.
+    ``zero_stage``: the run's, for ``cache_decision``."""
     p = plan(model, cfg.fp8, cfg.fp8_experts)
     if p.recipe == "none":
         return p
@@ -168,19 +261,25 @@ def convert(model: nn.Module, cfg) -> Float8Plan:
                                module_filter_fn=lambda m, fqn: fqn in names)
     for name in p.experts():
         model.get_submodule(name).fp8 = True
+    cached, _ = cache_decision(p.recipe, getattr(cfg, "fp8_cache_weights", False), zero_stage)
+    cache = WeightCache() if cached else None
+    if cache is not None:
+        model.fp8_weight_cache = cache
     if cfg.compile_elementwise:  # fuse each GEMM's amax/scale/cast passes (eager: several passes per operand)
-        import types
-
-        from torchao.float8.float8_linear import Float8Linear
-
         dyn = torch._dynamo.config
         for k in ("recompile_limit", "cache_size_limit"):  # one compiled GEMM function for every shape and layout
             if hasattr(dyn, k):
                 setattr(dyn, k, max(getattr(dyn, k), 64))
+    if cache is not None or cfg.compile_elementwise:
+        import types
+
+        from torchao.float8.float8_linear import Float8Linear
+
         for m in model.modules():
             if isinstance(m, Float8Linear):
-                m.forward = types.MethodType(_compiled_forward, m)
-                m.jt_compiled = True
+                m.forward = types.MethodType(_forward, m)
+                m.jt_compiled = bool(cfg.compile_elementwise)
+                m.jt_weight_cache = cache
     return p
 
 
@@ -203,10 +302,25 @@ def _mm_fn(compiled: bool):
     return _mm_compiled
 
 
-def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """``Float8Linear.forward`` with its matmul (casts included) compiled: one compiled function shared by every
+def _weight_operand(proj: nn.Module, role) -> torch.Tensor:
+    """``proj``'s weight as its float8 matmul takes it in ``role``: the step's cached FP8 cast (``WeightCache``),
+    or the bf16 weight (torchao casts it inside the matmul)."""
+    from torchao.float8.float8_training_tensor import GemmInputRole
+
+    cache = getattr(proj, "jt_weight_cache", None)
+    if cache is not None:
+        return cache.operand(proj, role)
+    return proj.weight.t() if role is GemmInputRole.WEIGHT else proj.weight
+
+
+def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    """``Float8Linear.forward`` with the weight from the step's cache (``model.fp8_cache_weights``) and the matmul
+    (the activation casts included) compiled (``model.compile_elementwise``): one compiled function shared by every
     converted projection, so Inductor fuses each operand's amax, scale and cast into a kernel or two."""
-    out = _mm_fn(True)(x, self.weight.t(), self.linear_mm_config, self.config)
+    from torchao.float8.float8_training_tensor import GemmInputRole
+
+    w_t = _weight_operand(self, GemmInputRole.WEIGHT)
+    out = _mm_fn(getattr(self, "jt_compiled", False))(x, w_t, self.linear_mm_config, self.config)
     return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
@@ -215,7 +329,10 @@ def float8_weight_mm(proj: nn.Module, x_t: torch.Tensor) -> torch.Tensor:
     order (weight as the row-major left operand, the (features, tokens) activations as the column-major right
     one: the same roles and per-row / per-token scalings as in ``proj(x)``), so the (out, tokens) result keeps the
     Mamba kernel layout."""
-    return _mm_fn(getattr(proj, "jt_compiled", False))(proj.weight, x_t, proj.linear_mm_config, proj.config)
+    from torchao.float8.float8_training_tensor import GemmInputRole
+
+    w = _weight_operand(proj, GemmInputRole.INPUT)
+    return _mm_fn(getattr(proj, "jt_compiled", False))(w, x_t, proj.linear_mm_config, proj.config)
 
 
 def grouped_mm_fp8(a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
