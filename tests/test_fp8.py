@@ -255,7 +255,7 @@ out = {}
 for stage in (1, 2, 3):
     torch.manual_seed(0)
     model = JambaLM(cfg)
-    plan = float8.convert(model, cfg)  # the trainer's order: built, initialised, converted, then wrapped
+    plan = float8.convert(model, cfg, zero_stage=stage)  # the trainer's order: built, initialised, converted, wrapped
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "gradient_clipping": 1.0}
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
@@ -265,9 +265,10 @@ for stage in (1, 2, 3):
         loss = engine(ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
+        float8.optimizer_stepped(engine.module)  # the trainer's call (stage 1-2: the FP8 weight cache)
         losses.append(loss.item())
     out[stage] = {"losses": losses, "fp8": sum(isinstance(m, Float8Linear) for m in engine.module.modules()),
-                  "planned": len(plan.linears())}
+                  "planned": len(plan.linears()), "cached": float8.weight_cache(engine.module) is not None}
 json.dump(out, open(sys.argv[1], "w"))
 '''
 
@@ -288,6 +289,7 @@ def test_converted_model_trains_under_deepspeed_zero_1_2_3_with_recompute(train_
     res = json.loads(out.read_text())
     for stage, r in res.items():
         assert r["fp8"] == r["planned"] > 0, stage
+        assert r["cached"] == (stage != "3"), stage  # ZeRO-3 gathers weights per forward: no cache
         assert r["losses"][-1] < r["losses"][0] - 0.3, (stage, r["losses"])
     for stage in ("2", "3"):
         assert res[stage]["losses"] == pytest.approx(res["1"]["losses"], rel=1e-3)
