@@ -101,8 +101,12 @@ def test_fp8_experts_need_the_grouped_backend():
     assert moe_backends.decide("auto", "cpu", False, 256, 512, fp8=True).error
 
 
-def _ref_grouped_mm(a, b_t, offs):
+def _ref_grouped_mm(a, w, offs, down=False):
     """torch._scaled_grouped_mm's semantics in plain bf16/fp32: rows [offs[e-1], offs[e]) times b_t[e]."""
+    from jambatrain.quantization.float8 import _expert_b_t
+
+    b_t = _expert_b_t(w, down)
+    assert b_t.stride(-2) == 1, "column-major per expert, as torch._scaled_grouped_mm takes it"
     out, start = [], 0
     for e, end in enumerate(offs.tolist()):
         assert (end - start) % 16 == 0, "every group padded to a multiple of 16 rows"

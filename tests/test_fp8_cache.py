@@ -162,3 +162,18 @@ def test_cache_decision_refuses_zero3_and_rowwise_and_the_report_says_so(monkeyp
     report = describe(cfg, "cuda", "bf16", False, zero_stage=3).paths["fp8"]
     assert "ZeRO-3" in report and "re-cast" in report
     assert "once per optimizer step" in describe(cfg, "cuda", "bf16", False, zero_stage=2).paths["fp8"]
+
+
+def test_convert_tags_the_planned_expert_stacks_for_the_cache_only_when_it_applies():
+    """With model.fp8_experts the stacks' forward casts join the cache (grouped_mm_fp8 reads the tag); ZeRO-3 or the
+    cache off: untagged, torchao's per-GEMM casts."""
+    cfg = ModelConfig(**{**TINY, "num_experts": 4}, fp8_experts=True)
+    for zero_stage, cached in ((2, True), (3, False)):
+        m = JambaLM(cfg).to(torch.bfloat16)
+        p = float8.convert(m, cfg, zero_stage=zero_stage)
+        assert p.experts()
+        stacks = [w for n in p.experts() for w in (m.get_submodule(n).w_gate, m.get_submodule(n).w_up,
+                                                    m.get_submodule(n).w_down)]
+        cache = float8.weight_cache(m)
+        assert (cache is not None) == cached
+        assert all(getattr(w, "jt_fp8_cache", None) is cache for w in stacks)

@@ -137,6 +137,45 @@ def test_weight_cache_gives_the_uncached_gemms_on_the_gpu(compiled):
     assert mods[True].jt_weight_cache.casts == 2 * 2  # two roles (proj(x), weight_mm), two steps
 
 
+@pytest.mark.parametrize("down", [False, True])
+def test_cached_expert_stack_gives_torchaos_grouped_gemm(down):
+    """The experts' FP8 grouped GEMM with the stack's forward cast cached for the step (``_CachedGroupedMM``)
+    against torchao's own ``_to_fp8_rowwise_then_scaled_grouped_mm``: equal outputs and gradients over two micro
+    batches, an optimizer step and two more, one cast per step."""
+    from jambatrain.quantization.float8 import WeightCache, grouped_mm_fp8
+
+    E, h, f = 4, 256, 512
+    K = f if down else h
+    g = torch.Generator(device=DEV).manual_seed(3)
+    w0 = (torch.randn(E, f, h, device=DEV, generator=g) * 0.05).to(torch.bfloat16)
+    offs = torch.tensor([64, 64, 192, 256], device=DEV, dtype=torch.int32)  # an empty group too
+    ws, cache = {}, WeightCache()
+    for cached in (True, False):
+        ws[cached] = nn.Parameter(w0.clone())
+        if cached:
+            ws[cached].jt_fp8_cache = cache
+    opts = {c: torch.optim.SGD([w], lr=1.0) for c, w in ws.items()}
+    for step in range(2):
+        res = {}
+        for c, w in ws.items():
+            outs = []
+            for i in range(2):
+                gi = torch.Generator(device=DEV).manual_seed(100 * step + i)
+                a = torch.randn(256, K, device=DEV, generator=gi).to(torch.bfloat16).requires_grad_()
+                y = grouped_mm_fp8(a, w, offs, down=down)
+                y.float().square().mean().backward()
+                outs += [y.detach(), a.grad]
+            res[c] = outs + [w.grad.clone()]
+        errs = [rel(a, b) for a, b in zip(res[True], res[False])]
+        print(f"cached expert stack (down={down}) step {step}: max rel diff vs torchao {max(errs):.1e}")
+        assert max(errs) < 1e-6, errs
+        for c in ws:
+            opts[c].step()
+            opts[c].zero_grad(set_to_none=True)
+        cache.advance()
+    assert cache.casts == 2
+
+
 @pytest.mark.parametrize("counts_seed", [0, 1])
 def test_fp8_grouped_experts_vs_fp32_native_fwd_bwd(counts_seed):
     E, k, h, f, T = 8, 2, 512, 1024, 2048

@@ -218,6 +218,16 @@ class WeightCache:
             self.casts += 1
         return _UseCast.apply(hp, hit[2])
 
+    def grouped_operand(self, w: torch.Tensor, down: bool):
+        """The forward (FP8 data, scales) of the expert stack ``w`` as a grouped GEMM's right operand, this step's."""
+        key = (id(w), "grouped")
+        hit = self._casts.get(key)
+        if hit is None or hit[0] != w.data_ptr() or hit[1] != w.shape:
+            with torch.no_grad():
+                hit = self._casts[key] = (w.data_ptr(), w.shape, _grouped_b_cast(_expert_b_t(w, down)))
+            self.casts += 1
+        return hit[2]
+
 
 class _UseCast(torch.autograd.Function):
     """Forward: the cached FP8 cast of ``hp`` (a new wrapper around its data and scale); backward: the gradient
@@ -265,6 +275,10 @@ def convert(model: nn.Module, cfg, zero_stage: int = 0) -> Float8Plan:
     cache = WeightCache() if cached else None
     if cache is not None:
         model.fp8_weight_cache = cache
+        for name in p.experts():  # the stacks' forward casts (grouped_mm_fp8)
+            moe = model.get_submodule(name)
+            for w in (moe.w_gate, moe.w_up, moe.w_down):
+                w.jt_fp8_cache = cache
     if cfg.compile_elementwise:  # fuse each GEMM's amax/scale/cast passes (eager: several passes per operand)
         dyn = torch._dynamo.config
         for k in ("recompile_limit", "cache_size_limit"):  # one compiled GEMM function for every shape and layout
@@ -335,9 +349,78 @@ def float8_weight_mm(proj: nn.Module, x_t: torch.Tensor) -> torch.Tensor:
     return _mm_fn(getattr(proj, "jt_compiled", False))(w, x_t, proj.linear_mm_config, proj.config)
 
 
-def grouped_mm_fp8(a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """a (M, K) row-major @ b_t (E, K, N) column-major per group, groups of rows ending at ``offs`` (multiples of
-    16): torchao's differentiable rowwise FP8 grouped GEMM (``torch._scaled_grouped_mm``), bf16 out."""
+def _expert_b_t(w: torch.Tensor, down: bool) -> torch.Tensor:
+    """The right operand (E, K, N), column-major per expert, of an expert stack stored (E, ffn, hidden):
+    w_gate / w_up as (K=hidden, N=ffn) are, as transposed views; w_down as (K=ffn, N=hidden) is row-major, so it
+    is copied transposed."""
+    return w.transpose(1, 2).contiguous().transpose(1, 2) if down else w.transpose(1, 2)
+
+
+def grouped_mm_fp8(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, down: bool = False) -> torch.Tensor:
+    """a (M, K) row-major @ the expert stack ``w`` (``_expert_b_t``) per group, groups of rows ending at ``offs``
+    (multiples of 16): torchao's differentiable rowwise FP8 grouped GEMM (``torch._scaled_grouped_mm``), bf16 out.
+    With the weight cache (``model.fp8_cache_weights``: ``convert`` tags the stacks) the stack's forward cast (and
+    w_down's transposed copy) is made once per optimizer step (``_CachedGroupedMM``)."""
+    cache = getattr(w, "jt_fp8_cache", None)
+    if cache is not None:
+        return _CachedGroupedMM.apply(a, w, offs, cache.grouped_operand(w, down), down)
     from torchao.prototype.moe_training import _to_fp8_rowwise_then_scaled_grouped_mm
 
-    return _to_fp8_rowwise_then_scaled_grouped_mm(a, b_t, offs, torch.bfloat16, torch.float8_e4m3fn, False)
+    return _to_fp8_rowwise_then_scaled_grouped_mm(a, _expert_b_t(w, down), offs, torch.bfloat16, torch.float8_e4m3fn,
+                                                  False)
+
+
+def _grouped_b_cast(b_t: torch.Tensor):
+    """The forward cast of a grouped GEMM's right operand, by torchao's own functions and arguments
+    (``_Float8GroupedMM.forward``): per-column (axis -2) power-of-2 scales, e4m3, column-major data."""
+    from torchao.float8.config import ScalingGranularity
+    from torchao.float8.float8_utils import tensor_to_scale, to_fp8_saturated
+
+    scales = tensor_to_scale(b_t, torch.float8_e4m3fn, scaling_granularity=ScalingGranularity.AXISWISE,
+                             axiswise_dim=-2, round_scales_to_power_of_2=True)
+    return to_fp8_saturated(b_t.to(torch.float32) * scales, torch.float8_e4m3fn), scales
+
+
+class _CachedGroupedMM(torch.autograd.Function):
+    """torchao 0.17's ``_Float8GroupedMM`` (rowwise, groups already padded) with the right operand's forward cast
+    taken from the step's cache: the same kernels, arguments and order as its forward and backward, so outputs and
+    gradients equal the uncached path's. The backward's transposed cast of the stack
+    (``triton_fp8_rowwise_3d_transpose_rhs``, one fused kernel) stays per micro batch: caching it too would hold a
+    second FP8 copy of every expert stack."""
+
+    @staticmethod
+    def forward(ctx, A, w, offs, b_cast, down):
+        from torchao.prototype.moe_training.kernels import triton_fp8_rowwise_2d_scale_and_cast
+
+        b_data, b_scales = b_cast
+        a_data, a_scales = triton_fp8_rowwise_2d_scale_and_cast(A, output_dtype=torch.float8_e4m3fn,
+                                                                round_scales_to_power_of_2=True)
+        ctx.save_for_backward(A, w, offs)
+        ctx.down = down
+        return torch._scaled_grouped_mm(a_data, b_data, a_scales.squeeze(-1).reciprocal(),
+                                        b_scales.squeeze(1).reciprocal(), offs, out_dtype=torch.bfloat16,
+                                        use_fast_accum=True)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        from torchao.prototype.moe_training.kernels import (triton_fp8_per_group_colwise_scales_dual,
+                                                            triton_fp8_rowwise_2d_scale_and_cast,
+                                                            triton_fp8_rowwise_3d_transpose_rhs)
+
+        A, w, offs = ctx.saved_tensors
+        f8 = torch.float8_e4m3fn
+        go_data, go_scales = triton_fp8_rowwise_2d_scale_and_cast(grad_output, output_dtype=f8,
+                                                                  round_scales_to_power_of_2=True)
+        # the kernel reads through strides: w_down goes in as it is stored (no transposed copy), its values those
+        # of _expert_b_t(w_down)
+        b_data, b_scales = triton_fp8_rowwise_3d_transpose_rhs(w if ctx.down else w.transpose(1, 2), output_dtype=f8,
+                                                               round_scales_to_power_of_2=True)
+        grad_a = torch._scaled_grouped_mm(go_data, b_data, go_scales.squeeze(-1).reciprocal(),
+                                          b_scales.squeeze(1).reciprocal(), offs, out_dtype=torch.bfloat16,
+                                          use_fast_accum=True)
+        go_cw, go_cw_scales, a_cm, a_cm_scales = triton_fp8_per_group_colwise_scales_dual(
+            grad_output, A, offs, f8, round_scales_to_power_of_2=True)
+        grad_b = torch._scaled_grouped_mm(go_cw.t(), a_cm, go_cw_scales.t().reciprocal(), a_cm_scales.reciprocal(),
+                                          offs, out_dtype=torch.bfloat16, use_fast_accum=True)
+        grad_b_t = grad_b.transpose(-2, -1)  # the gradient of _expert_b_t(w): back to w's (E, ffn, hidden)
+        return grad_a, (grad_b_t if ctx.down else grad_b_t.transpose(1, 2)), None, None, None
