@@ -5,7 +5,9 @@ recipes, ``torch._scaled_mm``) for the projections, and torchao's rowwise FP8 gr
 (``torchao.prototype.moe_training``, on ``torch._scaled_grouped_mm``) for the stacked experts: no scaling code of
 our own. Scales are computed from the live tensors every step (dynamic scaling): there is no amax history or
 scale state, so a checkpoint holds the same bf16 weights with or without FP8, resume and ``export_hf`` need
-nothing more, and a run can switch FP8 on or off at a resume.
+nothing more, and a run can switch FP8 on or off at a resume. The weights' casts are made once per optimizer step
+and reused by the step's micro batches (``WeightCache``, ``model.fp8_cache_weights``; ``cache_decision`` says where
+it applies); the cache is never saved.
 
 ``plan`` is the one decision of which GEMMs run FP8: ``convert`` swaps exactly those, and the start-up report
 (``models/fast_paths.py``) prints its summary. It needs no GPU and no torchao (tests run it on a meta model).
