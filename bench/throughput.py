@@ -138,19 +138,21 @@ def variant_config(cfg: ModelConfig, variant: str) -> ModelConfig:
     fused Triton RMSNorm (model.fused_rms_norm); 'compile': torch.compile'd SwiGLU product and cross-entropy
     (model.compile_elementwise); 'grouped' / 'megablocks' / 'native': the MoE backend instead of moe_impl=auto;
     'fp8' / 'fp8row': model.fp8=tensorwise / rowwise with the experts in FP8 too (model.fp8_experts=true);
-    'fp8dense': model.fp8=tensorwise with the experts left bf16;
+    'fp8dense': model.fp8=tensorwise with the experts left bf16; 'nocache': model.fp8_cache_weights=false (torchao
+    re-casts every weight in every GEMM instead of once per optimizer step);
     'docs': packed documents (``doc_starts`` with a boundary every ~1k tokens: attention masked per document, Mamba
     state reset; data, not config); 'cp1': the context-parallel code path at cp = 1 (a one-rank NCCL group set on
     the mixers, ``force_cp_path``: its all-to-all layout changes and collectives at no parallelism, the overhead
     cp = 1 itself does not pay: ``context_parallel.apply`` sets nothing there)."""
-    toks = set(variant.replace("opt", "layout+norm+compile").split("+")) - {"", "base", "docs", "cp1"}
+    toks = set(variant.replace("opt", "layout+norm+compile").split("+")) - {"", "base", "docs", "cp1", "nocache"}
     moe = toks & {"grouped", "megablocks", "native"}
     fp8 = "rowwise" if "fp8row" in toks else "tensorwise" if toks & {"fp8", "fp8dense"} else "none"
     return dataclasses.replace(cfg, mamba_kernel_layout="layout" in toks, fused_rms_norm="norm" in toks,
                                compile_elementwise="compile" in toks,
                                moe_impl=next(iter(moe)) if moe else cfg.moe_impl,
                                fp8=fp8 if fp8 != "none" else cfg.fp8,
-                               fp8_experts="fp8dense" not in toks if fp8 != "none" else cfg.fp8_experts)
+                               fp8_experts="fp8dense" not in toks if fp8 != "none" else cfg.fp8_experts,
+                               fp8_cache_weights="nocache" not in variant.split("+") and cfg.fp8_cache_weights)
 
 
 def force_cp_path(model) -> None:
@@ -207,7 +209,7 @@ def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, war
                                        for m in moes}) or "none (dense)"}
         if vcfg.fp8 != "none":
             p = float8.plan_for_config(vcfg)
-            info["fp8"] = p.summary()
+            info["fp8"] = p.summary() + "; " + float8.cache_decision(vcfg.fp8, vcfg.fp8_cache_weights)[1]
             info["fp8_bf16_reasons"] = p.reasons()
     else:
         model, info = build_hf(cfg)
@@ -233,6 +235,8 @@ def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, war
             (loss / grad_accum).backward()
         s1.record()
         opt.step()
+        if kind == "jambatrain":
+            float8.optimizer_stepped(model)  # the trainer's call: this step's FP8 weight casts are stale
         opt.zero_grad(set_to_none=True)
         if timed:
             fb_ms.append((s0, s1))

@@ -87,7 +87,7 @@ def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict, ep: ExpertPa
                 with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
                     if dist.is_main:
                         model.init_module(name, m)
-        float8.convert(model, mcfg)
+        float8.convert(model, mcfg, zero_stage=3)
         return model
     with torch.device("meta"):
         model = JambaLM(mcfg)
@@ -104,7 +104,7 @@ def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict, ep: ExpertPa
         if dist.is_main:
             print(f"jambatrain: model.init_from: loaded all {sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M "
                   f"weights from {mcfg.init_from} (HF Jamba)", flush=True)
-    float8.convert(model, mcfg)  # model.fp8: a converter on the built model (no-op for none)
+    float8.convert(model, mcfg, ds_config.get("zero_optimization", {}).get("stage", 0))  # model.fp8 (none: no-op)
     return model
 
 
@@ -113,7 +113,8 @@ def preflight(cfg: TrainConfig, dist: DistInfo, run_dir: str):
     problems, kernels asked for that cannot run here, and the checkpoint to resume. Returns the fast-path report
     and the tag to resume from (None: a fresh run)."""
     paths = describe_fast_paths(cfg.model, dist.device.type, resolve_precision(cfg, dist.device), cfg.data.doc_mask,
-                                cfg.parallel.expert_parallel_size, cfg.parallel.context_parallel_size)
+                                cfg.parallel.expert_parallel_size, cfg.parallel.context_parallel_size,
+                                cfg.parallel.zero_stage)
     errors = problems(cfg, dist.world_size) + paths.errors
     if cfg.model.init_from:
         from .hf_io import init_from_problems
@@ -381,6 +382,7 @@ def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
     state = checkpoint.TrainState(model_config=asdict(cfg.model))
     if resume_tag is not None:
         state = checkpoint.load(engine, model, run_dir, resume_tag, dist.rank)
+        float8.optimizer_stepped(model)  # new weights: no FP8 cast of the old ones may survive
         if par.zero_stage == 3 and engine.lr_scheduler is not None:
             # DeepSpeed's load restored the LambdaLR's base LR (the checkpoint's optim.lr): the configured one, as
             # under ZeRO-0..2 (the resume report says so)
@@ -516,6 +518,7 @@ def train_step(engine, batches, guard: StepGuard, cfg: TrainConfig, dist: DistIn
         if i == gas - 1 and cfg.trainer.step_guard:  # before the step that applies (or skips) the update
             reason = guard.check(losses[0], gas)
         engine.step()
+    float8.optimizer_stepped(engine.module)  # the weights changed: the step's FP8 weight casts are stale
     skipped = guard.after_step(skipped_before)
     if skipped and reason is None:
         reason = "non-finite gradients"

@@ -101,8 +101,12 @@ def test_fp8_experts_need_the_grouped_backend():
     assert moe_backends.decide("auto", "cpu", False, 256, 512, fp8=True).error
 
 
-def _ref_grouped_mm(a, b_t, offs):
+def _ref_grouped_mm(a, w, offs, down=False):
     """torch._scaled_grouped_mm's semantics in plain bf16/fp32: rows [offs[e-1], offs[e]) times b_t[e]."""
+    from jambatrain.quantization.float8 import _expert_b_t
+
+    b_t = _expert_b_t(w, down)
+    assert b_t.stride(-2) == 1, "column-major per expert, as torch._scaled_grouped_mm takes it"
     out, start = [], 0
     for e, end in enumerate(offs.tolist()):
         assert (end - start) % 16 == 0, "every group padded to a multiple of 16 rows"
@@ -239,7 +243,7 @@ def test_loss_parity_verdict_uses_the_windowed_final_gap():
 
 
 ZERO_WORKER = r'''
-import json, sys
+import dataclasses, json, sys
 import torch
 import deepspeed
 import deepspeed.comm.torch  # noqa: F401
@@ -252,12 +256,14 @@ cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hid
                   num_key_value_heads=2, num_experts=4, fp8="tensorwise", mamba_impl="reference", moe_impl="native",
                   compile_elementwise=False, fused_rms_norm=False, activation_checkpointing="ffn")
 out = {}
-for stage in (1, 2, 3):
+for stage in (1, 2, 3, "2-uncached"):
     torch.manual_seed(0)
     model = JambaLM(cfg)
-    plan = float8.convert(model, cfg)  # the trainer's order: built, initialised, converted, then wrapped
+    run_cfg = dataclasses.replace(cfg, fp8_cache_weights=stage != "2-uncached")
+    stage_n = 2 if stage == "2-uncached" else stage
+    plan = float8.convert(model, run_cfg, zero_stage=stage_n)  # the trainer's order: built, initialised, converted
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "gradient_clipping": 1.0}
+    ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage_n}, "gradient_clipping": 1.0}
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     losses = []
@@ -265,9 +271,10 @@ for stage in (1, 2, 3):
         loss = engine(ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
+        float8.optimizer_stepped(engine.module)  # the trainer's call (stage 1-2: the FP8 weight cache)
         losses.append(loss.item())
     out[stage] = {"losses": losses, "fp8": sum(isinstance(m, Float8Linear) for m in engine.module.modules()),
-                  "planned": len(plan.linears())}
+                  "planned": len(plan.linears()), "cached": float8.weight_cache(engine.module) is not None}
 json.dump(out, open(sys.argv[1], "w"))
 '''
 
@@ -288,6 +295,9 @@ def test_converted_model_trains_under_deepspeed_zero_1_2_3_with_recompute(train_
     res = json.loads(out.read_text())
     for stage, r in res.items():
         assert r["fp8"] == r["planned"] > 0, stage
+        assert r["cached"] == (stage in ("1", "2")), stage  # ZeRO-3 gathers weights per forward: no cache
         assert r["losses"][-1] < r["losses"][0] - 0.3, (stage, r["losses"])
     for stage in ("2", "3"):
         assert res[stage]["losses"] == pytest.approx(res["1"]["losses"], rel=1e-3)
+    # the weight cache under DeepSpeed (which updates the weights in place): the uncached run's losses exactly
+    assert res["2"]["losses"] == res["2-uncached"]["losses"]

@@ -125,6 +125,9 @@ class ModelConfig:
     # bf16 experts (docs/benchmarks.md, "FP8 training")
     fp8: Fp8 = runtime(Fp8.none)
     fp8_experts: bool = runtime(False)
+    # cast each FP8 weight once per optimizer step and reuse it in every micro batch and recompute (tensorwise, ZeRO
+    # 0-2; the start-up report says when it does not apply); false: torchao's per-GEMM weight casts
+    fp8_cache_weights: bool = runtime(True)
     init_from: str | None = runtime(None)  # HF Jamba directory to initialise weights from
 
     def __post_init__(self):

@@ -23,9 +23,9 @@ class FastPaths:
 
 
 def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool, ep: int = 1,
-             cp: int = 1) -> FastPaths:
+             cp: int = 1, zero_stage: int = 0) -> FastPaths:
     """device_type: "cuda" / "cpu"; precision: "bf16" / "fp32"; doc_mask: the data config's packed-document mask;
-    ep: the expert-parallel size; cp: the context-parallel size."""
+    ep: the expert-parallel size; cp: the context-parallel size; zero_stage: DeepSpeed's (the FP8 weight cache)."""
     cuda = device_type == "cuda"
     k = ssm_ops.kernels_available()
     fp = FastPaths({})
@@ -51,7 +51,7 @@ def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool,
         from ..quantization import float8
 
         plan = float8.plan_for_config(cfg)
-        fp.paths["fp8"] = plan.summary()
+        fp.paths["fp8"] = plan.summary() + "; " + float8.cache_decision(cfg.fp8, cfg.fp8_cache_weights, zero_stage)[1]
         fp8_errors = float8.problems(cfg.fp8, device_type, precision)
         fp.errors += fp8_errors
         fp8_experts = bool(plan.experts()) and not fp8_errors

@@ -152,11 +152,10 @@ def _mlp_grouped_fp8(xs, tokens_per_expert, w_gate, w_up, w_down, act=silu_mul_r
 
     dest, offs, total = _pad_groups(tokens_per_expert, xs.shape[0])
     xp = xs.new_zeros(total, xs.shape[1]).index_copy(0, dest, xs)
-    # the right operands column-major per expert (torch._scaled_grouped_mm): w_gate / w_up (E, ffn, hidden) are, as
-    # transposed views; w_down (E, ffn, hidden) used as (K=ffn, N=hidden) is row-major, so it is copied transposed
-    h = act(grouped_mm_fp8(xp, w_gate.transpose(1, 2), offs), grouped_mm_fp8(xp, w_up.transpose(1, 2), offs))
-    w_down_cm = w_down.transpose(1, 2).contiguous().transpose(1, 2)
-    return grouped_mm_fp8(h, w_down_cm, offs).index_select(0, dest)
+    # the right operands column-major per expert (torch._scaled_grouped_mm; float8._expert_b_t), w_down's copy and
+    # the stacks' forward casts made once per optimizer step under model.fp8_cache_weights
+    h = act(grouped_mm_fp8(xp, w_gate, offs), grouped_mm_fp8(xp, w_up, offs))
+    return grouped_mm_fp8(h, w_down, offs, down=True).index_select(0, dest)
 
 
 def _mlp_megablocks(xs, tokens_per_expert, w_gate, w_up, w_down, act=silu_mul_ref, counts=None):

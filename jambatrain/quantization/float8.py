@@ -5,7 +5,9 @@ recipes, ``torch._scaled_mm``) for the projections, and torchao's rowwise FP8 gr
 (``torchao.prototype.moe_training``, on ``torch._scaled_grouped_mm``) for the stacked experts: no scaling code of
 our own. Scales are computed from the live tensors every step (dynamic scaling): there is no amax history or
 scale state, so a checkpoint holds the same bf16 weights with or without FP8, resume and ``export_hf`` need
-nothing more, and a run can switch FP8 on or off at a resume.
+nothing more, and a run can switch FP8 on or off at a resume. The weights' casts are made once per optimizer step
+and reused by the step's micro batches (``WeightCache``, ``model.fp8_cache_weights``; ``cache_decision`` says where
+it applies); the cache is never saved.
 
 ``plan`` is the one decision of which GEMMs run FP8: ``convert`` swaps exactly those, and the start-up report
 (``models/fast_paths.py``) prints its summary. It needs no GPU and no torchao (tests run it on a meta model).
@@ -154,10 +156,113 @@ def problems(recipe: str, device_type: str, precision: str, device_index: int | 
     return p
 
 
-def convert(model: nn.Module, cfg) -> Float8Plan:
+def cache_decision(recipe: str, cache_weights: bool, zero_stage: int = 0) -> tuple[bool, str]:
+    """Whether the FP8 weight casts are cached for an optimizer step (``model.fp8_cache_weights``), and the start-up
+    report's words for it. The one decision ``convert`` executes and ``models/fast_paths.py`` reports."""
+    if str(recipe) == "none":
+        return False, "off"
+    if not cache_weights:
+        return False, "weights re-cast every micro batch (model.fp8_cache_weights=false)"
+    if zero_stage >= 3:
+        return False, ("weights re-cast every micro batch: ZeRO-3 gathers the parameters per forward, so there is no "
+                       "step-long weight to cache")
+    if str(recipe) != "tensorwise":
+        return False, (f"weights re-cast every micro batch: the {recipe} recipe scales the weight along different "
+                       "axes for the forward and the backward GEMM (only tensorwise shares one cast, as torchao's "
+                       "FSDP float8 all-gather)")
+    return True, "weights cast to FP8 once per optimizer step, reused by every micro batch and recompute"
+
+
+class WeightCache:
+    """The FP8 casts of the converted projections' weights, made by torchao's own ``hp_tensor_to_float8_dynamic``
+    exactly as its uncached matmul makes them, once per optimizer step: the weights change only at the optimizer
+    step, while torchao's matmul re-casts (amax, scale, cast) every weight in every micro batch's forward, again in
+    its backward, and again in an activation-checkpoint recompute. The cast is handed to torchao's matmul already in
+    FP8 (``matmul_with_hp_or_float8_args`` takes FP8 operands as they are: how its FSDP float8 all-gather runs)
+    through ``_UseCast``, whose backward passes the weight gradient to the bf16 weight unchanged, as torchao's own
+    cast does: outputs and gradients are the uncached path's, bit for bit.
+
+    The trainer and the bench call ``optimizer_stepped(model)`` after every optimizer step (and after loading
+    weights): that drops the casts. It is explicit because the weights' own version counters miss DeepSpeed's
+    updates (it writes through ``.data``). A weight whose storage or shape changed since its cast (a parameter
+    re-materialised) is re-cast. Never used under ZeRO-3 (``cache_decision``)."""
+
+    def __init__(self):
+        self.step = 0
+        self.casts = 0  # casts made so far (tests, reports)
+        self._casts: dict = {}
+
+    def advance(self) -> None:
+        self.step += 1
+        self._casts.clear()
+
+    def operand(self, proj: nn.Module, role) -> torch.Tensor:
+        """The weight operand of ``proj``'s float8 matmul in ``role`` (``WEIGHT``: ``weight.t()`` as the right
+        operand, ``proj(x)``; ``INPUT``: ``weight`` as the left operand, ``float8_weight_mm``), FP8, this step's."""
+        from torchao.float8.float8_scaling_utils import get_maybe_axiswise_dim, hp_tensor_to_float8_dynamic
+        from torchao.float8.float8_training_tensor import GemmInputRole
+
+        w = proj.weight
+        as_weight = role is GemmInputRole.WEIGHT
+        hp = w.t() if as_weight else w
+        key = (id(proj), role)
+        hit = self._casts.get(key)
+        if hit is None or hit[0] != w.data_ptr() or hit[1] != w.shape:
+            c = proj.config
+            cast = c.cast_config_weight if as_weight else c.cast_config_input
+            with torch.no_grad():  # the arguments torchao's matmul passes for this operand
+                f8 = hp_tensor_to_float8_dynamic(
+                    hp, cast.target_dtype, proj.linear_mm_config, gemm_input_role=role,
+                    scaling_granularity=cast.scaling_granularity,
+                    axiswise_dim=get_maybe_axiswise_dim(0 if as_weight else -1, cast.scaling_granularity),
+                    round_scales_to_power_of_2=c.round_scales_to_power_of_2)
+            hit = self._casts[key] = (w.data_ptr(), w.shape, f8)
+            self.casts += 1
+        return _UseCast.apply(hp, hit[2])
+
+    def grouped_operand(self, w: torch.Tensor, down: bool):
+        """The forward (FP8 data, scales) of the expert stack ``w`` as a grouped GEMM's right operand, this step's."""
+        key = (id(w), "grouped")
+        hit = self._casts.get(key)
+        if hit is None or hit[0] != w.data_ptr() or hit[1] != w.shape:
+            with torch.no_grad():
+                hit = self._casts[key] = (w.data_ptr(), w.shape, _grouped_b_cast(_expert_b_t(w, down)))
+            self.casts += 1
+        return hit[2]
+
+
+class _UseCast(torch.autograd.Function):
+    """Forward: the cached FP8 cast of ``hp`` (a new wrapper around its data and scale); backward: the gradient
+    to ``hp`` unchanged, as torchao's own cast function passes it."""
+
+    @staticmethod
+    def forward(ctx, hp, f8):
+        from torchao.float8.float8_training_tensor import Float8TrainingTensor
+
+        return Float8TrainingTensor(f8._data, f8._scale, f8._orig_dtype, f8._linear_mm_config, f8._gemm_input_role,
+                                    f8._axiswise_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def weight_cache(model: nn.Module) -> WeightCache | None:
+    return getattr(model, "fp8_weight_cache", None)
+
+
+def optimizer_stepped(model: nn.Module) -> None:
+    """Call after every optimizer step (and after weights are loaded): the cached FP8 weights are stale."""
+    cache = weight_cache(model)
+    if cache is not None:
+        cache.advance()
+
+
+def convert(model: nn.Module, cfg, zero_stage: int = 0) -> Float8Plan:
     """Swap the projections ``plan`` selects for torchao ``Float8Linear``s (same parameters, so optimizer state,
     checkpoints and ZeRO partitioning see the same tensors) and switch the selected MoE layers to the FP8 grouped
-    GEMM. Call after the model is built and initialised, before the optimizer / DeepSpeed engine is made."""
+    GEMM. Call after the model is built and initialised, before the optimizer / DeepSpeed engine is made.
+    ``zero_stage``: the run's, for ``cache_decision``."""
     p = plan(model, cfg.fp8, cfg.fp8_experts)
     if p.recipe == "none":
         return p
@@ -168,19 +273,29 @@ def convert(model: nn.Module, cfg) -> Float8Plan:
                                module_filter_fn=lambda m, fqn: fqn in names)
     for name in p.experts():
         model.get_submodule(name).fp8 = True
+    cached, _ = cache_decision(p.recipe, getattr(cfg, "fp8_cache_weights", False), zero_stage)
+    cache = WeightCache() if cached else None
+    if cache is not None:
+        model.fp8_weight_cache = cache
+        for name in p.experts():  # the stacks' forward casts (grouped_mm_fp8)
+            moe = model.get_submodule(name)
+            for w in (moe.w_gate, moe.w_up, moe.w_down):
+                w.jt_fp8_cache = cache
     if cfg.compile_elementwise:  # fuse each GEMM's amax/scale/cast passes (eager: several passes per operand)
-        import types
-
-        from torchao.float8.float8_linear import Float8Linear
-
         dyn = torch._dynamo.config
         for k in ("recompile_limit", "cache_size_limit"):  # one compiled GEMM function for every shape and layout
             if hasattr(dyn, k):
                 setattr(dyn, k, max(getattr(dyn, k), 64))
+    if cache is not None or cfg.compile_elementwise:
+        import types
+
+        from torchao.float8.float8_linear import Float8Linear
+
         for m in model.modules():
             if isinstance(m, Float8Linear):
-                m.forward = types.MethodType(_compiled_forward, m)
-                m.jt_compiled = True
+                m.forward = types.MethodType(_forward, m)
+                m.jt_compiled = bool(cfg.compile_elementwise)
+                m.jt_weight_cache = cache
     return p
 
 
@@ -203,10 +318,25 @@ def _mm_fn(compiled: bool):
     return _mm_compiled
 
 
-def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """``Float8Linear.forward`` with its matmul (casts included) compiled: one compiled function shared by every
+def _weight_operand(proj: nn.Module, role) -> torch.Tensor:
+    """``proj``'s weight as its float8 matmul takes it in ``role``: the step's cached FP8 cast (``WeightCache``),
+    or the bf16 weight (torchao casts it inside the matmul)."""
+    from torchao.float8.float8_training_tensor import GemmInputRole
+
+    cache = getattr(proj, "jt_weight_cache", None)
+    if cache is not None:
+        return cache.operand(proj, role)
+    return proj.weight.t() if role is GemmInputRole.WEIGHT else proj.weight
+
+
+def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    """``Float8Linear.forward`` with the weight from the step's cache (``model.fp8_cache_weights``) and the matmul
+    (the activation casts included) compiled (``model.compile_elementwise``): one compiled function shared by every
     converted projection, so Inductor fuses each operand's amax, scale and cast into a kernel or two."""
-    out = _mm_fn(True)(x, self.weight.t(), self.linear_mm_config, self.config)
+    from torchao.float8.float8_training_tensor import GemmInputRole
+
+    w_t = _weight_operand(self, GemmInputRole.WEIGHT)
+    out = _mm_fn(getattr(self, "jt_compiled", False))(x, w_t, self.linear_mm_config, self.config)
     return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
@@ -215,12 +345,84 @@ def float8_weight_mm(proj: nn.Module, x_t: torch.Tensor) -> torch.Tensor:
     order (weight as the row-major left operand, the (features, tokens) activations as the column-major right
     one: the same roles and per-row / per-token scalings as in ``proj(x)``), so the (out, tokens) result keeps the
     Mamba kernel layout."""
-    return _mm_fn(getattr(proj, "jt_compiled", False))(proj.weight, x_t, proj.linear_mm_config, proj.config)
+    from torchao.float8.float8_training_tensor import GemmInputRole
+
+    w = _weight_operand(proj, GemmInputRole.INPUT)
+    return _mm_fn(getattr(proj, "jt_compiled", False))(w, x_t, proj.linear_mm_config, proj.config)
 
 
-def grouped_mm_fp8(a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """a (M, K) row-major @ b_t (E, K, N) column-major per group, groups of rows ending at ``offs`` (multiples of
-    16): torchao's differentiable rowwise FP8 grouped GEMM (``torch._scaled_grouped_mm``), bf16 out."""
+def _expert_b_t(w: torch.Tensor, down: bool) -> torch.Tensor:
+    """The right operand (E, K, N), column-major per expert, of an expert stack stored (E, ffn, hidden):
+    w_gate / w_up as (K=hidden, N=ffn) are, as transposed views; w_down as (K=ffn, N=hidden) is row-major, so it
+    is copied transposed."""
+    return w.transpose(1, 2).contiguous().transpose(1, 2) if down else w.transpose(1, 2)
+
+
+def grouped_mm_fp8(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, down: bool = False) -> torch.Tensor:
+    """a (M, K) row-major @ the expert stack ``w`` (``_expert_b_t``) per group, groups of rows ending at ``offs``
+    (multiples of 16): torchao's differentiable rowwise FP8 grouped GEMM (``torch._scaled_grouped_mm``), bf16 out.
+    With the weight cache (``model.fp8_cache_weights``: ``convert`` tags the stacks) the stack's forward cast (and
+    w_down's transposed copy) is made once per optimizer step (``_CachedGroupedMM``)."""
+    cache = getattr(w, "jt_fp8_cache", None)
+    if cache is not None:
+        return _CachedGroupedMM.apply(a, w, offs, cache.grouped_operand(w, down), down)
     from torchao.prototype.moe_training import _to_fp8_rowwise_then_scaled_grouped_mm
 
-    return _to_fp8_rowwise_then_scaled_grouped_mm(a, b_t, offs, torch.bfloat16, torch.float8_e4m3fn, False)
+    return _to_fp8_rowwise_then_scaled_grouped_mm(a, _expert_b_t(w, down), offs, torch.bfloat16, torch.float8_e4m3fn,
+                                                  False)
+
+
+def _grouped_b_cast(b_t: torch.Tensor):
+    """The forward cast of a grouped GEMM's right operand, by torchao's own functions and arguments
+    (``_Float8GroupedMM.forward``): per-column (axis -2) power-of-2 scales, e4m3, column-major data."""
+    from torchao.float8.config import ScalingGranularity
+    from torchao.float8.float8_utils import tensor_to_scale, to_fp8_saturated
+
+    scales = tensor_to_scale(b_t, torch.float8_e4m3fn, scaling_granularity=ScalingGranularity.AXISWISE,
+                             axiswise_dim=-2, round_scales_to_power_of_2=True)
+    return to_fp8_saturated(b_t.to(torch.float32) * scales, torch.float8_e4m3fn), scales
+
+
+class _CachedGroupedMM(torch.autograd.Function):
+    """torchao 0.17's ``_Float8GroupedMM`` (rowwise, groups already padded) with the right operand's forward cast
+    taken from the step's cache: the same kernels, arguments and order as its forward and backward, so outputs and
+    gradients equal the uncached path's. The backward's transposed cast of the stack
+    (``triton_fp8_rowwise_3d_transpose_rhs``, one fused kernel) stays per micro batch: caching it too would hold a
+    second FP8 copy of every expert stack."""
+
+    @staticmethod
+    def forward(ctx, A, w, offs, b_cast, down):
+        from torchao.prototype.moe_training.kernels import triton_fp8_rowwise_2d_scale_and_cast
+
+        b_data, b_scales = b_cast
+        a_data, a_scales = triton_fp8_rowwise_2d_scale_and_cast(A, output_dtype=torch.float8_e4m3fn,
+                                                                round_scales_to_power_of_2=True)
+        ctx.save_for_backward(A, w, offs)
+        ctx.down = down
+        return torch._scaled_grouped_mm(a_data, b_data, a_scales.squeeze(-1).reciprocal(),
+                                        b_scales.squeeze(1).reciprocal(), offs, out_dtype=torch.bfloat16,
+                                        use_fast_accum=True)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        from torchao.prototype.moe_training.kernels import (triton_fp8_per_group_colwise_scales_dual,
+                                                            triton_fp8_rowwise_2d_scale_and_cast,
+                                                            triton_fp8_rowwise_3d_transpose_rhs)
+
+        A, w, offs = ctx.saved_tensors
+        f8 = torch.float8_e4m3fn
+        go_data, go_scales = triton_fp8_rowwise_2d_scale_and_cast(grad_output, output_dtype=f8,
+                                                                  round_scales_to_power_of_2=True)
+        # the kernel reads through strides: w_down goes in as it is stored (no transposed copy), its values those
+        # of _expert_b_t(w_down)
+        b_data, b_scales = triton_fp8_rowwise_3d_transpose_rhs(w if ctx.down else w.transpose(1, 2), output_dtype=f8,
+                                                               round_scales_to_power_of_2=True)
+        grad_a = torch._scaled_grouped_mm(go_data, b_data, go_scales.squeeze(-1).reciprocal(),
+                                          b_scales.squeeze(1).reciprocal(), offs, out_dtype=torch.bfloat16,
+                                          use_fast_accum=True)
+        go_cw, go_cw_scales, a_cm, a_cm_scales = triton_fp8_per_group_colwise_scales_dual(
+            grad_output, A, offs, f8, round_scales_to_power_of_2=True)
+        grad_b = torch._scaled_grouped_mm(go_cw.t(), a_cm, go_cw_scales.t().reciprocal(), a_cm_scales.reciprocal(),
+                                          offs, out_dtype=torch.bfloat16, use_fast_accum=True)
+        grad_b_t = grad_b.transpose(-2, -1)  # the gradient of _expert_b_t(w): back to w's (E, ffn, hidden)
+        return grad_a, (grad_b_t if ctx.down else grad_b_t.transpose(1, 2)), None, None, None
