@@ -275,3 +275,87 @@ def test_hf_export_refuses_the_zoology_layers():
     for cfg in (_tiny(), _tiny(intermediate_size=64, short_conv_layer_period=2)):
         with pytest.raises(ValueError, match="no Hugging Face Jamba equivalent"):
             to_hf_config(cfg)
+
+
+class _Calls(torch.overrides.TorchFunctionMode):
+    """Records the name of every torch function called under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_loss_labeled_only_with_a_host_count_gathers_without_nonzero():
+    """With the label count given (the trainer counts it on the CPU batch), the labelled-only loss gathers its
+    positions with nonzero_static, which needs no device sync; nonzero (a sync on CUDA) is not called. Same loss and
+    gradient as without the count."""
+    torch.manual_seed(0)
+    model = JambaLM(_tiny(attn_layer_period=2, attn_layer_offset=1, loss_labeled_only=True))
+    inputs, labels = zoology_segment(256, 32, 4, 3, seed=5)
+    ids, lab = torch.from_numpy(inputs), torch.from_numpy(labels)
+    ref = model(ids, labels=lab, return_logits=False)
+    ref.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with _Calls() as calls:
+        out = model(ids, labels=lab, return_logits=False, num_labeled=int((lab != -100).sum()))
+    assert "nonzero" not in calls.names and "nonzero_static" in calls.names
+    torch.testing.assert_close(out.loss, ref.loss)
+    out.loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
+
+
+def test_train_step_passes_the_host_label_count():
+    """train_step counts the labels on the CPU batch and hands the count to the model (with loss_labeled_only)."""
+    from types import SimpleNamespace
+
+    from jambatrain.train import train_step
+
+    seen = []
+
+    class Engine:
+        skipped_steps = 0
+
+        def __call__(self, **kw):
+            seen.append(kw.get("num_labeled"))
+            z = torch.zeros((), requires_grad=True)
+            return SimpleNamespace(loss=z, ce_loss=z, aux_loss=z, z_loss=z)
+
+        def backward(self, loss):
+            pass
+
+        def step(self):
+            pass
+
+    inputs, labels = zoology_segment(256, 32, 4, 3, seed=5)
+    batch = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels)}
+    guard = SimpleNamespace(after_step=lambda before: False)
+    for labeled_only, want in ((True, 12), (False, None)):
+        cfg = SimpleNamespace(parallel=SimpleNamespace(grad_accum_steps=1), trainer=SimpleNamespace(step_guard=False),
+                              model=SimpleNamespace(loss_labeled_only=labeled_only),
+                              data=SimpleNamespace(doc_mask=False, kind="mqar_zoology"))
+        train_step(Engine(), iter([batch]), guard, cfg, SimpleNamespace(device=torch.device("cpu")))
+        assert seen[-1] == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_loss_labeled_only_makes_no_device_sync_on_cuda():
+    model = JambaLM(_tiny(attn_layer_period=2, attn_layer_offset=1, loss_labeled_only=True,
+                          compile_elementwise=False)).cuda()
+    inputs, labels = zoology_segment(256, 32, 4, 3, seed=5)
+    ids, lab = torch.from_numpy(inputs).cuda(), torch.from_numpy(labels).cuda()
+    n = int((torch.from_numpy(labels) != -100).sum())
+    model(ids, labels=lab, return_logits=False, num_labeled=n)  # warm-up: lazy init may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = model(ids, labels=lab, return_logits=False, num_labeled=n)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.loss).item()

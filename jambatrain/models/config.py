@@ -109,8 +109,9 @@ class ModelConfig:
     activation_checkpointing: Recompute = runtime(Recompute.none)
     # >0: training loss computed this many tokens at a time with the logits recomputed in backward (memory)
     loss_chunk_tokens: int = runtime(0)
-    # training loss: apply the LM head only at positions that have a label (one host sync per micro batch, for the
-    # count); the same loss, for tasks that score few positions (MQAR: 4-64 of 64-256 per sequence)
+    # training loss: apply the LM head only at positions that have a label; the same loss, for tasks that score few
+    # positions (MQAR: 4-64 of 64-256 per sequence). The trainer counts the labels on the host batch, so this costs
+    # no device sync (a caller that passes no count pays one per micro batch)
     loss_labeled_only: bool = runtime(False)
     # CUDA only: torch.compile the SwiGLU product and the fp32 cross-entropy (models/fused_ops.py)
     compile_elementwise: bool = runtime(True)

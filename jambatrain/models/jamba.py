@@ -178,19 +178,25 @@ class JambaLM(nn.Module):
         return self.final_layernorm(x), aux, z
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                doc_starts: torch.Tensor | None = None, return_logits: bool = True) -> LMOutput:
+                doc_starts: torch.Tensor | None = None, return_logits: bool = True,
+                num_labeled: int | None = None) -> LMOutput:
         """input_ids, labels: (batch, seq) int64; labels == -100 are ignored.
         doc_starts: optional bool (batch, seq), True where a packed document begins: attention is masked to
         the document (FlexAttention on CUDA) and the Mamba conv/scan state is reset there.
         Under context parallelism every argument is this rank's slice of the sequences, the logits are the slice's,
         and the losses are the whole sequences' (the mean over all their labelled tokens, on every rank of the cp
-        group): ``parallel/context_parallel.py`` says why the gradients are then right."""
+        group): ``parallel/context_parallel.py`` says why the gradients are then right.
+        num_labeled: the number of labels != -100 in ``labels``, when the caller knows it on the host (the trainer
+        counts them on the CPU batch): with ``model.loss_labeled_only`` the scored positions are then gathered
+        without a host sync (``torch.nonzero_static``); without it, ``nonzero`` syncs once to learn the count."""
         h, aux, z = self.hidden_states(input_ids, doc_starts)
         chunk = self.cfg.loss_chunk_tokens
         logits = ce = loss = None
         if labels is not None and self.cfg.loss_labeled_only and not return_logits:
             flat = labels.view(-1)
-            keep = (flat != -100).nonzero().squeeze(1)  # the host sync: the number of scored positions
+            mask = flat != -100
+            keep = (mask.nonzero() if num_labeled is None  # a host sync: the number of scored positions
+                    else torch.nonzero_static(mask, size=num_labeled)).squeeze(1)
             ce = cross_entropy_sum(self.lm_head(h.view(-1, h.shape[-1])[keep]), flat[keep], self.cfg.compile_elementwise)
         elif labels is not None and chunk and not return_logits:
             ce = chunked_cross_entropy_sum(self.lm_head, h.view(-1, h.shape[-1]), labels.view(-1), chunk,
