@@ -359,3 +359,45 @@ def test_loss_labeled_only_makes_no_device_sync_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out.loss).item()
+
+
+def _mamba_ab():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mqar_mamba_ab", os.path.join(ROOT, "bench", "mqar_mamba_ab.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_mamba_without_dt_bc_norm_is_zoologys_mamba():
+    """model.mamba_dt_bc_norm=false: Jamba's mixer computes Zoology's Mamba-1 (the port in bench/mqar_mamba_ab.py,
+    with mamba_ssm's selective_scan_ref token loop) given the same weights; with the norms (the default) it does
+    not, and it has the norms' parameters."""
+    from jambatrain.models.mamba import MambaMixer
+
+    ab = _mamba_ab()
+    torch.manual_seed(0)
+    zoo = ab.ZMamba(32, d_state=8)
+    x = torch.randn(2, 24, 32)
+    with torch.no_grad():
+        want = zoo(x, loop=True)
+        torch.testing.assert_close(zoo(x), want, rtol=1e-5, atol=1e-6)  # the port's fast scan = its loop
+        for norm in (False, True):
+            mixer = MambaMixer(_tiny(hidden_size=32, mamba_d_state=8, mamba_dt_bc_norm=norm, mamba_impl="reference"))
+            missing, unexpected = mixer.load_state_dict(zoo.state_dict(), strict=False)
+            assert not unexpected and sorted(missing) == (
+                ["b_layernorm.weight", "c_layernorm.weight", "dt_layernorm.weight"] if norm else [])
+            y = mixer(x)
+            if norm:
+                assert (y - want).abs().max() > 1e-3
+            else:
+                torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+
+
+def test_mamba_without_dt_bc_norm_is_refused_by_the_hf_export():
+    from jambatrain.hf_convert import to_hf_config
+
+    pytest.importorskip("transformers")
+    with pytest.raises(ValueError, match="mamba_dt_bc_norm"):
+        to_hf_config(ModelConfig(mamba_dt_bc_norm=False))

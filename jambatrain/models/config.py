@@ -93,6 +93,9 @@ class ModelConfig:
     mamba_dt_rank: int = arch(0, hf=False)  # 0 = "auto" = ceil(hidden_size / 16); HF stores the resolved int
     mamba_conv_bias: bool = arch(True)
     mamba_proj_bias: bool = arch(False)
+    # Jamba's RMSNorms on the Mamba mixer's dt, B and C (Jamba paper sec. 6.1; HF JambaMambaMixer has them always);
+    # false: plain Mamba-1 as mamba_ssm's Mamba (and Zoology's) computes it. Not exportable to HF Jamba when false
+    mamba_dt_bc_norm: bool = arch(True, hf=False)
     # attention
     use_rope: bool = arch(False, hf=False)
     rope_theta: float = arch(10000.0, hf=False, weights=False)
