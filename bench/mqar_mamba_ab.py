@@ -39,6 +39,18 @@ sys.path.insert(0, ROOT)
 
 
 # ---------------------------------------------------------------- the port of Zoology's Mamba model
+def selective_scan_port(u, delta, A, B, C, D, z, delta_bias, loop=False):
+    """On CUDA with mamba-ssm importable: its ``selective_scan_fn`` kernel (the function Zoology's Mamba calls on its
+    slow path); elsewhere ``selective_scan_ref``."""
+    if u.is_cuda and not loop:
+        from jambatrain.models import ssm_ops
+
+        if ssm_ops.kernels_available().get("selective_scan"):
+            return ssm_ops.selective_scan(u, delta, A, B.contiguous(), C.contiguous(), D, z=z, delta_bias=delta_bias,
+                                          delta_softplus=True, backend="mamba-ssm")
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, loop=loop)
+
+
 def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, loop=False):
     """mamba_ssm's ``selective_scan_ref`` (real A, B and C per token, softplus on delta); ``loop``: its token loop
     as written there, else the same recurrence through ``linear_scan``."""
@@ -104,7 +116,7 @@ class ZMamba(nn.Module):
         if self.norms is not None:
             dt, B, C = self.norms[0](dt), self.norms[1](B), self.norms[2](C)
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)
-        y = selective_scan_ref(x, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+        y = selective_scan_port(x, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
                                self.D.float(), z, self.dt_proj.bias, loop=loop)
         return self.out_proj(y.transpose(1, 2))
 
@@ -148,15 +160,14 @@ class ZooMambaLM(nn.Module):
 
 
 # ---------------------------------------------------------------- Jamba's model, and its knobs
-def jamba_model(d_state: int, knobs: set[str]) -> nn.Module:
+def jamba_model(d_state: int, knobs: set[str], vocab: int = 8192, d_model: int = 64) -> nn.Module:
     from jambatrain.models.config import ModelConfig
     from jambatrain.models.jamba import JambaLM
     from jambatrain.models.mamba import MambaMixer
 
-    kw = dict(name="zoology", vocab_size=8192, hidden_size=64, intermediate_size=0, num_hidden_layers=2,
+    kw = dict(name="zoology", vocab_size=vocab, hidden_size=d_model, intermediate_size=0, num_hidden_layers=2,
               num_attention_heads=1, num_key_value_heads=1, num_experts=1, attn_layer_period=1000,
-              attn_layer_offset=999, tie_word_embeddings=True, compile_elementwise=False, mamba_d_state=d_state,
-              mamba_impl="reference")
+              attn_layer_offset=999, tie_word_embeddings=True, compile_elementwise=False, mamba_d_state=d_state)
     if "nonorm" in knobs:
         kw["mamba_dt_bc_norm"] = False
     model = JambaLM(ModelConfig(**kw))
@@ -167,20 +178,20 @@ def jamba_model(d_state: int, knobs: set[str]) -> nn.Module:
                     for lin in (m.in_proj, m.x_proj):
                         lin.reset_parameters()
                     nn.init.kaiming_uniform_(m.out_proj.weight, a=math.sqrt(5))
-                    m.out_proj.weight /= math.sqrt(2)
+                    m.out_proj.weight /= math.sqrt(model.cfg.num_hidden_layers)
         if "lnf" in knobs:
-            model.final_layernorm = nn.LayerNorm(64, eps=1e-5)
+            model.final_layernorm = nn.LayerNorm(d_model, eps=1e-5)
     return model
 
 
-def build(variant: str, d_state: int) -> tuple[nn.Module, callable]:
+def build(variant: str, d_state: int, vocab: int = 8192, d_model: int = 64) -> tuple[nn.Module, callable]:
     family, _, rest = variant.partition("-")
     knobs = set(rest.split("+")) - {""}
     if family == "jamba":
-        m = jamba_model(d_state, knobs)
+        m = jamba_model(d_state, knobs, vocab, d_model)
         return m, lambda ids: m.hidden_states(ids)[0]
     if family == "zoology":
-        m = ZooMambaLM(d_state=d_state, bc_norm="norm" in knobs, jamba_init="jinit" in knobs)
+        m = ZooMambaLM(vocab, d_model, d_state=d_state, bc_norm="norm" in knobs, jamba_init="jinit" in knobs)
         return m, m.hidden
     raise SystemExit(f"unknown variant {variant!r}")
 
@@ -203,6 +214,67 @@ def accuracy(hidden_fn, head, ids, labels, bs=250):
     return torch.cat(per_seq).mean().item()
 
 
+def recipe(a) -> None:
+    """Zoology's own training loop (``zoology/train.py``) on the real segments: the train segments in order, batches
+    of 256 in order, AdamW (wd 0.1 on every parameter, torch betas), ``CosineAnnealingLR(T_max=epochs)`` stepped once
+    per epoch, test accuracy on the 7 test segments after every epoch, stop past 0.99; ``--deadline-s`` stops between
+    steps and still writes the result."""
+    from jambatrain.data.mqar import MqarZoologyConfig, zoology_segments
+
+    t0 = time.time()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dcfg = MqarZoologyConfig(cache_dir=a.cache)
+    if a.toy:
+        dcfg = MqarZoologyConfig(vocab=256, train=[[16, 2, 64], [32, 4, 32]], test=[[16, 2, 32], [64, 8, 16]],
+                                 cache_dir=a.cache)
+    train = [tuple(torch.from_numpy(np.asarray(t, dtype=np.int64)) for t in seg) for seg in zoology_segments(dcfg, "train")]
+    test = [tuple(torch.from_numpy(np.asarray(t, dtype=np.int64)) for t in seg) for seg in zoology_segments(dcfg, "test")]
+    for variant in a.variants.split(","):
+        torch.manual_seed(a.seed)
+        model, hidden_fn = build(variant, a.d_state, vocab=dcfg.vocab, d_model=a.d_model)
+        model.to(dev)
+        head = model.lm_head
+        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.wd)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=a.epochs, eta_min=0.0)
+        curve, accs, step, run, cut = [], [], 0, [], False
+        for epoch in range(a.epochs):
+            model.train()
+            for x, y in train:
+                for i in range(0, len(x), a.batch):
+                    loss = query_loss(hidden_fn, head, x[i:i + a.batch].to(dev), y[i:i + a.batch].to(dev))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    step += 1
+                    run.append(loss.detach())
+                    if step % a.log_every == 0:
+                        curve.append((step, round(torch.stack(run).mean().item(), 4)))
+                        run = []
+                        print(f"{variant} epoch {epoch} step {step} loss {curve[-1][1]:.4f} ({time.time() - t0:.0f}s)",
+                              flush=True)
+                    cut = a.deadline_s and time.time() - t0 > a.deadline_s
+                    if cut:
+                        break
+                if cut:
+                    break
+            sched.step()
+            model.eval()
+            per_seg = {f"L{len(x[0])}_N{int((y[0] != -100).sum())}": accuracy(hidden_fn, head, x.to(dev), y.to(dev), 125)
+                       for x, y in test}
+            accs.append({"epoch": epoch + 1, "step": step, "acc": float(np.mean(list(per_seg.values()))),
+                         "by_segment": per_seg})
+            print(f"{variant} epoch {epoch + 1} step {step} test acc {accs[-1]['acc']:.4f} {per_seg}", flush=True)
+            if accs[-1]["acc"] > 0.99 or cut:
+                break
+        rec = dict(mode="recipe", variant=variant, lr=a.lr, batch=a.batch, epochs=a.epochs, d_model=a.d_model,
+                   d_state=a.d_state, steps=step, cut_by_deadline=bool(cut), curve=curve, test=accs,
+                   device=str(dev), seconds=round(time.time() - t0, 1))
+        print(json.dumps(rec), flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
 def main():
     from jambatrain.data.mqar import zoology_segment
 
@@ -220,8 +292,16 @@ def main():
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
+    ap.add_argument("--recipe", action="store_true", help="Zoology's training loop on the real segments (recipe())")
+    ap.add_argument("--epochs", type=int, default=32)
+    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--cache", default="", help="the segments' cache dir (data.mqar_zoology.cache_dir)")
+    ap.add_argument("--deadline-s", type=float, default=0)
+    ap.add_argument("--toy", action="store_true", help="with --recipe: the driver's CPU toy segments, vocabulary 256")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if a.recipe:
+        return recipe(a)
     segs = []
     for k, s in enumerate(a.train.split(",")):
         L, p, n = map(int, s.split(":"))

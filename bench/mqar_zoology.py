@@ -1,7 +1,7 @@
 """MQAR as in Zoology / Based (arXiv 2402.18668 fig. 2), reproduced through the trainer, on one GPU.
 
     python bench/mqar_zoology.py run --out /tmp/mqz [--budget-s 300] [--arms ...] [--lrs ...] [--epochs 32]
-    python bench/mqar_zoology.py report /tmp/mqz/mqar_zoology.json --docs docs/results.md --png docs/results/mqar_zoology.png
+    python bench/mqar_zoology.py report A.json [B.json ...] --docs docs/results.md --png docs/results/mqar_zoology.png
     python bench/mqar_zoology.py run --toy --out /tmp/mqz_toy        # the CPU toy CI runs (tests/test_mqar_zoology.py)
 
 ``run``:
@@ -361,7 +361,7 @@ def write_outputs(result: dict, md: str | None, png: str | None) -> None:
         ax.set_xlabel("d_model")
         ax.set_ylabel("MQAR test accuracy (7 segments, best lr)")
         ax.set_ylim(0, 1.02)
-        ax.set_title(f"Zoology/Based MQAR through jambatrain ({result['epochs']} of 32 epochs)")
+        ax.set_title(f"Zoology/Based MQAR through jambatrain ({result['epochs']} of 32 epochs)", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -371,8 +371,18 @@ def write_outputs(result: dict, md: str | None, png: str | None) -> None:
 BEGIN, END = "<!-- mqar_zoology:table -->", "<!-- /mqar_zoology:table -->"
 
 
+def merge(results: list[dict]) -> dict:
+    """One table from several calls' results: each arm from the last result that ran it."""
+    arms = {}
+    for r in results:
+        for a in r["arms"]:
+            arms[a["arm"]] = a
+    order = list(dict.fromkeys(a for a in list(ARMS) if a in arms))
+    return {"arms": [arms[a] for a in order], "epochs": "/".join(str(r["epochs"]) for r in results)}
+
+
 def report(args) -> None:
-    result = json.load(open(args.json))
+    result = merge([json.load(open(p)) for p in args.json])
     write_outputs(result, None, args.png)
     if args.docs:
         text = open(args.docs).read()
@@ -406,7 +416,7 @@ def main(argv=None) -> None:
     r.add_argument("--eval-all", action="store_true", help="jambatrain.eval every run, not only each arm's best")
     r.add_argument("--extra", default="", help="more Hydra overrides for every run, space-separated")
     p = sub.add_parser("report")
-    p.add_argument("json")
+    p.add_argument("json", nargs="+", help="one or more run results; an arm in several: the last one's")
     p.add_argument("--docs", default="")
     p.add_argument("--png", default="")
     args = ap.parse_args(argv)
