@@ -433,3 +433,18 @@ def test_zoology_mamba_kernel_path_matches_reference_on_mqar():
     torch.testing.assert_close(lf, lr_, rtol=1e-4, atol=1e-5)
     bad = {n: ((gf[n] - gr[n]).norm() / gr[n].norm()).item() for n in gr if gr[n].norm() > 0}
     assert all(v < 1e-3 for v in bad.values()), bad
+
+
+def test_build_model_keeps_tied_embeddings():
+    """The trainer builds the model on the meta device and materialises it with to_empty, which gives every module a
+    new parameter: model.tie_word_embeddings=true must still mean one parameter for the embedding and the LM head (it
+    did not: the Zoology runs trained an untied head, 1,114,120 parameters instead of 589,832 at d 64)."""
+    from types import SimpleNamespace
+
+    from jambatrain.train import build_model
+
+    for tie in (True, False):
+        cfg = _tiny(tie_word_embeddings=tie)
+        model = build_model(cfg, SimpleNamespace(device=torch.device("cpu")), {"zero_optimization": {"stage": 0}})
+        assert (model.lm_head.weight is model.embed_tokens.weight) == tie
+        assert model.num_params() == JambaLM(cfg).num_params()

@@ -110,8 +110,7 @@ class JambaLM(nn.Module):
         self.layers = nn.ModuleList(JambaBlock(cfg, i) for i in range(cfg.num_hidden_layers))
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.fused_rms_norm)
         self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         self.num_moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
         # meta tensors are initialised after materialising; ZeRO-3 partitioned ones by the trainer, gathered
         if not any(p.is_meta or hasattr(p, "ds_id") for p in self.parameters()):
@@ -119,6 +118,12 @@ class JambaLM(nn.Module):
         # context parallelism (parallel/context_parallel.py ``apply``): this model then takes one rank's slice of each
         # sequence, and its loss is the whole sequences' (None: cp = 1, the single-GPU code path)
         self.cp_group = None
+
+    def tie_weights(self) -> None:
+        """With ``tie_word_embeddings``, the LM head's weight is the embedding's (one parameter). Call it again after
+        anything that gives each module a new parameter object, e.g. ``to_empty`` (which unties them)."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     @torch.no_grad()
     def init_weights(self):
