@@ -13,6 +13,7 @@ Variants (``--variants``, comma-separated):
                    nonorm: no dt/B/C RMSNorms (``model.mamba_dt_bc_norm=false``)
                    zinit:  Zoology's init (PyTorch default Linear init, out_proj kaiming / sqrt(layers))
                    lnf:    LayerNorm as the final norm (Zoology's ln_f)
+                   untied: an LM head of its own (what the trainer built before JambaLM.tie_weights)
   zoology          the port of Zoology's model below (pinned HazyResearch/zoology dbcb60d: ``zoology/model.py``
                    ``LanguageModel`` with ``block_type="MambaBlock"``, ``zoology/mixers/mamba.py`` ``Mamba`` /
                    ``MambaBlock``, mamba_ssm's ``selective_scan_ref``), pure PyTorch
@@ -179,6 +180,8 @@ def jamba_model(d_state: int, knobs: set[str], vocab: int = 8192, d_model: int =
                         lin.reset_parameters()
                     nn.init.kaiming_uniform_(m.out_proj.weight, a=math.sqrt(5))
                     m.out_proj.weight /= math.sqrt(model.cfg.num_hidden_layers)
+        if "untied" in knobs:  # what the trainer built before the tie_weights fix: a head of its own, N(0, 0.02)
+            model.lm_head.weight = nn.Parameter(torch.empty_like(model.embed_tokens.weight).normal_(0.0, 0.02))
         if "lnf" in knobs:
             model.final_layernorm = nn.LayerNorm(d_model, eps=1e-5)
     return model
