@@ -349,12 +349,15 @@ def write_outputs(result: dict, md: str | None, png: str | None) -> None:
             return
         fig, ax = plt.subplots(figsize=(6, 4))
         fams = dict.fromkeys(s["family"] for s in result["arms"])
+        drawn = set()  # published points already drawn (variants of one arm share them)
         for i, fam in enumerate(fams):
             ss = sorted((s for s in result["arms"] if s["family"] == fam), key=lambda s: s["d_model"])
             color = f"C{i}"
             xs = [s["d_model"] for s in ss if s["acc"] is not None]
             ax.plot(xs, [s["acc"] for s in ss if s["acc"] is not None], "o-", color=color, label=f"{fam} (ours)")
-            pub = [(s["d_model"], s["published"]) for s in ss if s["published"] is not None]
+            pub = [(s["d_model"], s["published"]) for s in ss if s["published"] is not None
+                   and (s["d_model"], s["published"]) not in drawn]
+            drawn.update(pub)
             if pub:
                 ax.plot(*zip(*pub), "x--", color=color, alpha=0.6, label=f"{fam} (published)")
         ax.set_xscale("log", base=2)
