@@ -1,7 +1,7 @@
 """MQAR as in Zoology / Based (arXiv 2402.18668 fig. 2), reproduced through the trainer, on one GPU.
 
     python bench/mqar_zoology.py run --out /tmp/mqz [--budget-s 300] [--arms ...] [--lrs ...] [--epochs 32]
-    python bench/mqar_zoology.py report /tmp/mqz/mqar_zoology.json --docs docs/results.md --png docs/results/mqar_zoology.png
+    python bench/mqar_zoology.py report A.json [B.json ...] --docs docs/results.md --png docs/results/mqar_zoology.png
     python bench/mqar_zoology.py run --toy --out /tmp/mqz_toy        # the CPU toy CI runs (tests/test_mqar_zoology.py)
 
 ``run``:
@@ -35,8 +35,9 @@ from concurrent.futures import ProcessPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# name: (family, d_model, d_state or None, experiment, published accuracy or None). Published: the zoology README
-# figure (HazyResearch/zoology, experiments/paper_configs/arxiv24_based_figure2).
+# name: (family, d_model, d_state or None, experiment, published accuracy or None[, more overrides]). Published: the
+# zoology README figure (HazyResearch/zoology, experiments/paper_configs/arxiv24_based_figure2).
+_L8 = ("model.num_hidden_layers=8",)  # the ablation sweep's stacks (docs/results.md, run 2) at d 64, no FFN
 ARMS = {
     "attention_d64": ("attention", 64, None, "zoology_attention", 1.00),
     "attention_d128": ("attention", 128, None, "zoology_attention", 1.00),
@@ -46,6 +47,20 @@ ARMS = {
     "hybrid_d128": ("hybrid [mamba N16, attention]", 128, 16, "zoology_hybrid", None),
     "mamba_d128_N24": ("mamba N24", 128, 24, "zoology_mamba", 0.76),
     "mamba_d256_N24": ("mamba N24", 256, 24, "zoology_mamba", 0.85),
+    # Zoology's Mamba-1 (no dt/B/C norms: model.mamba_dt_bc_norm=false) beside Jamba's
+    "mamba_plain_d64_N16": ("mamba N16, no dt/B/C norms (Zoology's)", 64, 16, "zoology_mamba_plain", 0.69),
+    "mamba_plain_d64_N24": ("mamba N24, no dt/B/C norms (Zoology's)", 64, 24, "zoology_mamba_plain", 0.70),
+    # Jamba's Mamba on the PyTorch reference scan/conv instead of the CUDA kernels (the kernel path's A/B)
+    "mamba_ref_d64_N16": ("mamba N16, reference path", 64, 16, "zoology_mamba", 0.69,
+                          ("model.mamba_impl=reference", "model.fused_rms_norm=false")),
+    # the ablation rows (Jamba sec. 6.1 / 6.5) on this task: 8 layers at d 64, 1:7 (attention at 4), 1:3 (at 2, 6),
+    # 1:7 with RoPE
+    "hybrid8_1to7_d64": ("hybrid 1:7, 8 layers", 64, 16, "zoology_hybrid", None,
+                         _L8 + ("model.attn_layer_period=8", "model.attn_layer_offset=4")),
+    "hybrid8_1to3_d64": ("hybrid 1:3, 8 layers", 64, 16, "zoology_hybrid", None,
+                         _L8 + ("model.attn_layer_period=4", "model.attn_layer_offset=2")),
+    "hybrid8_1to7_rope_d64": ("hybrid 1:7 + RoPE, 8 layers", 64, 16, "zoology_hybrid", None,
+                              _L8 + ("model.attn_layer_period=8", "model.attn_layer_offset=4", "model.use_rope=true")),
 }
 DEFAULT_ARMS = list(ARMS)[:6]
 LRS = (1e-3, 3.16e-3, 1e-2, 3.16e-2)  # np.logspace(-3, -1.5, 4), Zoology's sweep
@@ -87,11 +102,11 @@ def steps_per_epoch(cfg, batch: int) -> int:
 
 
 def arm_overrides(name: str, toy: bool) -> list[str]:
-    _, d, n, exp, _ = ARMS[name]
+    _, d, n, exp, _, *more = ARMS[name]
     out = [f"experiment={exp}", f"model.hidden_size={16 if toy else d}"]
     if n is not None and not toy:
         out.append(f"model.mamba_d_state={n}")
-    return out
+    return out + list(more[0] if more else ())
 
 
 class Procs:
@@ -250,7 +265,7 @@ def run(args) -> dict:
         train = [r for r in rows if "loss" in r]
         ev_path = os.path.join(out, "eval", f"{a}_lr{lr:g}.json")
         ev = json.load(open(ev_path)) if os.path.isfile(ev_path) else {}
-        fam, dm, n, exp, pub = ARMS[a]
+        fam, dm, n, exp, pub, *_ = ARMS[a]
         steps = ev.get("step", train[-1]["step"] if train else 0)
         runs.append({"arm": a, "family": fam, "d_model": 16 if args.toy else dm, "d_state": n, "experiment": exp,
                      "lr": lr, "max_steps": max_steps, "steps": steps, "epochs_done": round(steps / spe, 2),
@@ -299,7 +314,7 @@ def summarise(runs: list[dict]) -> list[dict]:
     for a in dict.fromkeys(r["arm"] for r in runs):
         rs = [r for r in runs if r["arm"] == a and r["acc"] is not None]
         best = max(rs, key=lambda r: r["acc"]) if rs else None
-        fam, dm, n, exp, pub = ARMS[a]
+        fam, dm, n, exp, pub, *_ = ARMS[a]
         out.append({"arm": a, "family": fam, "d_model": rs[0]["d_model"] if rs else dm, "d_state": n,
                     "published": pub, "acc": best["acc"] if best else None, "best_lr": best["lr"] if best else None,
                     "epochs_done": best["epochs_done"] if best else None,
@@ -334,19 +349,22 @@ def write_outputs(result: dict, md: str | None, png: str | None) -> None:
             return
         fig, ax = plt.subplots(figsize=(6, 4))
         fams = dict.fromkeys(s["family"] for s in result["arms"])
+        drawn = set()  # published points already drawn (variants of one arm share them)
         for i, fam in enumerate(fams):
             ss = sorted((s for s in result["arms"] if s["family"] == fam), key=lambda s: s["d_model"])
             color = f"C{i}"
             xs = [s["d_model"] for s in ss if s["acc"] is not None]
             ax.plot(xs, [s["acc"] for s in ss if s["acc"] is not None], "o-", color=color, label=f"{fam} (ours)")
-            pub = [(s["d_model"], s["published"]) for s in ss if s["published"] is not None]
+            pub = [(s["d_model"], s["published"]) for s in ss if s["published"] is not None
+                   and (s["d_model"], s["published"]) not in drawn]
+            drawn.update(pub)
             if pub:
                 ax.plot(*zip(*pub), "x--", color=color, alpha=0.6, label=f"{fam} (published)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("d_model")
         ax.set_ylabel("MQAR test accuracy (7 segments, best lr)")
         ax.set_ylim(0, 1.02)
-        ax.set_title(f"Zoology/Based MQAR through jambatrain ({result['epochs']} of 32 epochs)")
+        ax.set_title(f"Zoology/Based MQAR through jambatrain ({result['epochs']} of 32 epochs)", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -356,8 +374,18 @@ def write_outputs(result: dict, md: str | None, png: str | None) -> None:
 BEGIN, END = "<!-- mqar_zoology:table -->", "<!-- /mqar_zoology:table -->"
 
 
+def merge(results: list[dict]) -> dict:
+    """One table from several calls' results: each arm from the last result that ran it."""
+    arms = {}
+    for r in results:
+        for a in r["arms"]:
+            arms[a["arm"]] = a
+    order = list(dict.fromkeys(a for a in list(ARMS) if a in arms))
+    return {"arms": [arms[a] for a in order], "epochs": "/".join(str(r["epochs"]) for r in results)}
+
+
 def report(args) -> None:
-    result = json.load(open(args.json))
+    result = merge([json.load(open(p)) for p in args.json])
     write_outputs(result, None, args.png)
     if args.docs:
         text = open(args.docs).read()
@@ -391,7 +419,7 @@ def main(argv=None) -> None:
     r.add_argument("--eval-all", action="store_true", help="jambatrain.eval every run, not only each arm's best")
     r.add_argument("--extra", default="", help="more Hydra overrides for every run, space-separated")
     p = sub.add_parser("report")
-    p.add_argument("json")
+    p.add_argument("json", nargs="+", help="one or more run results; an arm in several: the last one's")
     p.add_argument("--docs", default="")
     p.add_argument("--png", default="")
     args = ap.parse_args(argv)

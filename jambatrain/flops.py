@@ -24,6 +24,8 @@ E = num_experts, k = num_experts_per_tok:
                                               y = C.h  (~9 FLOPs per state element, the Mamba-1 paper's scan
                                               count; Megatron's Mamba-2 formula uses 7*d*n for its SSD scan)
                     + 2*d*h                   out_proj
+  short-conv layer  2*h*k + 2*h*h             gated short conv (models/short_conv.py, kernel k =
+                                              short_conv_kernel): depthwise conv + gate projection
   dense SwiGLU FFN  2*3*h*f                   gate, up, down
   MoE FFN           2*h*E + k*2*3*h*f         router + the k routed experts
   LM head           2*h*V
@@ -60,13 +62,17 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict:
     d, n, r, c = cfg.mamba_d_inner, cfg.mamba_d_state, cfg.dt_rank, cfg.mamba_d_conv
     E, k = cfg.num_experts, cfg.num_experts_per_tok
     parts = dict.fromkeys(("attention_proj", "attention_core", "mamba_proj", "mamba_conv", "mamba_scan",
-                           "ffn_dense", "moe_router", "moe_experts", "lm_head"), 0)
-    counts = {"attention_layers": 0, "mamba_layers": 0, "moe_layers": 0, "dense_ffn_layers": 0}
+                           "short_conv", "ffn_dense", "moe_router", "moe_experts", "lm_head"), 0)
+    counts = {"attention_layers": 0, "mamba_layers": 0, "short_conv_layers": 0, "moe_layers": 0,
+              "dense_ffn_layers": 0}
     for i in range(cfg.num_hidden_layers):
         if cfg.is_attention_layer(i):
             counts["attention_layers"] += 1
             parts["attention_proj"] += 2 * h * (q + 2 * kv) + 2 * q * h
             parts["attention_core"] += 2 * q * s  # 4*q*s for QK^T + AV, halved for the causal mask
+        elif cfg.is_short_conv_layer(i):
+            counts["short_conv_layers"] += 1
+            parts["short_conv"] += 2 * h * cfg.short_conv_kernel + 2 * h * h
         else:
             counts["mamba_layers"] += 1
             parts["mamba_proj"] += 2 * h * 2 * d + 2 * d * (r + 2 * n) + 2 * r * d + 2 * d * h
@@ -76,7 +82,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict:
             counts["moe_layers"] += 1
             parts["moe_router"] += 2 * h * E
             parts["moe_experts"] += k * 6 * h * f
-        else:
+        elif f:  # intermediate_size 0: no FFN sub-layer
             counts["dense_ffn_layers"] += 1
             parts["ffn_dense"] += 6 * h * f
     parts["lm_head"] = 2 * h * V

@@ -48,6 +48,9 @@ def to_hf_config(cfg: ModelConfig, **hf_kwargs):
     if cfg.intermediate_size == 0 or cfg.short_conv_layer_period:
         raise ValueError("model.intermediate_size=0 (no FFN) and model.short_conv_layer_period (short-conv mixers) have "
                          "no Hugging Face Jamba equivalent: this model cannot be exported")
+    if not cfg.mamba_dt_bc_norm:
+        raise ValueError("model.mamba_dt_bc_norm=false (Mamba without Jamba's dt/B/C norms) has no Hugging Face Jamba "
+                         "equivalent (JambaMambaMixer always norms them): this model cannot be exported")
     problems = cfg.problems()
     if problems:
         raise ValueError("invalid model config:\n  " + "\n  ".join(problems))

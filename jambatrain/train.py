@@ -94,6 +94,7 @@ def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict, ep: ExpertPa
     if ep is not None:
         expert_parallel.apply(model, ep)
     model.to_empty(device=dist.device)
+    model.tie_weights()  # to_empty gave the embedding and the tied LM head a new parameter each
     if ep is not None:
         expert_parallel.mark_expert_params(model, ep)  # to_empty made new parameter objects
     model.init_weights()
@@ -509,9 +510,13 @@ def train_step(engine, batches, guard: StepGuard, cfg: TrainConfig, dist: DistIn
         batch = next(batches)
         # under cp the batch holds the slice's document starts, found on the whole sequence
         starts = batch["doc_starts"] if "doc_starts" in batch else doc_starts(batch, cfg.data, dist.device)
+        labels = batch["labels"]
+        # counted on the host batch, so the labelled-only loss gathers its positions without a device sync
+        extra = {"num_labeled": int((labels != -100).sum())} \
+            if cfg.model.loss_labeled_only and labels.device.type == "cpu" else {}
         out = engine(input_ids=batch["input_ids"].to(dist.device, non_blocking=True),
-                     labels=batch["labels"].to(dist.device, non_blocking=True),
-                     doc_starts=starts, return_logits=False)
+                     labels=labels.to(dist.device, non_blocking=True),
+                     doc_starts=starts, return_logits=False, **extra)
         engine.backward(out.loss)
         losses += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach(),
                                out.z_loss.detach()]).float()

@@ -108,3 +108,18 @@ def test_mfu_and_peaks():
     per_tok = flops_per_token(cfg, 256)["training"]
     assert mfu(1000.0, cfg, 256, 989e12) == pytest.approx(1000.0 * per_tok / 989e12)
     assert mfu(1000.0, cfg, 256, None) is None
+
+
+def test_short_conv_layer_is_not_counted_as_mamba():
+    """Zoology's attention arm, [gated short conv, attention] with no FFN: the short conv is its depthwise conv and
+    gate projection, not a Mamba layer."""
+    h, k, V, s = 64, 3, 8192, 256
+    cfg = ModelConfig(vocab_size=V, hidden_size=h, intermediate_size=0, num_hidden_layers=2, num_attention_heads=1,
+                      num_key_value_heads=1, num_experts=1, attn_layer_period=2, attn_layer_offset=1,
+                      short_conv_layer_period=2, short_conv_kernel=k)
+    assert cfg.layer_pattern() == "c- a-"
+    fl = flops_per_token(cfg, s)
+    assert fl["mamba_layers"] == 0 and fl["mamba_proj"] == fl["mamba_conv"] == fl["mamba_scan"] == 0
+    assert fl["short_conv_layers"] == 1 and fl["short_conv"] == 2 * h * k + 2 * h * h
+    assert fl["dense_ffn_layers"] == 0 and fl["ffn_dense"] == 0
+    assert fl["forward"] == 2 * h * k + 2 * h * h + 4 * 2 * h * h + 2 * h * s + 2 * h * V

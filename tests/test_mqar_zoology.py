@@ -275,3 +275,176 @@ def test_hf_export_refuses_the_zoology_layers():
     for cfg in (_tiny(), _tiny(intermediate_size=64, short_conv_layer_period=2)):
         with pytest.raises(ValueError, match="no Hugging Face Jamba equivalent"):
             to_hf_config(cfg)
+
+
+class _Calls(torch.overrides.TorchFunctionMode):
+    """Records the name of every torch function called under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_loss_labeled_only_with_a_host_count_gathers_without_nonzero():
+    """With the label count given (the trainer counts it on the CPU batch), the labelled-only loss gathers its
+    positions with nonzero_static, which needs no device sync; nonzero (a sync on CUDA) is not called. Same loss and
+    gradient as without the count."""
+    torch.manual_seed(0)
+    model = JambaLM(_tiny(attn_layer_period=2, attn_layer_offset=1, loss_labeled_only=True))
+    inputs, labels = zoology_segment(256, 32, 4, 3, seed=5)
+    ids, lab = torch.from_numpy(inputs), torch.from_numpy(labels)
+    ref = model(ids, labels=lab, return_logits=False)
+    ref.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with _Calls() as calls:
+        out = model(ids, labels=lab, return_logits=False, num_labeled=int((lab != -100).sum()))
+    assert "nonzero" not in calls.names and "nonzero_static" in calls.names
+    torch.testing.assert_close(out.loss, ref.loss)
+    out.loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
+
+
+def test_train_step_passes_the_host_label_count():
+    """train_step counts the labels on the CPU batch and hands the count to the model (with loss_labeled_only)."""
+    from types import SimpleNamespace
+
+    from jambatrain.train import train_step
+
+    seen = []
+
+    class Engine:
+        skipped_steps = 0
+
+        def __call__(self, **kw):
+            seen.append(kw.get("num_labeled"))
+            z = torch.zeros((), requires_grad=True)
+            return SimpleNamespace(loss=z, ce_loss=z, aux_loss=z, z_loss=z)
+
+        def backward(self, loss):
+            pass
+
+        def step(self):
+            pass
+
+    inputs, labels = zoology_segment(256, 32, 4, 3, seed=5)
+    batch = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels)}
+    guard = SimpleNamespace(after_step=lambda before: False)
+    for labeled_only, want in ((True, 12), (False, None)):
+        cfg = SimpleNamespace(parallel=SimpleNamespace(grad_accum_steps=1), trainer=SimpleNamespace(step_guard=False),
+                              model=SimpleNamespace(loss_labeled_only=labeled_only),
+                              data=SimpleNamespace(doc_mask=False, kind="mqar_zoology"))
+        train_step(Engine(), iter([batch]), guard, cfg, SimpleNamespace(device=torch.device("cpu")))
+        assert seen[-1] == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_loss_labeled_only_makes_no_device_sync_on_cuda():
+    model = JambaLM(_tiny(attn_layer_period=2, attn_layer_offset=1, loss_labeled_only=True,
+                          compile_elementwise=False)).cuda()
+    inputs, labels = zoology_segment(256, 32, 4, 3, seed=5)
+    ids, lab = torch.from_numpy(inputs).cuda(), torch.from_numpy(labels).cuda()
+    n = int((torch.from_numpy(labels) != -100).sum())
+    model(ids, labels=lab, return_logits=False, num_labeled=n)  # warm-up: lazy init may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = model(ids, labels=lab, return_logits=False, num_labeled=n)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.loss).item()
+
+
+def _mamba_ab():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mqar_mamba_ab", os.path.join(ROOT, "bench", "mqar_mamba_ab.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_mamba_without_dt_bc_norm_is_zoologys_mamba():
+    """model.mamba_dt_bc_norm=false: Jamba's mixer computes Zoology's Mamba-1 (the port in bench/mqar_mamba_ab.py,
+    with mamba_ssm's selective_scan_ref token loop) given the same weights; with the norms (the default) it does
+    not, and it has the norms' parameters."""
+    from jambatrain.models.mamba import MambaMixer
+
+    ab = _mamba_ab()
+    torch.manual_seed(0)
+    zoo = ab.ZMamba(32, d_state=8)
+    x = torch.randn(2, 24, 32)
+    with torch.no_grad():
+        want = zoo(x, loop=True)
+        torch.testing.assert_close(zoo(x), want, rtol=1e-5, atol=1e-6)  # the port's fast scan = its loop
+        for norm in (False, True):
+            mixer = MambaMixer(_tiny(hidden_size=32, mamba_d_state=8, mamba_dt_bc_norm=norm, mamba_impl="reference"))
+            missing, unexpected = mixer.load_state_dict(zoo.state_dict(), strict=False)
+            assert not unexpected and sorted(missing) == (
+                ["b_layernorm.weight", "c_layernorm.weight", "dt_layernorm.weight"] if norm else [])
+            y = mixer(x)
+            if norm:
+                assert (y - want).abs().max() > 1e-3
+            else:
+                torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+
+
+def test_mamba_without_dt_bc_norm_is_refused_by_the_hf_export():
+    from jambatrain.hf_convert import to_hf_config
+
+    pytest.importorskip("transformers")
+    with pytest.raises(ValueError, match="mamba_dt_bc_norm"):
+        to_hf_config(ModelConfig(mamba_dt_bc_norm=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_zoology_mamba_kernel_path_matches_reference_on_mqar():
+    """The pure-Mamba arm as the GPU runs it (d 64: dt rank 4, d_state 16; CUDA scan and conv, the fused Triton
+    RMSNorm on the 4-wide dt too) against the reference scan/conv with eager norms, fp32, on an MQAR batch with the
+    labelled-only loss: the same loss and gradients (1e-3 relative per tensor)."""
+    from jambatrain.models import ssm_ops
+
+    if not (ssm_ops.kernels_available()["selective_scan"] and ssm_ops.kernels_available()["causal_conv1d"]):
+        pytest.skip("mamba-ssm / causal-conv1d kernels not importable")
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="zoology", vocab_size=8192, hidden_size=64, intermediate_size=0, num_hidden_layers=2,
+                      num_attention_heads=1, num_key_value_heads=1, num_experts=1, attn_layer_period=1000,
+                      attn_layer_offset=999, tie_word_embeddings=True, compile_elementwise=False,
+                      loss_labeled_only=True)
+    fast = JambaLM(cfg).cuda()
+    ref = JambaLM(ModelConfig(**{**cfg.__dict__, "mamba_impl": "reference", "fused_rms_norm": False})).cuda()
+    ref.load_state_dict(fast.state_dict())
+    inputs, labels = zoology_segment(8192, 64, 4, 32, seed=7)
+    ids, lab = torch.from_numpy(inputs).cuda(), torch.from_numpy(labels).cuda()
+    grads = []
+    for m in (fast, ref):
+        out = m(ids, labels=lab, return_logits=False)
+        out.loss.backward()
+        grads.append((out.loss.detach(), {n: p.grad.detach().double() for n, p in m.named_parameters()}))
+    (lf, gf), (lr_, gr) = grads
+    assert fast.layers[0].mixer.last_plan.scan == "mamba-ssm" and ref.layers[0].mixer.last_plan.scan == "reference"
+    torch.testing.assert_close(lf, lr_, rtol=1e-4, atol=1e-5)
+    bad = {n: ((gf[n] - gr[n]).norm() / gr[n].norm()).item() for n in gr if gr[n].norm() > 0}
+    assert all(v < 1e-3 for v in bad.values()), bad
+
+
+def test_build_model_keeps_tied_embeddings():
+    """The trainer builds the model on the meta device and materialises it with to_empty, which gives every module a
+    new parameter: model.tie_word_embeddings=true must still mean one parameter for the embedding and the LM head (it
+    did not: the Zoology runs trained an untied head, 1,114,120 parameters instead of 589,832 at d 64)."""
+    from types import SimpleNamespace
+
+    from jambatrain.train import build_model
+
+    for tie in (True, False):
+        cfg = _tiny(tie_word_embeddings=tie)
+        model = build_model(cfg, SimpleNamespace(device=torch.device("cpu")), {"zero_optimization": {"stage": 0}})
+        assert (model.lm_head.weight is model.embed_tokens.weight) == tie
+        assert model.num_params() == JambaLM(cfg).num_params()

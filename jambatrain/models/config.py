@@ -93,6 +93,9 @@ class ModelConfig:
     mamba_dt_rank: int = arch(0, hf=False)  # 0 = "auto" = ceil(hidden_size / 16); HF stores the resolved int
     mamba_conv_bias: bool = arch(True)
     mamba_proj_bias: bool = arch(False)
+    # Jamba's RMSNorms on the Mamba mixer's dt, B and C (Jamba paper sec. 6.1; HF JambaMambaMixer has them always);
+    # false: plain Mamba-1 as mamba_ssm's Mamba (and Zoology's) computes it. Not exportable to HF Jamba when false
+    mamba_dt_bc_norm: bool = arch(True, hf=False)
     # attention
     use_rope: bool = arch(False, hf=False)
     rope_theta: float = arch(10000.0, hf=False, weights=False)
@@ -109,8 +112,9 @@ class ModelConfig:
     activation_checkpointing: Recompute = runtime(Recompute.none)
     # >0: training loss computed this many tokens at a time with the logits recomputed in backward (memory)
     loss_chunk_tokens: int = runtime(0)
-    # training loss: apply the LM head only at positions that have a label (one host sync per micro batch, for the
-    # count); the same loss, for tasks that score few positions (MQAR: 4-64 of 64-256 per sequence)
+    # training loss: apply the LM head only at positions that have a label; the same loss, for tasks that score few
+    # positions (MQAR: 4-64 of 64-256 per sequence). The trainer counts the labels on the host batch, so this costs
+    # no device sync (a caller that passes no count pays one per micro batch)
     loss_labeled_only: bool = runtime(False)
     # CUDA only: torch.compile the SwiGLU product and the fp32 cross-entropy (models/fused_ops.py)
     compile_elementwise: bool = runtime(True)

@@ -110,8 +110,7 @@ class JambaLM(nn.Module):
         self.layers = nn.ModuleList(JambaBlock(cfg, i) for i in range(cfg.num_hidden_layers))
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.fused_rms_norm)
         self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         self.num_moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
         # meta tensors are initialised after materialising; ZeRO-3 partitioned ones by the trainer, gathered
         if not any(p.is_meta or hasattr(p, "ds_id") for p in self.parameters()):
@@ -119,6 +118,12 @@ class JambaLM(nn.Module):
         # context parallelism (parallel/context_parallel.py ``apply``): this model then takes one rank's slice of each
         # sequence, and its loss is the whole sequences' (None: cp = 1, the single-GPU code path)
         self.cp_group = None
+
+    def tie_weights(self) -> None:
+        """With ``tie_word_embeddings``, the LM head's weight is the embedding's (one parameter). Call it again after
+        anything that gives each module a new parameter object, e.g. ``to_empty`` (which unties them)."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     @torch.no_grad()
     def init_weights(self):
@@ -178,19 +183,25 @@ class JambaLM(nn.Module):
         return self.final_layernorm(x), aux, z
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                doc_starts: torch.Tensor | None = None, return_logits: bool = True) -> LMOutput:
+                doc_starts: torch.Tensor | None = None, return_logits: bool = True,
+                num_labeled: int | None = None) -> LMOutput:
         """input_ids, labels: (batch, seq) int64; labels == -100 are ignored.
         doc_starts: optional bool (batch, seq), True where a packed document begins: attention is masked to
         the document (FlexAttention on CUDA) and the Mamba conv/scan state is reset there.
         Under context parallelism every argument is this rank's slice of the sequences, the logits are the slice's,
         and the losses are the whole sequences' (the mean over all their labelled tokens, on every rank of the cp
-        group): ``parallel/context_parallel.py`` says why the gradients are then right."""
+        group): ``parallel/context_parallel.py`` says why the gradients are then right.
+        num_labeled: the number of labels != -100 in ``labels``, when the caller knows it on the host (the trainer
+        counts them on the CPU batch): with ``model.loss_labeled_only`` the scored positions are then gathered
+        without a host sync (``torch.nonzero_static``); without it, ``nonzero`` syncs once to learn the count."""
         h, aux, z = self.hidden_states(input_ids, doc_starts)
         chunk = self.cfg.loss_chunk_tokens
         logits = ce = loss = None
         if labels is not None and self.cfg.loss_labeled_only and not return_logits:
             flat = labels.view(-1)
-            keep = (flat != -100).nonzero().squeeze(1)  # the host sync: the number of scored positions
+            mask = flat != -100
+            keep = (mask.nonzero() if num_labeled is None  # a host sync: the number of scored positions
+                    else torch.nonzero_static(mask, size=num_labeled)).squeeze(1)
             ce = cross_entropy_sum(self.lm_head(h.view(-1, h.shape[-1])[keep]), flat[keep], self.cfg.compile_elementwise)
         elif labels is not None and chunk and not return_logits:
             ce = chunked_cross_entropy_sum(self.lm_head, h.view(-1, h.shape[-1]), labels.view(-1), chunk,

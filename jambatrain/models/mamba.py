@@ -1,4 +1,5 @@
-"""Jamba's Mamba-1 mixer: Mamba with RMSNorms on dt, B and C (Jamba paper, section 6.1)."""
+"""Jamba's Mamba-1 mixer: Mamba with RMSNorms on dt, B and C (Jamba paper, section 6.1; ``model.mamba_dt_bc_norm``
+false leaves them out: plain Mamba-1)."""
 from __future__ import annotations
 
 import math
@@ -44,9 +45,10 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(d, n))
         self.D = nn.Parameter(torch.empty(d))
         self.out_proj = linear(d, cfg.hidden_size, bias=cfg.mamba_proj_bias)
-        self.dt_layernorm = RMSNorm(r, cfg.rms_norm_eps, cfg.fused_rms_norm)
-        self.b_layernorm = RMSNorm(n, cfg.rms_norm_eps, cfg.fused_rms_norm)
-        self.c_layernorm = RMSNorm(n, cfg.rms_norm_eps, cfg.fused_rms_norm)
+        # Jamba's inner norms (model.mamba_dt_bc_norm); Identity: plain Mamba-1 (no parameters)
+        norm = (lambda dim: RMSNorm(dim, cfg.rms_norm_eps, cfg.fused_rms_norm)) if cfg.mamba_dt_bc_norm \
+            else (lambda dim: nn.Identity())
+        self.dt_layernorm, self.b_layernorm, self.c_layernorm = norm(r), norm(n), norm(n)
         self.cp_group = None  # a context_parallel.CPGroup, set by context_parallel.apply (None: cp = 1)
         self.last_plan: MambaPlan | None = None  # the plan the last forward executed
 
