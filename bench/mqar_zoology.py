@@ -118,13 +118,13 @@ class Procs:
 
     def run(self, jobs: list[tuple[str, list[str], str]], deadline: float | None = None) -> dict[str, int]:
         pending, running, codes, termed = list(jobs), {}, {}, {}
-        port = 29600
         while pending or running:
             while pending and len(running) < self.limit:
                 key, cmd, logfile = pending.pop(0)
-                port += 1
-                env = {"OMP_NUM_THREADS": "1", **os.environ, "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1",
-                       "HYDRA_FULL_ERROR": "1"}
+                # no MASTER_PORT: each trainer binds a free one itself (parallel/distributed.py); a numbered range
+                # collided with a second driver's on the same machine
+                env = {"OMP_NUM_THREADS": "1", **{k: v for k, v in os.environ.items() if k != "MASTER_PORT"},
+                       "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
                 f = open(logfile, "w")
                 running[key] = (subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env,
                                                  start_new_session=True), f)
@@ -375,13 +375,16 @@ BEGIN, END = "<!-- mqar_zoology:table -->", "<!-- /mqar_zoology:table -->"
 
 
 def merge(results: list[dict]) -> dict:
-    """One table from several calls' results: each arm from the last result that ran it."""
-    arms = {}
+    """One table from several calls' results: the runs of every call pooled, an (arm, lr) run by the last call that
+    finished it (a run with no accuracy, e.g. one that crashed, does not replace an earlier one), then each arm's
+    best lr over the pool."""
+    runs = {}
     for r in results:
-        for a in r["arms"]:
-            arms[a["arm"]] = a
-    order = list(dict.fromkeys(a for a in list(ARMS) if a in arms))
-    return {"arms": [arms[a] for a in order], "epochs": "/".join(str(r["epochs"]) for r in results)}
+        for run in r["runs"]:
+            if run["acc"] is not None or (run["arm"], run["lr"]) not in runs:
+                runs[(run["arm"], run["lr"])] = run
+    pooled = sorted(runs.values(), key=lambda run: (list(ARMS).index(run["arm"]), run["lr"]))
+    return {"arms": summarise(pooled), "epochs": "/".join(str(r["epochs"]) for r in results)}
 
 
 def report(args) -> None:
@@ -419,7 +422,8 @@ def main(argv=None) -> None:
     r.add_argument("--eval-all", action="store_true", help="jambatrain.eval every run, not only each arm's best")
     r.add_argument("--extra", default="", help="more Hydra overrides for every run, space-separated")
     p = sub.add_parser("report")
-    p.add_argument("json", nargs="+", help="one or more run results; an arm in several: the last one's")
+    p.add_argument("json", nargs="+",
+                   help="one or more run results, pooled: an (arm, lr) run in several: the last one's")
     p.add_argument("--docs", default="")
     p.add_argument("--png", default="")
     args = ap.parse_args(argv)

@@ -267,6 +267,14 @@ def test_trainer_stops_early_past_the_metric_with_a_checkpoint(tmp_path):
     assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_00000003"]
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert max(row["step"] for row in rows) == 3
+    # jambatrain.eval loads the tied checkpoint tied (load_state_dict(assign=True) gave the head its own tensor:
+    # twice the embedding's memory and a parameter count 524,288 too high at d 64)
+    from jambatrain.eval import compose_config, load_model
+
+    cfg, root, tag, _ = compose_config(str(run), [])
+    model = load_model(cfg, root, tag, torch.device("cpu"), torch.float32)
+    assert cfg.model.tie_word_embeddings and model.lm_head.weight is model.embed_tokens.weight
+    assert model.num_params() == JambaLM(cfg.model).num_params()
 
 
 def test_hf_export_refuses_the_zoology_layers():
@@ -448,3 +456,36 @@ def test_build_model_keeps_tied_embeddings():
         model = build_model(cfg, SimpleNamespace(device=torch.device("cpu")), {"zero_optimization": {"stage": 0}})
         assert (model.lm_head.weight is model.embed_tokens.weight) == tie
         assert model.num_params() == JambaLM(cfg).num_params()
+
+
+def test_report_pools_the_runs_of_several_calls():
+    """An arm whose lrs ran in different device calls: the table takes its best lr over all of them (it took the
+    arm from the last call alone, dropping a better lr of an earlier call); a crashed run replaces nothing."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from mqar_zoology import merge
+
+    def run(arm, lr, acc):
+        return {"arm": arm, "lr": lr, "acc": acc, "d_model": 64, "epochs_done": 8.0}
+
+    call1 = {"epochs": 8, "runs": [run("mamba_d64_N16", 0.01, 0.63), run("mamba_d64_N16", 0.00316, 0.43),
+                                   run("hybrid8_1to3_d64", 0.00316, None)]}
+    call2 = {"epochs": 8, "runs": [run("mamba_d64_N16", 0.0316, 0.33), run("hybrid8_1to3_d64", 0.00316, 0.99),
+                                   run("mamba_d64_N16", 0.00316, None)]}
+    arms = {a["arm"]: a for a in merge([call1, call2])["arms"]}
+    assert arms["mamba_d64_N16"]["acc"] == 0.63 and arms["mamba_d64_N16"]["best_lr"] == 0.01
+    assert arms["mamba_d64_N16"]["acc_by_lr"] == {"0.00316": 0.43, "0.01": 0.63, "0.0316": 0.33}
+    assert arms["hybrid8_1to3_d64"]["acc"] == 0.99
+
+
+def test_driver_leaves_the_rendezvous_port_to_each_trainer(tmp_path, monkeypatch):
+    """The driver numbered MASTER_PORT 29601, 29602... per process, so two drivers on one machine (2-layer and
+    8-layer grids side by side) started trainers on the same ports and 3 of 12 died with EADDRINUSE; each trainer
+    now binds a free port itself (parallel/distributed.py)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from mqar_zoology import Procs
+
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    show = [sys.executable, "-c", "import os; print(os.environ.get('MASTER_PORT'))"]
+    jobs = [(f"job{i}", show, str(tmp_path / f"job{i}.log")) for i in range(2)]
+    assert Procs(2, lambda msg: None).run(jobs) == {"job0": 0, "job1": 0}
+    assert [open(tmp_path / f"job{i}.log").read().strip() for i in range(2)] == ["None", "None"]
