@@ -1,7 +1,9 @@
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -70,6 +72,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun_worker(worker: str, nproc: int, *args, timeout: float = 600, **env) -> dict:
+    """Run ``worker`` (a tests/*_worker.py) under ``torch.distributed.run`` with ``nproc`` gloo ranks on a free port,
+    the launcher's own env only (no inherited RANK / MASTER_PORT ...), and return the JSON of its last ``RESULT``
+    line; the test fails with the end of its output if it exits non-zero or prints none."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), worker, *map(str, args)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, **{k: str(v) for k, v in env.items()}}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(k, None)
+    p = run_proc(cmd, cwd=REPO, env=full_env, timeout=timeout)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, f"worker failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def record_moe_backends(monkeypatch) -> list[str]:

@@ -14,22 +14,14 @@ import sys
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, torchrun_worker
 
 WORKER = os.path.join(REPO, "tests", "cp_worker.py")
 TOL = 1e-5
 
 
 def worker(nproc: int, *args) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), WORKER, *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
-    assert p.returncode == 0 and lines, f"worker failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return torchrun_worker(WORKER, nproc, *args, timeout=900)
 
 
 @pytest.mark.slow

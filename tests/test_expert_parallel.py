@@ -3,30 +3,19 @@ engine steps under ZeRO-1/2 against one process, and the checkpoint that reshard
 from __future__ import annotations
 
 import glob
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, free_port, run_proc
+from conftest import REPO, torchrun_worker
 
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(REPO, "tests", "ep_worker.py")
 
 
 def worker(nproc: int, *args, **env) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), WORKER, *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, **{k: str(v) for k, v in env.items()}}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        full_env.pop(k, None)
-    p = run_proc(cmd, cwd=REPO, env=full_env, timeout=600)
-    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
-    assert p.returncode == 0 and lines, f"worker failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return torchrun_worker(WORKER, nproc, *args, **env)
 
 
 @pytest.mark.parametrize("world", [2, 4])

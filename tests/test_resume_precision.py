@@ -4,13 +4,11 @@ a resume continues bit for bit, and training matches ZeRO-1's (tests/resume_work
 gloo; ~20 s)."""
 from __future__ import annotations
 
-import json
 import os
-import sys
 
 import pytest
 
-from conftest import REPO, free_port, run_proc
+from conftest import REPO, torchrun_worker
 
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(REPO, "tests", "resume_worker.py")
@@ -18,15 +16,7 @@ WORKER = os.path.join(REPO, "tests", "resume_worker.py")
 
 @pytest.fixture(scope="module")
 def exact(tmp_path_factory):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
-           WORKER, "exact", str(tmp_path_factory.mktemp("resume"))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    p = run_proc(cmd, cwd=REPO, env=env, timeout=600)
-    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
-    assert p.returncode == 0 and lines, f"worker failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return torchrun_worker(WORKER, 1, "exact", tmp_path_factory.mktemp("resume"))
 
 
 @pytest.mark.parametrize("case", ["zero0_bf16", "zero0_fp32"])
