@@ -328,6 +328,7 @@ def test_train_step_passes_the_host_label_count():
 
     class Engine:
         skipped_steps = 0
+        module = torch.nn.Linear(2, 2)  # the model DeepSpeed's engine wraps (train_step tells its FP8 cache)
 
         def __call__(self, **kw):
             seen.append(kw.get("num_labeled"))
