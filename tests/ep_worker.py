@@ -385,6 +385,7 @@ def main() -> None:
     if rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
     dist.barrier()
+    dist.destroy_process_group()  # gloo's threads joined before exit
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(result), flush=True)
     dist.barrier()
+    dist.destroy_process_group()  # gloo's threads joined before exit
 
 
 if __name__ == "__main__":
