@@ -344,13 +344,12 @@ def load_model(cfg: TrainConfig, root: str, tag: str, device: torch.device, dtyp
     check_state_dict(sd, cfg.model)
     with torch.device("meta"):
         model = JambaLM(cfg.model)
-    model.load_state_dict(sd, assign=True)  # assigns each name its own tensor: a tied head comes out untied
-    if cfg.model.tie_word_embeddings:
-        if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]):
-            raise SystemExit(f"eval: {os.path.join(root, tag)} has model.tie_word_embeddings=true but its lm_head and "
-                             "embed_tokens weights differ: the checkpoint was not trained tied (set "
-                             "model.tie_word_embeddings=false to evaluate it as it is)")
-        model.tie_weights()
+    if cfg.model.tie_word_embeddings and "lm_head.weight" in sd \
+            and not torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]):
+        raise SystemExit(f"eval: {os.path.join(root, tag)} has model.tie_word_embeddings=true but its lm_head and "
+                         "embed_tokens weights differ: the checkpoint was not trained tied (set "
+                         "model.tie_word_embeddings=false to evaluate it as it is)")
+    model.load_state_dict(sd, assign=True)  # JambaLM re-ties a tied LM head after assigning
     return model.to(device=device, dtype=dtype).eval()
 
 

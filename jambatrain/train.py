@@ -93,8 +93,7 @@ def build_model(mcfg: ModelConfig, dist: DistInfo, ds_config: dict, ep: ExpertPa
         model = JambaLM(mcfg)
     if ep is not None:
         expert_parallel.apply(model, ep)
-    model.to_empty(device=dist.device)
-    model.tie_weights()  # to_empty gave the embedding and the tied LM head a new parameter each
+    model.to_empty(device=dist.device)  # JambaLM re-ties a tied LM head (to_empty gives each a new parameter)
     if ep is not None:
         expert_parallel.mark_expert_params(model, ep)  # to_empty made new parameter objects
     model.init_weights()

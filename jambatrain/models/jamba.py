@@ -120,10 +120,20 @@ class JambaLM(nn.Module):
         self.cp_group = None
 
     def tie_weights(self) -> None:
-        """With ``tie_word_embeddings``, the LM head's weight is the embedding's (one parameter). Call it again after
-        anything that gives each module a new parameter object, e.g. ``to_empty`` (which unties them)."""
+        """With ``tie_word_embeddings``, the LM head's weight is the embedding's (one parameter). ``to_empty`` and
+        ``load_state_dict(assign=True)`` give each module a new parameter object, which unties them: both re-tie."""
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def to_empty(self, *, device, recurse: bool = True):
+        out = super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.tie_weights()
+        return out
 
     @torch.no_grad()
     def init_weights(self):
