@@ -67,6 +67,35 @@ def test_plan_selects_the_projections_and_experts_and_keeps_the_sensitive_ones_b
     assert float8.plan_for_config(dataclasses.replace(cfg, fp8="none")).fp8 == []
 
 
+def test_filter_fqns_keep_the_named_gemms_bf16_and_a_typo_is_refused():
+    cfg = ModelConfig(**TINY, fp8="tensorwise", fp8_experts=True)
+    full = float8.plan_for_config(cfg)
+    p = float8.plan_for_config(dataclasses.replace(cfg, fp8_filter_fqns=["out_proj", "layers.0.", "layers.1.ffn"]))
+    kept = {e.name for e in p.bf16 if e.reason and e.reason.startswith("model.fp8_filter_fqns")}
+    assert kept == {n for n in full.linears() if n.endswith("out_proj") or n.startswith("layers.0.")} | {"layers.1.ffn"}
+    assert p.linears() == full.linears() - kept and p.experts() == full.experts() - {"layers.1.ffn"}
+    assert p.unmatched == [] and "model.fp8_filter_fqns (out_proj)" in p.summary()
+    typo = dataclasses.replace(cfg, fp8_filter_fqns=["outproj"])
+    errs = describe(typo, "cpu", "bf16", False).errors  # the start-up report refuses it before any work
+    assert any("model.fp8_filter_fqns: 'outproj' is in no projection" in e for e in errs)
+    assert float8.filter_problems(float8.plan_for_config(dataclasses.replace(typo, fp8="none"))) == []
+    with pytest.raises(ValueError, match="'outproj' is in no projection"):
+        float8.convert(JambaLM(dataclasses.replace(typo, compile_elementwise=False)), typo)
+
+
+def test_filter_fqns_from_the_command_line(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from jambatrain.config import register_schema, to_train_config
+
+    register_schema()
+    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=tiny_cpu", f"data.dir={tmp_path}",
+                                                      "model.fp8_filter_fqns=[out_proj,layers.0.]"])
+    assert to_train_config(cfg).model.fp8_filter_fqns == ["out_proj", "layers.0."]
+    assert ModelConfig().fp8_filter_fqns == [] and ModelConfig().fp8_filter_fqns is not ModelConfig().fp8_filter_fqns
+
+
 def test_plan_at_v0_1_width_puts_most_gemm_flops_in_fp8():
     p = float8.plan_for_config(ModelConfig(num_hidden_layers=8, fp8="tensorwise", fp8_experts=True))  # v0.1 block
     assert p.share(p.fp8) > 0.85
@@ -240,6 +269,21 @@ def test_loss_parity_verdict_uses_the_windowed_final_gap():
     r = loss_parity.compare(base, close, window=5)
     assert r["last_step"] == 295 and abs(r["final_rel_gap"] - 0.01) < 1e-9
     assert loss_parity.compare(base, far, window=5)["final_rel_gap"] > 0.09
+
+
+def test_loss_parity_arms_compare_replicate_means_against_the_replicate_spread():
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import loss_parity
+
+    base = {s: 5.0 - s / 100 for s in range(0, 300, 5)}
+    arms = {"bf16": [base, {s: v * 1.01 for s, v in base.items()}],
+            "fp8": [{s: v * 1.03 for s, v in base.items()}, {s: v * 1.04 for s, v in base.items()}],
+            "near": [{s: v * 1.004 for s, v in base.items()}]}
+    r = loss_parity.compare_arms(arms, window=5)
+    assert abs(r["noise"]["bf16"] - 0.01) < 1e-9 and r["noise"]["near"] is None
+    assert abs(r["noise"]["fp8"] - (1.04 / 1.03 - 1)) < 1e-9 and abs(r["noise_floor"] - 0.01) < 1e-9  # the largest
+    assert abs(r["arms"]["fp8"]["final_rel_gap"] - (1.035 / 1.005 - 1)) < 1e-9 and r["arms"]["fp8"]["resolved"]
+    assert not r["arms"]["near"]["resolved"]  # -0.1%: inside the spread
 
 
 ZERO_WORKER = r'''

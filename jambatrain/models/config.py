@@ -55,7 +55,10 @@ def arch(default, *, hf: bool = True, weights: bool = True, moe_only: bool = Fal
 
 def runtime(default):
     """A run-time knob: how a run executes the same model (kernels, recomputation, loss chunking, labels). It may
-    differ between a checkpoint and the run that resumes, evaluates or exports it."""
+    differ between a checkpoint and the run that resumes, evaluates or exports it. A list default is copied per
+    instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"kind": "runtime"})
     return field(default=default, metadata={"kind": "runtime"})
 
 
@@ -132,6 +135,9 @@ class ModelConfig:
     # cast each FP8 weight once per optimizer step and reuse it in every micro batch and recompute (tensorwise, ZeRO
     # 0-2; the start-up report says when it does not apply); false: torchao's per-GEMM weight casts
     fp8_cache_weights: bool = runtime(True)
+    # module names kept bf16 under model.fp8 (torchtitan's filter_fqns): a projection or expert stack whose fully
+    # qualified name contains one of them, e.g. [out_proj] (every Mamba out_proj) or [layers.0.,layers.15.]
+    fp8_filter_fqns: list[str] = runtime([])
     init_from: str | None = runtime(None)  # HF Jamba directory to initialise weights from
 
     def __post_init__(self):

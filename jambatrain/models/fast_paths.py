@@ -52,7 +52,7 @@ def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool,
 
         plan = float8.plan_for_config(cfg)
         fp.paths["fp8"] = plan.summary() + "; " + float8.cache_decision(cfg.fp8, cfg.fp8_cache_weights, zero_stage)[1]
-        fp8_errors = float8.problems(cfg.fp8, device_type, precision)
+        fp8_errors = float8.problems(cfg.fp8, device_type, precision) + float8.filter_problems(plan)
         fp.errors += fp8_errors
         fp8_experts = bool(plan.experts()) and not fp8_errors
     if cfg.num_experts > 1:

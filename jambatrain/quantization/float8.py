@@ -49,6 +49,7 @@ class Entry:
 class Float8Plan:
     recipe: str
     entries: list[Entry] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)  # model.fp8_filter_fqns entries that name no GEMM here
 
     @property
     def fp8(self) -> list[Entry]:
@@ -90,16 +91,25 @@ class Float8Plan:
         return {e.name.rsplit(".", 1)[-1] if e.kind == "linear" else "experts": e.reason for e in self.bf16}
 
 
-def plan(model: nn.Module, recipe: str, experts: bool = True) -> Float8Plan:
-    """Which GEMMs of ``model`` run FP8 under ``recipe`` (any device, meta included)."""
+def plan(model: nn.Module, recipe: str, experts: bool = True, filter_fqns=()) -> Float8Plan:
+    """Which GEMMs of ``model`` run FP8 under ``recipe`` (any device, meta included). ``filter_fqns``
+    (``model.fp8_filter_fqns``): name parts whose projections and expert stacks stay bf16."""
     from ..models.moe import MoE
 
     p = Float8Plan(str(recipe))
+    matched = set()
+
+    def filtered(name: str) -> str | None:
+        hits = [f for f in filter_fqns if f in name]
+        matched.update(hits)
+        return f"model.fp8_filter_fqns ({hits[0]})" if hits else None
+
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
             reason = KEEP_BF16.get(name.rsplit(".", 1)[-1])
             if reason is None and (m.in_features % 16 or m.out_features % 16):
                 reason = f"widths {m.in_features}x{m.out_features} not multiples of 16"
+            reason = reason or filtered(name)
             p.entries.append(Entry(name, "linear", 2 * m.in_features * m.out_features, reason))
         elif isinstance(m, MoE):
             E, f, h = getattr(m.w_gate, "ds_shape", m.w_gate.shape)
@@ -108,7 +118,9 @@ def plan(model: nn.Module, recipe: str, experts: bool = True) -> Float8Plan:
                 reason = "model.fp8_experts=false, the default: measured slower, docs/benchmarks.md"
             elif f % 16 or h % 16:
                 reason = f"expert widths {h}x{f} not multiples of 16"
+            reason = reason or filtered(name)
             p.entries.append(Entry(name, "experts", 3 * 2 * h * f * m.top_k, reason))
+    p.unmatched = [f for f in filter_fqns if f not in matched]
     if str(recipe) == "none":
         for e in p.entries:
             e.reason = e.reason or "model.fp8=none"
@@ -121,7 +133,14 @@ def plan_for_config(cfg) -> Float8Plan:
 
     with torch.device("meta"):
         model = JambaLM(cfg)
-    return plan(model, cfg.fp8, cfg.fp8_experts)
+    return plan(model, cfg.fp8, cfg.fp8_experts, cfg.fp8_filter_fqns)
+
+
+def filter_problems(p: Float8Plan) -> list[str]:
+    """A ``model.fp8_filter_fqns`` entry that names no FP8-able GEMM of the model (a typo keeps nothing bf16)."""
+    return [f"model.fp8_filter_fqns: {f!r} is in no projection or expert stack name of this model (names look like "
+            f"layers.3.mixer.out_proj, layers.1.ffn.down_proj, layers.1.ffn for an MoE layer's experts); fix or "
+            f"remove it" for f in p.unmatched] if p.recipe != "none" else []
 
 
 def torchao_problem() -> str | None:
@@ -263,9 +282,11 @@ def convert(model: nn.Module, cfg, zero_stage: int = 0) -> Float8Plan:
     checkpoints and ZeRO partitioning see the same tensors) and switch the selected MoE layers to the FP8 grouped
     GEMM. Call after the model is built and initialised, before the optimizer / DeepSpeed engine is made.
     ``zero_stage``: the run's, for ``cache_decision``."""
-    p = plan(model, cfg.fp8, cfg.fp8_experts)
+    p = plan(model, cfg.fp8, cfg.fp8_experts, getattr(cfg, "fp8_filter_fqns", ()))
     if p.recipe == "none":
         return p
+    if p.unmatched:
+        raise ValueError("; ".join(filter_problems(p)))
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     names = p.linears()
