@@ -43,6 +43,7 @@ MambaImpl = choice("MambaImpl", "auto", "reference", "cuda")
 MoEImpl = choice("MoEImpl", "auto", "native", "grouped", "megablocks")
 Recompute = choice("Recompute", "none", "full", "ffn", "mixer")
 Fp8 = choice("Fp8", "none", "tensorwise", "rowwise")
+Fp8Wgrad = choice("Fp8Wgrad", "fp8", "bf16")
 
 
 def arch(default, *, hf: bool = True, weights: bool = True, moe_only: bool = False):
@@ -132,6 +133,10 @@ class ModelConfig:
     # cast each FP8 weight once per optimizer step and reuse it in every micro batch and recompute (tensorwise, ZeRO
     # 0-2; the start-up report says when it does not apply); false: torchao's per-GEMM weight casts
     fp8_cache_weights: bool = runtime(True)
+    # FP8 experts' weight gradients: fp8 (torchao's backward: per-group column casts of the grad outputs and inputs,
+    # then an FP8 grouped GEMM) | bf16 (torch._grouped_mm on the bf16 operands: no column casts, the forward and
+    # input-gradient GEMMs stay FP8); the default is the faster one measured (docs/benchmarks.md, "Experts")
+    fp8_expert_wgrad: Fp8Wgrad = runtime(Fp8Wgrad.bf16)
     init_from: str | None = runtime(None)  # HF Jamba directory to initialise weights from
 
     def __post_init__(self):
