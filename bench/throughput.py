@@ -17,7 +17,8 @@ forward+backward, then AdamW: tokens/s are reported for forward+backward alone a
 always against the bf16 peak (FP8 rows included). ``--model v0.1-block``: Jamba v0.1 width (the schema defaults:
 hidden 4096, ffn 14336, 16 experts top-2) with 8 layers, 13.3B parameters, one GPU; ``--set num_hidden_layers=4``
 for 80 GB cards. Presets are read with their Hydra ``defaults:`` (52b.yaml -> jamba_v0_1.yaml).
-``--moe-bench`` times the MoE expert backends alone (fwd+bwd) at the model's shapes.
+``--moe-bench`` times the MoE expert backends alone (fwd+bwd, gradients accumulating over the calls) at the model's
+shapes: bf16 native / grouped / megablocks and the FP8 grouped experts (weight gradients FP8 or bf16, cache on/off).
 ``--profile`` prints a CUDA-kernel time breakdown by op class for a couple of steps of each model.
 Last line: ``ratio jambatrain/hf = X.XX`` (tokens/s).
 """
@@ -139,12 +140,14 @@ def variant_config(cfg: ModelConfig, variant: str) -> ModelConfig:
     (model.compile_elementwise); 'grouped' / 'megablocks' / 'native': the MoE backend instead of moe_impl=auto;
     'fp8' / 'fp8row': model.fp8=tensorwise / rowwise with the experts in FP8 too (model.fp8_experts=true);
     'fp8dense': model.fp8=tensorwise with the experts left bf16; 'nocache': model.fp8_cache_weights=false (torchao
-    re-casts every weight in every GEMM instead of once per optimizer step);
+    re-casts every weight in every GEMM instead of once per optimizer step); 'fp8wgfp8' / 'fp8wgbf16': the FP8
+    experts' weight gradients in FP8 / bf16 (model.fp8_expert_wgrad; neither: the schema default);
     'docs': packed documents (``doc_starts`` with a boundary every ~1k tokens: attention masked per document, Mamba
     state reset; data, not config); 'cp1': the context-parallel code path at cp = 1 (a one-rank NCCL group set on
     the mixers, ``force_cp_path``: its all-to-all layout changes and collectives at no parallelism, the overhead
     cp = 1 itself does not pay: ``context_parallel.apply`` sets nothing there)."""
     toks = set(variant.replace("opt", "layout+norm+compile").split("+")) - {"", "base", "docs", "cp1", "nocache"}
+    wgrad = "bf16" if "fp8wgbf16" in toks else "fp8" if "fp8wgfp8" in toks else cfg.fp8_expert_wgrad
     moe = toks & {"grouped", "megablocks", "native"}
     fp8 = "rowwise" if "fp8row" in toks else "tensorwise" if toks & {"fp8", "fp8dense"} else "none"
     return dataclasses.replace(cfg, mamba_kernel_layout="layout" in toks, fused_rms_norm="norm" in toks,
@@ -152,7 +155,8 @@ def variant_config(cfg: ModelConfig, variant: str) -> ModelConfig:
                                moe_impl=next(iter(moe)) if moe else cfg.moe_impl,
                                fp8=fp8 if fp8 != "none" else cfg.fp8,
                                fp8_experts="fp8dense" not in toks if fp8 != "none" else cfg.fp8_experts,
-                               fp8_cache_weights="nocache" not in variant.split("+") and cfg.fp8_cache_weights)
+                               fp8_cache_weights="nocache" not in variant.split("+") and cfg.fp8_cache_weights,
+                               fp8_expert_wgrad=wgrad)
 
 
 def force_cp_path(model) -> None:
@@ -210,6 +214,8 @@ def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, war
         if vcfg.fp8 != "none":
             p = float8.plan_for_config(vcfg)
             info["fp8"] = p.summary() + "; " + float8.cache_decision(vcfg.fp8, vcfg.fp8_cache_weights)[1]
+            if p.experts():
+                info["fp8"] += "; " + float8.experts_report(vcfg)
             info["fp8_bf16_reasons"] = p.reasons()
     else:
         model, info = build_hf(cfg)
@@ -297,6 +303,35 @@ def profile_steps(kind, step, steps=2):
 
 
 # ------------------------------------------------------------------------------------------------ MoE
+def float8_problem() -> str | None:
+    from jambatrain.quantization import float8
+
+    p = float8.problems("tensorwise", "cuda", "bf16")
+    return "; ".join(p) if p else None
+
+
+def fp8_expert_variants() -> dict[str, dict]:
+    """The FP8 expert rows of ``--moe-bench`` (grouped_fp8, the FP8 converter's tags on the stacks): weight gradients
+    in FP8 or bf16 (model.fp8_expert_wgrad), stacks' casts cached (cast once, before the timed calls, as once per
+    optimizer step) or not."""
+    if float8_problem():
+        return {}
+    return {"grouped_fp8 wgrad fp8, cache": dict(wgrad="fp8", cached=True),
+            "grouped_fp8 wgrad bf16, cache": dict(wgrad="bf16", cached=True),
+            "grouped_fp8 wgrad fp8, no cache": dict(wgrad="fp8", cached=False)}
+
+
+def tag_fp8_experts(stacks, wgrad: str, cached: bool) -> None:
+    """What ``float8.convert`` sets on an FP8 MoE layer's stacks, on bare tensors."""
+    from jambatrain.quantization import float8
+
+    cache = float8.WeightCache() if cached else None
+    for w in stacks:
+        w.jt_fp8_wgrad = float8.expert_wgrad_decision(wgrad)[0]
+        if cache is not None:
+            w.jt_fp8_cache = cache
+
+
 def moe_bench(cfg: ModelConfig, tokens: int, E: int, k: int, iters: int = 10):
     """Expert computation alone, fwd+bwd, at the model's hidden/ffn sizes with near-uniform routing."""
     from jambatrain.models.moe import route
@@ -316,6 +351,11 @@ def moe_bench(cfg: ModelConfig, tokens: int, E: int, k: int, iters: int = 10):
         backends.append(("megablocks", moe_backends.experts_forward_megablocks, ws[2]))
     else:
         print("(megablocks does not import: not benchmarked)")
+    fp8_rows = fp8_expert_variants()
+    if fp8_rows:
+        backends += [(name, moe_backends.BACKENDS["grouped_fp8"], ws[2]) for name in fp8_rows]
+    else:
+        print(f"(FP8 experts not benchmarked: {float8_problem()})")
     flops = 3 * 2 * tokens * k * 3 * h * f
     print(f"\nMoE experts fwd+bwd: tokens={tokens} hidden={h} ffn={f} experts={E} top{k}; "
           f"{flops / 1e12:.2f} TFLOP per call")
@@ -323,16 +363,19 @@ def moe_bench(cfg: ModelConfig, tokens: int, E: int, k: int, iters: int = 10):
     y_ref = None
     for name, fn, wd in backends:
         params = [w.detach().clone().requires_grad_() for w in (ws[0], ws[1])] + [wd.detach().requires_grad_()]
+        if name in fp8_rows:
+            params[2] = wd.detach().clone().requires_grad_()  # the tags below go on this row's own tensors
+            tag_fp8_experts(params, **fp8_rows[name])
 
         def call():
             xx = x.detach().requires_grad_()
             routing = route(logits, k)
             y = fn(xx, routing, *params)
-            y.backward(gy)
+            y.backward(gy)  # the gradients accumulate over the calls, as over micro batches
             return y
 
         try:
-            for _ in range(2):
+            for _ in range(2):  # with the cache, its casts are made here, once: the timed calls are micro batches
                 y = call()
             torch.cuda.synchronize()
             ts = []
@@ -348,10 +391,10 @@ def moe_bench(cfg: ModelConfig, tokens: int, E: int, k: int, iters: int = 10):
             if y_ref is None:
                 y_ref = y.detach().float()
             out[name] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err_vs_native": err}
-            print(f"  {name:28s} {ms:8.2f} ms  {flops / ms / 1e9:7.1f} TFLOP/s  rel err vs native {err:.2e}")
+            print(f"  {name:32s} {ms:8.2f} ms  {flops / ms / 1e9:7.1f} TFLOP/s  rel err vs native {err:.2e}")
         except Exception as e:  # noqa: BLE001
             out[name] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"  {name:28s} FAILED {type(e).__name__}: {str(e)[:300]}")
+            print(f"  {name:32s} FAILED {type(e).__name__}: {str(e)[:300]}")
         del params
         torch.cuda.empty_cache()
     return out

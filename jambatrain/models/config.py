@@ -43,6 +43,7 @@ MambaImpl = choice("MambaImpl", "auto", "reference", "cuda")
 MoEImpl = choice("MoEImpl", "auto", "native", "grouped", "megablocks")
 Recompute = choice("Recompute", "none", "full", "ffn", "mixer")
 Fp8 = choice("Fp8", "none", "tensorwise", "rowwise")
+Fp8Wgrad = choice("Fp8Wgrad", "fp8", "bf16")
 
 
 def arch(default, *, hf: bool = True, weights: bool = True, moe_only: bool = False):
@@ -138,6 +139,10 @@ class ModelConfig:
     # module names kept bf16 under model.fp8 (torchtitan's filter_fqns): a projection or expert stack whose fully
     # qualified name contains one of them, e.g. [out_proj] (every Mamba out_proj) or [layers.0.,layers.15.]
     fp8_filter_fqns: list[str] = runtime([])
+    # FP8 experts' weight gradients: fp8 (torchao's backward: per-group column casts of the grad outputs and inputs,
+    # then an FP8 grouped GEMM) | bf16 (torch._grouped_mm on the bf16 operands: no column casts, the forward and
+    # input-gradient GEMMs stay FP8); the default is the faster one measured (docs/benchmarks.md, "Experts")
+    fp8_expert_wgrad: Fp8Wgrad = runtime(Fp8Wgrad.bf16)
     init_from: str | None = runtime(None)  # HF Jamba directory to initialise weights from
 
     def __post_init__(self):

@@ -55,6 +55,8 @@ def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool,
         fp8_errors = float8.problems(cfg.fp8, device_type, precision) + float8.filter_problems(plan)
         fp.errors += fp8_errors
         fp8_experts = bool(plan.experts()) and not fp8_errors
+        if plan.experts():
+            fp.paths["fp8"] += "; " + float8.experts_report(cfg, zero_stage, ep)
     if cfg.num_experts > 1:
         moe = moe_backends.decide(cfg.moe_impl, device_type, precision == "bf16", cfg.hidden_size,
                                   cfg.intermediate_size, fp8=fp8_experts)

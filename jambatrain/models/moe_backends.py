@@ -17,7 +17,8 @@ runs ``expert_mlp`` on the local (E/ep, ffn, hidden) block: the same three piece
               sync, no padding. CUDA, bf16, hidden and ffn multiples of 8.
   grouped_fp8 ``grouped``'s permutation with the three GEMMs in FP8 (``model.fp8`` with ``model.fp8_experts``):
               torchao's rowwise FP8 grouped GEMM (``torch._scaled_grouped_mm``, Hopper), each expert's rows padded
-              to a multiple of 16 (its requirement) inside the MLP, so expert parallelism exchanges unpadded rows.
+              to a multiple of 16 (its requirement) inside the MLP, so expert parallelism exchanges unpadded rows;
+              the weight gradients by FP8 or bf16 grouped GEMMs (``model.fp8_expert_wgrad``).
   megablocks  MegaBlocks' dMoE data path (its CUDA sort/histogram and Triton gather/scatter kernels) with the
               grouped GEMM done by ``grouped_gemm`` when installed, else by ``torch._grouped_mm``. Needs the
               megablocks wheel (launch/build_kernels.sh) and what ``grouped`` needs.
@@ -152,8 +153,9 @@ def _mlp_grouped_fp8(xs, tokens_per_expert, w_gate, w_up, w_down, act=silu_mul_r
 
     dest, offs, total = _pad_groups(tokens_per_expert, xs.shape[0])
     xp = xs.new_zeros(total, xs.shape[1]).index_copy(0, dest, xs)
-    # the right operands column-major per expert (torch._scaled_grouped_mm; float8._expert_b_t), w_down's copy and
-    # the stacks' forward casts made once per optimizer step under model.fp8_cache_weights
+    # one autograd Function per GEMM (float8._GroupedMMFP8): the stacks' FP8 casts (forward and backward) made once
+    # per optimizer step under model.fp8_cache_weights, the weight gradients in the stacks' stored layout, in FP8 or
+    # bf16 (model.fp8_expert_wgrad)
     h = act(grouped_mm_fp8(xp, w_gate, offs), grouped_mm_fp8(xp, w_up, offs))
     return grouped_mm_fp8(h, w_down, offs, down=True).index_select(0, dest)
 

@@ -7,7 +7,8 @@ our own. Scales are computed from the live tensors every step (dynamic scaling):
 scale state, so a checkpoint holds the same bf16 weights with or without FP8, resume and ``export_hf`` need
 nothing more, and a run can switch FP8 on or off at a resume. The weights' casts are made once per optimizer step
 and reused by the step's micro batches (``WeightCache``, ``model.fp8_cache_weights``; ``cache_decision`` says where
-it applies); the cache is never saved.
+it applies); the cache is never saved. The experts' weight gradients run FP8 or bf16 grouped GEMMs
+(``model.fp8_expert_wgrad``, ``expert_wgrad_decision``).
 
 ``plan`` is the one decision of which GEMMs run FP8: ``convert`` swaps exactly those, and the start-up report
 (``models/fast_paths.py``) prints its summary. It needs no GPU and no torchao (tests run it on a meta model).
@@ -192,6 +193,33 @@ def cache_decision(recipe: str, cache_weights: bool, zero_stage: int = 0) -> tup
     return True, "weights cast to FP8 once per optimizer step, reused by every micro batch and recompute"
 
 
+def expert_wgrad_decision(wgrad: str) -> tuple[str, str]:
+    """How the FP8 experts' weight gradients are computed (``model.fp8_expert_wgrad``), and the start-up report's
+    words for it. The one decision ``convert`` executes (the stacks' ``jt_fp8_wgrad`` tag) and
+    ``models/fast_paths.py`` reports."""
+    if str(wgrad) == "bf16":
+        return "bf16", ("weight gradients in bf16 (model.fp8_expert_wgrad=bf16: torch._grouped_mm on the bf16 "
+                        "operands, no per-group FP8 column casts)")
+    if str(wgrad) == "fp8":
+        return "fp8", ("weight gradients in FP8 (model.fp8_expert_wgrad=fp8: torchao's per-group column casts, "
+                       "then the FP8 grouped GEMM)")
+    raise ValueError(f"model.fp8_expert_wgrad={wgrad!r}: choose fp8 or bf16")
+
+
+def experts_report(cfg, zero_stage: int = 0, ep: int = 1) -> str:
+    """The start-up report's words for the FP8 experts (``model.fp8_experts``): the weight-gradient decision, and
+    what the weight cache holds for them (two FP8 copies of every local expert stack, forward and backward casts:
+    +2 bytes per expert parameter, on top of the bf16 weights)."""
+    words = "experts: rowwise FP8 grouped GEMMs, " + expert_wgrad_decision(cfg.fp8_expert_wgrad)[1]
+    cached, _ = cache_decision(cfg.fp8, cfg.fp8_cache_weights, zero_stage)
+    if cached:
+        layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+        n = layers * cfg.num_experts // max(ep, 1) * 3 * cfg.hidden_size * cfg.intermediate_size
+        words += (f"; the stacks' forward and backward FP8 casts cached per optimizer step: +2 bytes per expert "
+                  f"parameter, {2 * n / 2**30:.2f} GiB per GPU")
+    return words
+
+
 class WeightCache:
     """The FP8 casts of the converted projections' weights, made by torchao's own ``hp_tensor_to_float8_dynamic``
     exactly as its uncached matmul makes them, once per optimizer step: the weights change only at the optimizer
@@ -241,11 +269,19 @@ class WeightCache:
 
     def grouped_operand(self, w: torch.Tensor, down: bool):
         """The forward (FP8 data, scales) of the expert stack ``w`` as a grouped GEMM's right operand, this step's."""
-        key = (id(w), "grouped")
+        return self._grouped(w, "grouped", lambda: _grouped_b_cast(_expert_b_t(w, down)))
+
+    def grouped_operand_t(self, w: torch.Tensor, down: bool):
+        """The backward's transposed (FP8 data, scales) of the expert stack ``w`` (the input-gradient GEMM's right
+        operand, ``_grouped_bt_cast``), this step's: a second FP8 copy of the stack, +1 byte per expert parameter."""
+        return self._grouped(w, "grouped_t", lambda: _grouped_bt_cast(w, down))
+
+    def _grouped(self, w: torch.Tensor, role: str, make):
+        key = (id(w), role)
         hit = self._casts.get(key)
         if hit is None or hit[0] != w.data_ptr() or hit[1] != w.shape:
             with torch.no_grad():
-                hit = self._casts[key] = (w.data_ptr(), w.shape, _grouped_b_cast(_expert_b_t(w, down)))
+                hit = self._casts[key] = (w.data_ptr(), w.shape, make())
             self.casts += 1
         return hit[2]
 
@@ -298,9 +334,12 @@ def convert(model: nn.Module, cfg, zero_stage: int = 0) -> Float8Plan:
     cache = WeightCache() if cached else None
     if cache is not None:
         model.fp8_weight_cache = cache
-        for name in p.experts():  # the stacks' forward casts (grouped_mm_fp8)
-            moe = model.get_submodule(name)
-            for w in (moe.w_gate, moe.w_up, moe.w_down):
+    wgrad, _ = expert_wgrad_decision(getattr(cfg, "fp8_expert_wgrad", "fp8"))
+    for name in p.experts():  # what grouped_mm_fp8 reads: the step's casts (when cached), the weight gradient's path
+        moe = model.get_submodule(name)
+        for w in (moe.w_gate, moe.w_up, moe.w_down):
+            w.jt_fp8_wgrad = wgrad
+            if cache is not None:
                 w.jt_fp8_cache = cache
     if cfg.compile_elementwise:  # fuse each GEMM's amax/scale/cast passes (eager: several passes per operand)
         dyn = torch._dynamo.config
@@ -381,16 +420,12 @@ def _expert_b_t(w: torch.Tensor, down: bool) -> torch.Tensor:
 
 def grouped_mm_fp8(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, down: bool = False) -> torch.Tensor:
     """a (M, K) row-major @ the expert stack ``w`` (``_expert_b_t``) per group, groups of rows ending at ``offs``
-    (multiples of 16): torchao's differentiable rowwise FP8 grouped GEMM (``torch._scaled_grouped_mm``), bf16 out.
-    With the weight cache (``model.fp8_cache_weights``: ``convert`` tags the stacks) the stack's forward cast (and
-    w_down's transposed copy) is made once per optimizer step (``_CachedGroupedMM``)."""
-    cache = getattr(w, "jt_fp8_cache", None)
-    if cache is not None:
-        return _CachedGroupedMM.apply(a, w, offs, cache.grouped_operand(w, down), down)
-    from torchao.prototype.moe_training import _to_fp8_rowwise_then_scaled_grouped_mm
-
-    return _to_fp8_rowwise_then_scaled_grouped_mm(a, _expert_b_t(w, down), offs, torch.bfloat16, torch.float8_e4m3fn,
-                                                  False)
+    (multiples of 16), bf16 out: torchao's rowwise FP8 grouped GEMM (``torch._scaled_grouped_mm``) in one autograd
+    Function (``_GroupedMMFP8``), with or without the step's weight cache. The stack's tags (set by ``convert``):
+    ``jt_fp8_cache`` (the ``WeightCache``, absent when ``cache_decision`` says no) and ``jt_fp8_wgrad``
+    (``expert_wgrad_decision``: "fp8" or "bf16"; untagged: "fp8", torchao's own backward)."""
+    return _GroupedMMFP8.apply(a, w, offs, down, getattr(w, "jt_fp8_cache", None),
+                               getattr(w, "jt_fp8_wgrad", "fp8"))
 
 
 def _grouped_b_cast(b_t: torch.Tensor):
@@ -404,22 +439,40 @@ def _grouped_b_cast(b_t: torch.Tensor):
     return to_fp8_saturated(b_t.to(torch.float32) * scales, torch.float8_e4m3fn), scales
 
 
-class _CachedGroupedMM(torch.autograd.Function):
-    """torchao 0.17's ``_Float8GroupedMM`` (rowwise, groups already padded) with the right operand's forward cast
-    taken from the step's cache: the same kernels, arguments and order as its forward and backward, so outputs and
-    gradients equal the uncached path's. The backward's transposed cast of the stack
-    (``triton_fp8_rowwise_3d_transpose_rhs``, one fused kernel) stays per micro batch: caching it too would hold a
-    second FP8 copy of every expert stack."""
+def _grouped_bt_cast(w: torch.Tensor, down: bool):
+    """The backward's cast of the stack as the input-gradient GEMM's right operand (``_expert_b_t(w)`` transposed,
+    column-major per expert, scales per output column): torchao's ``triton_fp8_rowwise_3d_transpose_rhs`` with its
+    ``_Float8GroupedMM.backward`` arguments. The kernel reads through strides, so w_down goes in as it is stored (no
+    transposed copy), its values those of ``_expert_b_t(w_down)``."""
+    from torchao.prototype.moe_training.kernels import triton_fp8_rowwise_3d_transpose_rhs
+
+    return triton_fp8_rowwise_3d_transpose_rhs(w if down else w.transpose(1, 2), output_dtype=torch.float8_e4m3fn,
+                                               round_scales_to_power_of_2=True)
+
+
+class _GroupedMMFP8(torch.autograd.Function):
+    """torchao 0.17's ``_Float8GroupedMM`` (rowwise, groups already padded: the same kernels, arguments and order),
+    with three changes:
+      - the stack's two FP8 casts, the forward's and the backward's transposed one, come from the step's
+        ``WeightCache`` when there is one (made once per optimizer step instead of once per micro batch);
+      - the weight gradient comes out contiguous in the stack's stored (E, ffn, hidden) layout, so the gradient
+        accumulation over micro batches is a vectorized add: for w_down the weight-gradient GEMM takes its
+        operands swapped (A^T @ grad_output instead of (grad_output^T @ A)^T, the same FP8 data and scales);
+      - ``wgrad="bf16"``: the weight gradient by the bf16 grouped GEMM (``torch._grouped_mm``) on the saved bf16
+        operands, skipping the per-group column casts (forward and input gradient stay FP8).
+    ``down``: ``w`` is w_down (the right operand ``w`` itself, (E, K=ffn, N=hidden)); else w_gate / w_up (the right
+    operand ``w^T``, (E, K=hidden, N=ffn))."""
 
     @staticmethod
-    def forward(ctx, A, w, offs, b_cast, down):
+    def forward(ctx, A, w, offs, down, cache, wgrad):
         from torchao.prototype.moe_training.kernels import triton_fp8_rowwise_2d_scale_and_cast
 
-        b_data, b_scales = b_cast
+        b_data, b_scales = (cache.grouped_operand(w, down) if cache is not None
+                            else _grouped_b_cast(_expert_b_t(w, down)))
         a_data, a_scales = triton_fp8_rowwise_2d_scale_and_cast(A, output_dtype=torch.float8_e4m3fn,
                                                                 round_scales_to_power_of_2=True)
         ctx.save_for_backward(A, w, offs)
-        ctx.down = down
+        ctx.down, ctx.cache, ctx.wgrad = down, cache, wgrad
         return torch._scaled_grouped_mm(a_data, b_data, a_scales.squeeze(-1).reciprocal(),
                                         b_scales.squeeze(1).reciprocal(), offs, out_dtype=torch.bfloat16,
                                         use_fast_accum=True)
@@ -427,23 +480,30 @@ class _CachedGroupedMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         from torchao.prototype.moe_training.kernels import (triton_fp8_per_group_colwise_scales_dual,
-                                                            triton_fp8_rowwise_2d_scale_and_cast,
-                                                            triton_fp8_rowwise_3d_transpose_rhs)
+                                                            triton_fp8_rowwise_2d_scale_and_cast)
 
         A, w, offs = ctx.saved_tensors
-        f8 = torch.float8_e4m3fn
+        down, f8 = ctx.down, torch.float8_e4m3fn
         go_data, go_scales = triton_fp8_rowwise_2d_scale_and_cast(grad_output, output_dtype=f8,
                                                                   round_scales_to_power_of_2=True)
-        # the kernel reads through strides: w_down goes in as it is stored (no transposed copy), its values those
-        # of _expert_b_t(w_down)
-        b_data, b_scales = triton_fp8_rowwise_3d_transpose_rhs(w if ctx.down else w.transpose(1, 2), output_dtype=f8,
-                                                               round_scales_to_power_of_2=True)
+        b_data, b_scales = (ctx.cache.grouped_operand_t(w, down) if ctx.cache is not None
+                            else _grouped_bt_cast(w, down))
         grad_a = torch._scaled_grouped_mm(go_data, b_data, go_scales.squeeze(-1).reciprocal(),
                                           b_scales.squeeze(1).reciprocal(), offs, out_dtype=torch.bfloat16,
                                           use_fast_accum=True)
-        go_cw, go_cw_scales, a_cm, a_cm_scales = triton_fp8_per_group_colwise_scales_dual(
+        if ctx.wgrad == "bf16":  # bf16 operands as saved; 2d-2d grouped GEMM, (E, ffn, hidden) out either way
+            mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+            grad_w = mm(A.t(), grad_output, offs=offs) if down else mm(grad_output.t(), A, offs=offs)
+            return grad_a, grad_w, None, None, None, None
+        # 2d-2d scaled grouped GEMM: the first operand row-major (M, tokens), scales (groups * M,); the second
+        # column-major (tokens, N), scales (groups * N,); out (groups, M, N). The dual kernel gives both tensors
+        # column-major with per-group column scales, so either can be the (transposed) first operand.
+        go_cm, go_cm_scales, a_cm, a_cm_scales = triton_fp8_per_group_colwise_scales_dual(
             grad_output, A, offs, f8, round_scales_to_power_of_2=True)
-        grad_b = torch._scaled_grouped_mm(go_cw.t(), a_cm, go_cw_scales.t().reciprocal(), a_cm_scales.reciprocal(),
-                                          offs, out_dtype=torch.bfloat16, use_fast_accum=True)
-        grad_b_t = grad_b.transpose(-2, -1)  # the gradient of _expert_b_t(w): back to w's (E, ffn, hidden)
-        return grad_a, (grad_b_t if ctx.down else grad_b_t.transpose(1, 2)), None, None, None
+        if down:  # A^T @ grad_output: (E, ffn, hidden), w_down's layout
+            grad_w = torch._scaled_grouped_mm(a_cm.t(), go_cm, a_cm_scales.reciprocal(), go_cm_scales.reciprocal(),
+                                              offs, out_dtype=torch.bfloat16, use_fast_accum=True)
+        else:  # grad_output^T @ A: (E, ffn, hidden), w_gate's / w_up's layout (torchao's operand order)
+            grad_w = torch._scaled_grouped_mm(go_cm.t(), a_cm, go_cm_scales.reciprocal(), a_cm_scales.reciprocal(),
+                                              offs, out_dtype=torch.bfloat16, use_fast_accum=True)
+        return grad_a, grad_w, None, None, None, None
