@@ -132,6 +132,11 @@ class ModelConfig:
     # cast each FP8 weight once per optimizer step and reuse it in every micro batch and recompute (tensorwise, ZeRO
     # 0-2; the start-up report says when it does not apply); false: torchao's per-GEMM weight casts
     fp8_cache_weights: bool = runtime(True)
+    # CUDA only: torch.compile each block's regions around the custom kernels (models/compiled_blocks.py): Mamba
+    # input RMSNorm + in_proj and out_proj + residual, attention RMSNorm + q/k/v and o_proj + residual, the dense FFN
+    # sub-layer (RMSNorm + SwiGLU + residual), so Inductor fuses the FP8 casts (or bf16 elementwise ops) with the
+    # norms, SwiGLU and residual adds around the GEMMs. Off under ZeRO-3 and context parallelism (the report says so)
+    compile_blocks: bool = runtime(False)
     init_from: str | None = runtime(None)  # HF Jamba directory to initialise weights from
 
     def __post_init__(self):
