@@ -24,7 +24,7 @@ from jambatrain.quantization import float8  # noqa: E402
 
 CFG = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
            num_key_value_heads=2, num_experts=4, attn_layer_period=4, attn_layer_offset=1, expert_layer_period=4,
-           expert_layer_offset=3, activation_checkpointing="ffn")
+           expert_layer_offset=3, activation_checkpointing="ffn", compile_elementwise=False)
 
 
 def _run(model, ids):
