@@ -144,3 +144,58 @@ def test_bench_variant_token():
     assert throughput.variant_config(cfg, "opt+fp8dense+blocks").fp8 == "tensorwise"
     assert throughput.variant_config(cfg, "opt+blocks").compile_blocks is True
     assert throughput.variant_config(cfg, "opt").compile_blocks is False
+
+
+ZERO_WORKER = r'''
+import copy, json, sys
+import torch
+import deepspeed
+import deepspeed.comm.torch  # noqa: F401
+sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip the JIT build of DeepSpeed's CPU shm op
+from jambatrain.models import JambaLM, ModelConfig
+from jambatrain.models import compiled_blocks as cb
+
+cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts=2, expert_layer_period=4, expert_layer_offset=3,
+                  attn_layer_period=4, attn_layer_offset=1, mamba_impl="reference", moe_impl="native",
+                  compile_elementwise=False, fused_rms_norm=False, activation_checkpointing="mixer")
+out = {}
+torch.manual_seed(0)
+base = JambaLM(cfg)
+for stage in (1, 2):
+    for blocks in (False, True):
+        model = copy.deepcopy(base)
+        cb.apply(model, cb.BlocksPlan(blocks, "forced for the test"))  # the trainer's order: before the engine
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "gradient_clipping": 1.0,
+              "gradient_accumulation_steps": 2}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+        losses = []
+        for step in range(6):  # 3 optimizer steps of 2 micro batches
+            ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(step))
+            loss = engine(ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        out[f"{stage}-{blocks}"] = losses
+json.dump(out, open(sys.argv[1], "w"))
+'''
+
+
+@pytest.mark.slow
+def test_compiled_regions_train_under_deepspeed_zero_1_2(train_env, tmp_path):
+    """The compiled regions inside a DeepSpeed ZeRO-1 / ZeRO-2 engine (gradient hooks, partitioned optimizer,
+    gradient accumulation) with mixer recompute, on CPU in fp32: the same losses as the eager blocks, step by step."""
+    import json
+    import subprocess
+
+    worker, out = tmp_path / "w.py", tmp_path / "out.json"
+    worker.write_text(ZERO_WORKER)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(worker), str(out)],
+                       cwd=REPO, env=train_env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for stage in (1, 2):
+        eager, comp = res[f"{stage}-False"], res[f"{stage}-True"]
+        assert eager[-1] < eager[0] - 0.1, eager
+        assert comp == pytest.approx(eager, rel=1e-4), (stage, comp, eager)
