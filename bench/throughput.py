@@ -278,6 +278,7 @@ def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, war
     if profile:
         res["profile"] = profile_steps(kind, step, steps=2)
     del model, opt, batches
+    torch._dynamo.reset()  # compiled code of this variant's model (guards, graphs) goes with it
     gc.collect()
     torch.cuda.empty_cache()
     return res
