@@ -160,6 +160,23 @@ def variant_config(cfg: ModelConfig, variant: str) -> ModelConfig:
                                compile_blocks="blocks" in variant.split("+") or cfg.compile_blocks)
 
 
+def variant_report(vcfg: ModelConfig) -> dict:
+    """What a jambatrain row runs beyond the kernels: the FP8 plan and weight-cast words, the compiled block regions
+    (the decisions ``build_jambatrain`` executes, as the trainer's start-up report prints them)."""
+    from jambatrain.models import compiled_blocks
+    from jambatrain.quantization import float8
+
+    out = {}
+    blocks = compiled_blocks.decide(vcfg.compile_blocks, "cuda")
+    if vcfg.fp8 != "none":
+        p = float8.plan_for_config(vcfg)
+        out["fp8"] = p.summary() + "; " + float8.cache_decision(vcfg.fp8, vcfg.fp8_cache_weights, 0, blocks.on)[1]
+        out["fp8_bf16_reasons"] = p.reasons()
+    if vcfg.compile_blocks:
+        out["blocks"] = blocks.describe()
+    return out
+
+
 def force_cp_path(model) -> None:
     """Give every cp-aware module a context-parallel group of this one rank (NCCL)."""
     import torch.distributed as dist
@@ -204,7 +221,6 @@ def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, war
         model = build_jambatrain(vcfg)
         if "cp1" in variant.split("+"):
             force_cp_path(model)
-        from jambatrain.models import compiled_blocks
         from jambatrain.models.moe import MoE
         from jambatrain.quantization import float8
 
@@ -213,13 +229,7 @@ def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, war
                 "moe_backend": sorted({moe_backends.decide(m.impl, "cuda", m.w_gate.dtype == torch.bfloat16,
                                                            cfg.hidden_size, cfg.intermediate_size, m.fp8).backend
                                        for m in moes}) or "none (dense)"}
-        if vcfg.fp8 != "none":
-            p = float8.plan_for_config(vcfg)
-            info["fp8"] = p.summary() + "; " + float8.cache_decision(vcfg.fp8, vcfg.fp8_cache_weights, 0,
-                                                                     vcfg.compile_blocks)[1]
-        if vcfg.compile_blocks:
-            info["blocks"] = compiled_blocks.decide(True, "cuda").describe()
-            info["fp8_bf16_reasons"] = p.reasons()
+        info.update(variant_report(vcfg))
     else:
         model, info = build_hf(cfg)
     n_params = sum(p.numel() for p in model.parameters())

@@ -144,6 +144,11 @@ def test_bench_variant_token():
     assert throughput.variant_config(cfg, "opt+fp8dense+blocks").fp8 == "tensorwise"
     assert throughput.variant_config(cfg, "opt+blocks").compile_blocks is True
     assert throughput.variant_config(cfg, "opt").compile_blocks is False
+    # the row's report (printed before it is timed), with and without FP8
+    assert set(throughput.variant_report(throughput.variant_config(cfg, "opt+blocks"))) == {"blocks"}
+    rep = throughput.variant_report(throughput.variant_config(cfg, "opt+fp8dense+blocks"))
+    assert "compiled block regions" in rep["fp8"] and rep["blocks"].startswith("compiled regions")
+    assert throughput.variant_report(throughput.variant_config(cfg, "opt")) == {}
 
 
 ZERO_WORKER = r'''
