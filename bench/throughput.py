@@ -102,6 +102,7 @@ def _build_bf16_on_gpu(ctor):
 
 
 def build_jambatrain(cfg: ModelConfig):
+    from jambatrain.models import compiled_blocks
     from jambatrain.quantization import float8
 
     model = _build_bf16_on_gpu(lambda: JambaLM(cfg))
@@ -109,6 +110,7 @@ def build_jambatrain(cfg: ModelConfig):
     if err:
         raise SystemExit("; ".join(err))
     float8.convert(model, cfg)  # the trainer's converter (no-op for model.fp8=none)
+    compiled_blocks.apply(model, compiled_blocks.decide(cfg.compile_blocks, "cuda"))  # the trainer's order
     return model
 
 
@@ -142,11 +144,14 @@ def variant_config(cfg: ModelConfig, variant: str) -> ModelConfig:
     'fp8dense': model.fp8=tensorwise with the experts left bf16; 'nocache': model.fp8_cache_weights=false (torchao
     re-casts every weight in every GEMM instead of once per optimizer step); 'fp8wgfp8' / 'fp8wgbf16': the FP8
     experts' weight gradients in FP8 / bf16 (model.fp8_expert_wgrad; neither: the schema default);
+    'blocks': model.compile_blocks (each block's regions around the custom kernels compiled:
+    models/compiled_blocks.py);
     'docs': packed documents (``doc_starts`` with a boundary every ~1k tokens: attention masked per document, Mamba
     state reset; data, not config); 'cp1': the context-parallel code path at cp = 1 (a one-rank NCCL group set on
     the mixers, ``force_cp_path``: its all-to-all layout changes and collectives at no parallelism, the overhead
     cp = 1 itself does not pay: ``context_parallel.apply`` sets nothing there)."""
-    toks = set(variant.replace("opt", "layout+norm+compile").split("+")) - {"", "base", "docs", "cp1", "nocache"}
+    toks = set(variant.replace("opt", "layout+norm+compile").split("+")) - {"", "base", "docs", "cp1", "nocache",
+                                                                               "blocks"}
     wgrad = "bf16" if "fp8wgbf16" in toks else "fp8" if "fp8wgfp8" in toks else cfg.fp8_expert_wgrad
     moe = toks & {"grouped", "megablocks", "native"}
     fp8 = "rowwise" if "fp8row" in toks else "tensorwise" if toks & {"fp8", "fp8dense"} else "none"
@@ -156,7 +161,27 @@ def variant_config(cfg: ModelConfig, variant: str) -> ModelConfig:
                                fp8=fp8 if fp8 != "none" else cfg.fp8,
                                fp8_experts="fp8dense" not in toks if fp8 != "none" else cfg.fp8_experts,
                                fp8_cache_weights="nocache" not in variant.split("+") and cfg.fp8_cache_weights,
-                               fp8_expert_wgrad=wgrad)
+                               fp8_expert_wgrad=wgrad,
+                               compile_blocks="blocks" in variant.split("+") or cfg.compile_blocks)
+
+
+def variant_report(vcfg: ModelConfig) -> dict:
+    """What a jambatrain row runs beyond the kernels: the FP8 plan and weight-cast words, the compiled block regions
+    (the decisions ``build_jambatrain`` executes, as the trainer's start-up report prints them)."""
+    from jambatrain.models import compiled_blocks
+    from jambatrain.quantization import float8
+
+    out = {}
+    blocks = compiled_blocks.decide(vcfg.compile_blocks, "cuda")
+    if vcfg.fp8 != "none":
+        p = float8.plan_for_config(vcfg)
+        out["fp8"] = p.summary() + "; " + float8.cache_decision(vcfg.fp8, vcfg.fp8_cache_weights, 0, blocks.on)[1]
+        if p.experts():
+            out["fp8"] += "; " + float8.experts_report(vcfg)
+        out["fp8_bf16_reasons"] = p.reasons()
+    if vcfg.compile_blocks:
+        out["blocks"] = blocks.describe()
+    return out
 
 
 def force_cp_path(model) -> None:
@@ -211,12 +236,7 @@ def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, war
                 "moe_backend": sorted({moe_backends.decide(m.impl, "cuda", m.w_gate.dtype == torch.bfloat16,
                                                            cfg.hidden_size, cfg.intermediate_size, m.fp8).backend
                                        for m in moes}) or "none (dense)"}
-        if vcfg.fp8 != "none":
-            p = float8.plan_for_config(vcfg)
-            info["fp8"] = p.summary() + "; " + float8.cache_decision(vcfg.fp8, vcfg.fp8_cache_weights)[1]
-            if p.experts():
-                info["fp8"] += "; " + float8.experts_report(vcfg)
-            info["fp8_bf16_reasons"] = p.reasons()
+        info.update(variant_report(vcfg))
     else:
         model, info = build_hf(cfg)
     n_params = sum(p.numel() for p in model.parameters())
@@ -249,9 +269,11 @@ def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, war
         return loss
 
     losses = []
-    for i in range(warmup):
+    t_warm = time.time()
+    for i in range(warmup):  # the first step compiles (model.compile_elementwise / compile_blocks)
         losses.append(step(i).item())
     torch.cuda.synchronize()
+    t_warm = time.time() - t_warm
     start, end = ev(), ev()
     t0 = time.time()
     start.record()
@@ -267,11 +289,13 @@ def run_model(kind: str, cfg: ModelConfig, seq: int, batch: int, steps: int, war
     res = {"kind": kind, "variant": variant if kind == "jambatrain" else "", "batch": batch, "seq": seq,
            "grad_accum": grad_accum, "steps": steps, "step_ms": ms / steps, "fwd_bwd_ms": fb / steps,
            "tokens_per_s": tokens / (ms / 1e3), "fwd_bwd_tokens_per_s": tokens / (fb / 1e3), "wall_s": wall,
+           "warmup_s": t_warm,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "params": n_params, "info": info,
            "loss_first_last": (losses[0], losses[-1])}
     if profile:
         res["profile"] = profile_steps(kind, step, steps=2)
     del model, opt, batches
+    torch._dynamo.reset()  # compiled code of this variant's model (guards, graphs) goes with it
     gc.collect()
     torch.cuda.empty_cache()
     return res
@@ -454,7 +478,8 @@ def main():
     for kind, variant in runs:
         try:
             r = run_model_fit(kind, cfg, args.seq, args.batch, args.steps, args.warmup,
-                              args.profile and (variant in ("opt", "") or "fp8" in variant), variant or "opt",
+                              args.profile and (variant in ("opt", "") or "fp8" in variant or "blocks" in variant),
+                              variant or "opt",
                               args.grad_accum if kind == "jambatrain" else 1)
         except RuntimeError as e:  # out of memory even at batch 1: the other rows still run
             print(f"[{kind}:{variant}] FAILED: {str(e)[:300]}", flush=True)
@@ -469,7 +494,7 @@ def main():
         results[key] = r
         print(f"[{key}] batch {r['batch']}x{r['seq']} x{r['grad_accum']} accum: {r['step_ms']:.1f} ms/step, "
               f"{r['tokens_per_s']:,.0f} tokens/s full step, {r['fwd_bwd_tokens_per_s']:,.0f} fwd+bwd, "
-              f"MFU(bf16 peak) {r['mfu']:.1%}, peak mem {r['peak_mem_gib']:.1f} GiB, loss {r['loss_first_last'][0]:.3f}"
+              f"MFU(bf16 peak) {r['mfu']:.1%}, peak mem {r['peak_mem_gib']:.1f} GiB, warm-up {r['warmup_s']:.0f} s, loss {r['loss_first_last'][0]:.3f}"
               f"->{r['loss_first_last'][1]:.3f}", flush=True)
         if args.json:
             with open(args.json, "w") as f:
@@ -485,7 +510,7 @@ def main():
               f"{r['mfu']:9.1%} {r['peak_mem_gib']:9.1f}")
     base = results.get("jambatrain")
     for kind in kinds:
-        if base and "fp8" in kind:
+        if base and ("fp8" in kind or "blocks" in kind):
             r = results[kind]
             print(f"speedup {kind} / jambatrain(bf16 opt): fwd+bwd {r['fwd_bwd_tokens_per_s'] / base['fwd_bwd_tokens_per_s']:.2f}x, "
                   f"full step {r['tokens_per_s'] / base['tokens_per_s']:.2f}x, peak mem {r['peak_mem_gib']:.1f} vs "

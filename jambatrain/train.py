@@ -24,6 +24,7 @@ from .data.sources import BatchSource, data_kind, doc_starts
 from .metrics import (MetricsLogger, Throughput, grad_norm, memory_stats, moe_load_stats, peak_flops, runtime_info,
                       train_flops_per_token)
 from .models import JambaLM, ModelConfig
+from .models import compiled_blocks
 from .models.fast_paths import describe as describe_fast_paths
 from .quantization import float8
 from .parallel import barrier, build_deepspeed_config, build_engine, expert_parallel, init_distributed, reduce_mean
@@ -378,6 +379,8 @@ def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
     ds_config = build_deepspeed_config(cfg, dist.world_size, dist.device)
     model = build_model(cfg.model, dist, ds_config, ep)
     context_parallel.apply(model, dims)  # cp = 1: nothing
+    compiled_blocks.apply(model, compiled_blocks.decide(cfg.model.compile_blocks, dist.device.type, par.zero_stage,
+                                                        dims.cp))  # model.compile_blocks (the report's decision)
     engine = build_engine(model, cfg, dist, ds_config, ep)
     state = checkpoint.TrainState(model_config=asdict(cfg.model))
     if resume_tag is not None:

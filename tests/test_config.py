@@ -271,7 +271,7 @@ def test_every_model_field_is_marked_architecture_or_runtime():
     assert set(runtime_fields()) == {"name", "mamba_impl", "moe_impl", "activation_checkpointing", "loss_chunk_tokens",
                                      "compile_elementwise", "fused_rms_norm", "mamba_kernel_layout", "init_from", "fp8", "loss_labeled_only",
                                      "fp8_experts", "fp8_cache_weights", "fp8_filter_fqns",
-                                     "fp8_expert_wgrad"}
+                                     "fp8_expert_wgrad", "compile_blocks"}
     assert not set(hf_fields()) & set(runtime_fields())
     assert "expert_layer_period" in weight_fields(moe=True) and "expert_layer_period" not in weight_fields(moe=False)
     assert "router_aux_loss_coef" not in weight_fields() and "hidden_size" in weight_fields()

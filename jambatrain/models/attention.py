@@ -71,10 +71,19 @@ class Attention(nn.Module):
         slice of the sequence and attn_mask the whole sequence's mask: q, k, v go all-to-all to the whole sequence
         for heads/cp heads (KV heads split, or replicated one per rank when they are fewer than cp), attention runs
         with the whole sequence's causality, documents and RoPE positions, and the output goes all-to-all back."""
+        return self.out(self.attend(*self.qkv(x), attn_mask))
+
+    def qkv(self, x: torch.Tensor):
+        """The input side: q (batch, heads, seq, head_dim), k, v (batch, kv_heads, seq, head_dim)."""
         b, l, _ = x.shape
         q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def attend(self, q, k, v, attn_mask=None) -> torch.Tensor:
+        """Attention proper (context-parallel all-to-all, RoPE, SDPA / FlexAttention): (batch, heads, seq,
+        head_dim) out. Kept eager by ``compiled_blocks`` (the collectives, the flash / flex kernels)."""
         cp = self.cp_group
         if cp is not None:
             from ..parallel import context_parallel as cpx
@@ -83,7 +92,7 @@ class Attention(nn.Module):
                 k, v = (t.repeat_interleave(cp.size // self.num_kv_heads, dim=1) for t in (k, v))
             q, k, v = (cpx.seq_to_channels(t.transpose(2, 3), cp, dim=1).transpose(2, 3) for t in (q, k, v))
         if self.use_rope:
-            cos, sin = rotary_cos_sin(q.shape[2], self.head_dim, self.rope_theta, x.device, q.dtype)
+            cos, sin = rotary_cos_sin(q.shape[2], self.head_dim, self.rope_theta, q.device, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = q.shape[1] != k.shape[1]
         if attn_mask is None:
@@ -94,4 +103,9 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         if cp is not None:
             out = cpx.channels_to_seq(out.transpose(2, 3), cp, dim=1).transpose(2, 3)  # (b, heads, l, head_dim)
-        return self.o_proj(out.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim))
+        return out
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        """The output side: o (batch, heads, seq, head_dim) -> o_proj, (batch, seq, hidden)."""
+        b, _, l, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim))

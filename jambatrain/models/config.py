@@ -143,6 +143,11 @@ class ModelConfig:
     # then an FP8 grouped GEMM) | bf16 (torch._grouped_mm on the bf16 operands: no column casts, the forward and
     # input-gradient GEMMs stay FP8); the default is the faster one measured (docs/benchmarks.md, "Experts")
     fp8_expert_wgrad: Fp8Wgrad = runtime(Fp8Wgrad.bf16)
+    # CUDA only: torch.compile each block's regions around the custom kernels (models/compiled_blocks.py): Mamba
+    # input RMSNorm + in_proj and out_proj + residual, attention RMSNorm + q/k/v and o_proj + residual, the dense FFN
+    # sub-layer (RMSNorm + SwiGLU + residual), so Inductor fuses the FP8 casts (or bf16 elementwise ops) with the
+    # norms, SwiGLU and residual adds around the GEMMs. Off under ZeRO-3 and context parallelism (the report says so)
+    compile_blocks: bool = runtime(False)
     init_from: str | None = runtime(None)  # HF Jamba directory to initialise weights from
 
     def __post_init__(self):

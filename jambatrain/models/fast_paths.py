@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import attention, moe_backends, ssm_ops
+from . import attention, compiled_blocks, moe_backends, ssm_ops
 from .config import ModelConfig
 
 
@@ -46,12 +46,17 @@ def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool,
         if cp > 1:
             fp.paths["attention"] += f", context parallel {cp} (Ulysses all-to-all over heads)"
     fp.paths["rmsnorm"] = "triton" if cuda and k["rms_norm"] and cfg.fused_rms_norm else "eager"
+    blocks = compiled_blocks.decide(cfg.compile_blocks, device_type, zero_stage, cp)  # what apply executes
+    if cfg.compile_blocks:
+        fp.paths["blocks"] = blocks.describe()
+        fp.warnings += [blocks.warning] if blocks.warning else []
     fp8_experts = False
     if cfg.fp8 != "none":  # the converter's own plan (jambatrain/quantization/float8.py), on a meta model
         from ..quantization import float8
 
         plan = float8.plan_for_config(cfg)
-        fp.paths["fp8"] = plan.summary() + "; " + float8.cache_decision(cfg.fp8, cfg.fp8_cache_weights, zero_stage)[1]
+        fp.paths["fp8"] = plan.summary() + "; " + float8.cache_decision(cfg.fp8, cfg.fp8_cache_weights, zero_stage,
+                                                                         blocks.on)[1]
         fp8_errors = float8.problems(cfg.fp8, device_type, precision) + float8.filter_problems(plan)
         fp.errors += fp8_errors
         fp8_experts = bool(plan.experts()) and not fp8_errors

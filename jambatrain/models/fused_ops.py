@@ -31,8 +31,9 @@ _compiled: dict[Callable, Callable] = {}
 
 
 def maybe_compiled(fn: Callable, compiled: bool) -> Callable:
-    """``fn`` itself, or its compiled twin (built once per process) when ``compiled``."""
-    if not compiled:
+    """``fn`` itself, or its compiled twin (built once per process) when ``compiled``; ``fn`` inside a region
+    being compiled already (``model.compile_blocks``), which traces it into its own graph."""
+    if not compiled or torch.compiler.is_compiling():
         return fn
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn)

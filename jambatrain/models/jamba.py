@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from . import compiled_blocks as cb
 from .attention import Attention, document_block_mask, document_dense_mask, flex_available
 from .config import ModelConfig
 from .fused_ops import cross_entropy_sum
@@ -32,10 +33,29 @@ class JambaBlock(nn.Module):
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.fused_rms_norm) if has_ffn else None
         self.ffn = (MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size,
                                                           cfg.compile_elementwise)) if has_ffn else None
+        self.compiled_regions = False  # model.compile_blocks: set by compiled_blocks.apply
+
+    def region_modules(self) -> list[nn.Module]:
+        """The modules whose ops run inside compiled regions when ``compiled_regions`` (``compiled_blocks``)."""
+        mods = [self.input_layernorm, self.mixer] if isinstance(self.mixer, (Attention, MambaMixer)) else []
+        return mods + ([self.pre_ff_layernorm, self.ffn] if isinstance(self.ffn, SwiGLU) else [])
 
     def _mix(self, x, attn_mask, reset):
         h = self.input_layernorm(x)
         return self.mixer(h, attn_mask) if self.is_attention else self.mixer(h, reset)
+
+    def _mix_res(self, x, attn_mask, reset):
+        """x + mixer(norm(x)); with ``compiled_regions`` the projections' sides compiled (``compiled_blocks``)."""
+        m = self.mixer
+        if not self.compiled_regions or not isinstance(m, (Attention, MambaMixer)):
+            return x + self._mix(x, attn_mask, reset)
+        if self.is_attention:
+            q, k, v = cb.region(cb.attention_in)(self.input_layernorm, m, x)
+            return cb.region(cb.attention_out)(m, x, m.attend(q, k, v, attn_mask))
+        plan = m.start(x, reset)
+        kl = plan.layout == "kernel"
+        u, z = cb.region(cb.mamba_in)(self.input_layernorm, m, x, kl)
+        return cb.region(cb.mamba_out)(m, x, m.mix(u, z, reset, plan), kl)
 
     def _ff(self, x):
         h = self.pre_ff_layernorm(x)
@@ -45,16 +65,22 @@ class JambaBlock(nn.Module):
         zero = x.new_zeros((), dtype=torch.float32)
         return self.ffn(h), zero, zero
 
+    def _ff_res(self, x):
+        """x + ffn(norm(x)) and the MoE losses; with ``compiled_regions`` a dense FFN is one compiled region."""
+        if self.compiled_regions and not self.is_moe:
+            zero = x.new_zeros((), dtype=torch.float32)
+            return cb.region(cb.dense_ffn)(self.pre_ff_layernorm, self.ffn, x), zero, zero
+        f, aux, z = self._ff(x)
+        return x + f, aux, z
+
     def forward(self, x, attn_mask=None, reset=None, recompute: str = "none"):
         """recompute: "mixer" / "ffn" recomputes that sub-layer in backward instead of storing its activations."""
-        mix = checkpoint(self._mix, x, attn_mask, reset, use_reentrant=False) if recompute == "mixer" \
-            else self._mix(x, attn_mask, reset)
-        x = x + mix
+        x = checkpoint(self._mix_res, x, attn_mask, reset, use_reentrant=False) if recompute == "mixer" \
+            else self._mix_res(x, attn_mask, reset)
         if self.ffn is None:
             zero = x.new_zeros((), dtype=torch.float32)
             return x, zero, zero
-        f, aux, z = checkpoint(self._ff, x, use_reentrant=False) if recompute == "ffn" else self._ff(x)
-        return x + f, aux, z
+        return checkpoint(self._ff_res, x, use_reentrant=False) if recompute == "ffn" else self._ff_res(x)
 
 
 def _numel(p: torch.Tensor) -> int:

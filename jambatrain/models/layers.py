@@ -30,7 +30,8 @@ def weight_mm(proj: nn.Linear, x_t: torch.Tensor) -> torch.Tensor:
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back (as HF ``JambaRMSNorm``). With ``fused`` (``model.fused_rms_norm``)
     it runs on CUDA as one fused Triton kernel each way when mamba-ssm imports (``ssm_ops.fused_rms_norm``);
-    ``fused=False`` keeps the eager ops (the A/B of bench/throughput.py)."""
+    ``fused=False`` keeps the eager ops (the A/B of bench/throughput.py). Inside a compiled region
+    (``model.compile_blocks``) the eager formula runs: Inductor fuses it with the ops around it (an FP8 cast)."""
 
     def __init__(self, dim: int, eps: float = 1e-6, fused: bool = True):
         super().__init__()
@@ -39,7 +40,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.is_cuda:
+        if self.fused and x.is_cuda and not torch.compiler.is_compiling():
             y = fused_rms_norm(x, self.weight, self.eps)
             if y is not None:
                 return y

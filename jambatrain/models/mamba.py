@@ -68,13 +68,25 @@ class MambaMixer(nn.Module):
         """x: (batch, seq, hidden) -> (batch, seq, hidden). reset: optional bool (batch, seq) document starts.
         Under context parallelism x is this rank's slice of the sequence and ``reset`` the whole sequence's starts
         (``JambaLM`` gathers them once)."""
+        plan = self.start(x, reset)
+        kl = plan.layout == "kernel"
+        u, z = self._in_proj(x, kl)  # (b, d, l) each
+        return self._out_proj(self.mix(u, z, reset, plan), kl)
+
+    def start(self, x: torch.Tensor, reset: torch.Tensor | None) -> MambaPlan:
+        """The plan this forward executes (recorded in ``last_plan``), refused when it cannot run."""
         plan = self.plan(x.device.type, reset is not None)
         if plan.error:
             raise RuntimeError(plan.error)
         self.last_plan = plan
-        cp, kl = self.cp_group, plan.layout == "kernel"
+        return plan
+
+    def mix(self, u: torch.Tensor, z: torch.Tensor, reset: torch.Tensor | None, plan: MambaPlan) -> torch.Tensor:
+        """Between the projections: conv, x_proj / dt_proj and the scan, (b, d, l) -> y (b, d, l). The custom
+        kernels are here, so ``compiled_blocks`` compiles the projections on either side and leaves this eager."""
+        cp = self.cp_group
         cpx = context_parallel() if cp is not None else None
-        u, z = self._in_proj(x, kl)  # (b, d, l) each
+        kl = plan.layout == "kernel"
         u = self._conv(u, reset, plan.conv, cp)
         delta, B, C = self._x_proj(u, kl)  # (b, d, l), (b, n, l), (b, n, l)
         A, D, delta_bias = -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()
@@ -87,7 +99,7 @@ class MambaMixer(nn.Module):
                            backend=plan.scan, reset=reset)  # (b, d, l)
         if cp is not None:
             y = cpx.channels_to_seq(y, cp, dim=1)
-        return self._out_proj(y, kl)
+        return y
 
     # The layouts. "kernel" lays every (b, d, l) operand out as a view of a (d, b*l) matrix, as mamba-ssm's own Mamba
     # does: the kernels get stride(-1) == 1 inputs and outputs (their outputs follow the input strides) and every

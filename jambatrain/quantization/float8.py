@@ -176,11 +176,24 @@ def problems(recipe: str, device_type: str, precision: str, device_index: int | 
     return p
 
 
-def cache_decision(recipe: str, cache_weights: bool, zero_stage: int = 0) -> tuple[bool, str]:
+def cache_decision(recipe: str, cache_weights: bool, zero_stage: int = 0,
+                   compile_blocks: bool = False) -> tuple[bool, str]:
     """Whether the FP8 weight casts are cached for an optimizer step (``model.fp8_cache_weights``), and the start-up
-    report's words for it. The one decision ``convert`` executes and ``models/fast_paths.py`` reports."""
+    report's words for it. The one decision ``convert`` executes and ``models/fast_paths.py`` reports.
+    ``compile_blocks``: ``models.compiled_blocks.decide``'s verdict. Then the linears run inside compiled regions
+    and cast their weights there (Inductor fuses each weight's amax and cast into the region; the cache reads
+    storage pointers, which do not trace, and was no measured speedup): ``compiled_blocks.apply`` detaches them
+    from the cache, which then holds only the FP8 expert stacks (their grouped GEMMs stay eager)."""
     if str(recipe) == "none":
         return False, "off"
+    cached, why = _cache_decision(recipe, cache_weights, zero_stage)
+    if compile_blocks:
+        why = ("linear weights cast inside the compiled block regions (model.compile_blocks)"
+               + ("; FP8 expert stacks: " + why if cached else ""))
+    return cached, why
+
+
+def _cache_decision(recipe: str, cache_weights: bool, zero_stage: int) -> tuple[bool, str]:
     if not cache_weights:
         return False, "weights re-cast every micro batch (model.fp8_cache_weights=false)"
     if zero_stage >= 3:
@@ -371,7 +384,7 @@ _mm_compiled = None
 
 def _mm_fn(compiled: bool):
     global _mm_compiled
-    if not compiled:
+    if not compiled or torch.compiler.is_compiling():  # inside a compiled block region: traced into its graph
         return _mm
     if _mm_compiled is None:
         _mm_compiled = torch.compile(_mm)
