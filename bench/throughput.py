@@ -110,7 +110,7 @@ def build_jambatrain(cfg: ModelConfig):
     if err:
         raise SystemExit("; ".join(err))
     float8.convert(model, cfg)  # the trainer's converter (no-op for model.fp8=none)
-    compiled_blocks.apply(model, compiled_blocks.decide(cfg.compile_blocks, "cuda"))  # the trainer's order
+    compiled_blocks.apply(model, compiled_blocks.decide(cfg.compile_blocks, "cuda", fp8=cfg.fp8))  # the trainer's order
     return model
 
 
@@ -144,14 +144,14 @@ def variant_config(cfg: ModelConfig, variant: str) -> ModelConfig:
     'fp8dense': model.fp8=tensorwise with the experts left bf16; 'nocache': model.fp8_cache_weights=false (torchao
     re-casts every weight in every GEMM instead of once per optimizer step); 'fp8wgfp8' / 'fp8wgbf16': the FP8
     experts' weight gradients in FP8 / bf16 (model.fp8_expert_wgrad; neither: the schema default);
-    'blocks': model.compile_blocks (each block's regions around the custom kernels compiled:
-    models/compiled_blocks.py);
+    'blocks' / 'noblocks': model.compile_blocks=true / false (each block's regions around the custom kernels
+    compiled: models/compiled_blocks.py; neither: the config's, auto = on with FP8);
     'docs': packed documents (``doc_starts`` with a boundary every ~1k tokens: attention masked per document, Mamba
     state reset; data, not config); 'cp1': the context-parallel code path at cp = 1 (a one-rank NCCL group set on
     the mixers, ``force_cp_path``: its all-to-all layout changes and collectives at no parallelism, the overhead
     cp = 1 itself does not pay: ``context_parallel.apply`` sets nothing there)."""
     toks = set(variant.replace("opt", "layout+norm+compile").split("+")) - {"", "base", "docs", "cp1", "nocache",
-                                                                               "blocks"}
+                                                                               "blocks", "noblocks"}
     wgrad = "bf16" if "fp8wgbf16" in toks else "fp8" if "fp8wgfp8" in toks else cfg.fp8_expert_wgrad
     moe = toks & {"grouped", "megablocks", "native"}
     fp8 = "rowwise" if "fp8row" in toks else "tensorwise" if toks & {"fp8", "fp8dense"} else "none"
@@ -162,7 +162,8 @@ def variant_config(cfg: ModelConfig, variant: str) -> ModelConfig:
                                fp8_experts="fp8dense" not in toks if fp8 != "none" else cfg.fp8_experts,
                                fp8_cache_weights="nocache" not in variant.split("+") and cfg.fp8_cache_weights,
                                fp8_expert_wgrad=wgrad,
-                               compile_blocks="blocks" in variant.split("+") or cfg.compile_blocks)
+                               compile_blocks=True if "blocks" in variant.split("+") else
+                               False if "noblocks" in variant.split("+") else cfg.compile_blocks)
 
 
 def variant_report(vcfg: ModelConfig) -> dict:
@@ -172,14 +173,14 @@ def variant_report(vcfg: ModelConfig) -> dict:
     from jambatrain.quantization import float8
 
     out = {}
-    blocks = compiled_blocks.decide(vcfg.compile_blocks, "cuda")
+    blocks = compiled_blocks.decide(vcfg.compile_blocks, "cuda", fp8=vcfg.fp8)
     if vcfg.fp8 != "none":
         p = float8.plan_for_config(vcfg)
         out["fp8"] = p.summary() + "; " + float8.cache_decision(vcfg.fp8, vcfg.fp8_cache_weights, 0, blocks.on)[1]
         if p.experts():
             out["fp8"] += "; " + float8.experts_report(vcfg)
         out["fp8_bf16_reasons"] = p.reasons()
-    if vcfg.compile_blocks:
+    if blocks.asked:
         out["blocks"] = blocks.describe()
     return out
 

@@ -380,7 +380,7 @@ def setup(cfg: TrainConfig, run_dir: str, config_dict: dict) -> Run:
     model = build_model(cfg.model, dist, ds_config, ep)
     context_parallel.apply(model, dims)  # cp = 1: nothing
     compiled_blocks.apply(model, compiled_blocks.decide(cfg.model.compile_blocks, dist.device.type, par.zero_stage,
-                                                        dims.cp))  # model.compile_blocks (the report's decision)
+                                                        dims.cp, cfg.model.fp8))  # the report's decision
     engine = build_engine(model, cfg, dist, ds_config, ep)
     state = checkpoint.TrainState(model_config=asdict(cfg.model))
     if resume_tag is not None:

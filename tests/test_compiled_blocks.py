@@ -28,8 +28,8 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
 ON = cb.BlocksPlan(True, "forced on for a CPU test")
 
 
-def test_config_field_is_a_runtime_knob_off_by_default():
-    assert ModelConfig().compile_blocks is False and ModelConfig(compile_blocks=True).compile_blocks is True
+def test_config_field_is_a_runtime_knob_auto_by_default():
+    assert ModelConfig().compile_blocks is None and ModelConfig(compile_blocks=True).compile_blocks is True
     assert "compile_blocks" in runtime_fields()  # a checkpoint may resume with it switched
 
 
@@ -41,6 +41,14 @@ def test_decision_and_report():
     for plan, word in ((cb.decide(True, "cuda", zero_stage=3), "ZeRO-3"), (cb.decide(True, "cuda", cp=2),
                                                                             "context parallel 2")):
         assert not plan.on and word in plan.why and word in plan.warning
+    # auto (None): on with FP8, off in bf16; under ZeRO-3 / cp off without a warning (nobody asked by name)
+    assert cb.decide(None, "cuda") == cb.BlocksPlan(False, "off")
+    auto = cb.decide(None, "cuda", fp8="tensorwise")
+    assert auto.on and auto.why.startswith("auto with model.fp8: compiled regions")
+    auto3 = cb.decide(None, "cuda", zero_stage=3, fp8="rowwise")
+    assert not auto3.on and "ZeRO-3" in auto3.why and auto3.warning is None
+    assert cb.decide(False, "cuda", fp8="tensorwise") == cb.BlocksPlan(False, "off")
+    assert "blocks" not in describe(ModelConfig(**TINY), "cuda", "bf16", False).paths
     cfg = ModelConfig(**TINY, compile_blocks=True)
     assert "blocks" not in describe(dataclasses.replace(cfg, compile_blocks=False), "cuda", "bf16", False).paths
     fp = describe(cfg, "cuda", "bf16", False)
@@ -143,7 +151,9 @@ def test_bench_variant_token():
     assert throughput.variant_config(cfg, "opt+fp8dense+blocks").compile_blocks is True
     assert throughput.variant_config(cfg, "opt+fp8dense+blocks").fp8 == "tensorwise"
     assert throughput.variant_config(cfg, "opt+blocks").compile_blocks is True
-    assert throughput.variant_config(cfg, "opt").compile_blocks is False
+    assert throughput.variant_config(cfg, "opt").compile_blocks is None  # the config's: auto
+    assert throughput.variant_config(cfg, "opt+fp8+noblocks").compile_blocks is False
+    assert throughput.variant_report(throughput.variant_config(cfg, "opt+fp8"))["blocks"].startswith("auto with")
     # the row's report (printed before it is timed), with and without FP8
     assert set(throughput.variant_report(throughput.variant_config(cfg, "opt+blocks"))) == {"blocks"}
     rep = throughput.variant_report(throughput.variant_config(cfg, "opt+fp8dense+blocks"))

@@ -39,28 +39,34 @@ class BlocksPlan:
     on: bool
     why: str  # the start-up report's words
     warning: str | None = None  # asked for but off here, with the reason
+    asked: bool = False  # set to true, or auto with FP8: the start-up report prints the verdict
 
     def describe(self) -> str:
         return self.why
 
 
-def decide(compile_blocks: bool, device_type: str, zero_stage: int = 0, cp: int = 1) -> BlocksPlan:
-    """Whether ``model.compile_blocks`` compiles the block regions on this run."""
-    if not compile_blocks:
+def decide(compile_blocks: bool | None, device_type: str, zero_stage: int = 0, cp: int = 1,
+           fp8: str = "none") -> BlocksPlan:
+    """Whether ``model.compile_blocks`` compiles the block regions on this run. ``None`` (auto): with ``model.fp8``
+    (the regions fuse its casts: measured faster, docs/benchmarks.md), not in bf16 (measured no faster)."""
+    auto = compile_blocks is None
+    if not (str(fp8) != "none" if auto else compile_blocks):
         return BlocksPlan(False, "off")
+    how = "auto with model.fp8: " if auto else ""
     off = None
     if device_type != "cuda":
-        return BlocksPlan(False, f"off on {device_type} (compiled regions are CUDA-only; eager ops)")
+        return BlocksPlan(False, f"off on {device_type} (compiled regions are CUDA-only; eager ops)", asked=True)
     if zero_stage >= 3:
         off = ("ZeRO-3 gathers and frees each module's parameters through forward hooks inside the regions, which "
                "dynamo would trace")
     elif cp > 1:
         off = f"context parallel {cp} runs collectives inside the mixers"
     if off:
-        return BlocksPlan(False, f"off: {off}", f"model.compile_blocks=true is switched off: {off}; the blocks run "
-                                                 "eager (set model.compile_blocks=false to silence this)")
-    return BlocksPlan(True, "compiled regions (" + "; ".join(REGIONS) + "; scan, conv, attention kernel and MoE "
-                            "eager)")
+        warning = None if auto else (f"model.compile_blocks=true is switched off: {off}; the blocks run eager (set "
+                                     "model.compile_blocks=false to silence this)")
+        return BlocksPlan(False, f"{how}off: {off}", warning, asked=True)
+    return BlocksPlan(True, how + "compiled regions (" + "; ".join(REGIONS) + "; scan, conv, attention kernel and "
+                            "MoE eager)", asked=True)
 
 
 def apply(model: torch.nn.Module, plan: BlocksPlan) -> None:

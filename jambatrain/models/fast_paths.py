@@ -46,8 +46,8 @@ def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool,
         if cp > 1:
             fp.paths["attention"] += f", context parallel {cp} (Ulysses all-to-all over heads)"
     fp.paths["rmsnorm"] = "triton" if cuda and k["rms_norm"] and cfg.fused_rms_norm else "eager"
-    blocks = compiled_blocks.decide(cfg.compile_blocks, device_type, zero_stage, cp)  # what apply executes
-    if cfg.compile_blocks:
+    blocks = compiled_blocks.decide(cfg.compile_blocks, device_type, zero_stage, cp, cfg.fp8)  # what apply executes
+    if blocks.asked:
         fp.paths["blocks"] = blocks.describe()
         fp.warnings += [blocks.warning] if blocks.warning else []
     fp8_experts = False
