@@ -88,7 +88,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def case(wgrad: str, dist_info, ep_info, rank: int, world: int, brk: str) -> dict:
     cfg = dataclasses.replace(MODEL, fp8_expert_wgrad=wgrad)
     model = build(cfg, dist_info, ep_info)
-    ref = randomize(build(dataclasses.replace(cfg, fp8_cache_weights=False), dist_info))  # experts that matter, sharp routing
+    # the reference: every expert, no cache; random weights (experts that matter, sharp routing), copied to model
+    ref = randomize(build(dataclasses.replace(cfg, fp8_cache_weights=False), dist_info))
     load_from(model, ref, swap=brk == "slice")
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     assert moes and all(m.fp8 and m.exchange is not None for m in moes)
