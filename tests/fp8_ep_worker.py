@@ -9,7 +9,8 @@ dense Float8Linears run torchao's code (``torch._scaled_mm`` runs on CPU); the F
 tests/fp8_ref_kernels.py in place of torchao's Triton kernels and ``torch._scaled_grouped_mm``, and the MoE layers
 take ``grouped_fp8`` on CPU (which ``moe_backends.decide`` refuses off CUDA). Two optimizer steps of MICRO micro
 batches each; after the first the reference's updated weights are written into both models in place (same storage,
-so only ``float8.optimizer_stepped`` can make the cache re-cast them).
+so only ``float8.optimizer_stepped`` can make the cache re-cast them). Then one optimizer step of the trainer's
+DeepSpeed engine (``engine_case``: ZeRO-2, bf16, expert parameter groups) on the reference's weights.
 
 BREAK (negative controls): ``slice`` the EP ranks hold the other rank's experts; ``tag`` rank 1's MoE layers run
 without the FP8 tag (bf16 experts); ``stale`` the EP model's cache is not told of the optimizer step."""
@@ -139,6 +140,51 @@ def case(wgrad: str, dist_info, ep_info, rank: int, world: int, brk: str) -> dic
     return {**err, "worst": worst, "casts": casts, "ran": sorted(set(ran)), "expert_calls": len(ran)}
 
 
+def engine_case(dist_info, ep_info, rank: int, world: int, brk: str) -> dict:
+    """One optimizer step of MICRO micro batches by the trainer's DeepSpeed engine (build_engine: ZeRO-2, bf16, the
+    expert groups) at ep 2, the weights the reference's: each micro batch's loss, and the gradient every parameter's
+    AdamW step saw (its first moment after one step over 1 - beta1), against the reference's mean gradient."""
+    from jambatrain import checkpoint
+    from jambatrain.config import TrainConfig
+    from jambatrain.parallel import build_deepspeed_config, build_engine
+
+    cfg = TrainConfig(model=dataclasses.replace(MODEL, fp8_expert_wgrad="bf16"),
+                      parallel=ParallelConfig(zero_stage=2, micro_batch_size=1, grad_accum_steps=MICRO,
+                                              expert_parallel_size=world, device="cpu", precision="bf16"))
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip, cfg.optim.weight_decay = 1e-3, 0, 0.0, 0.0
+    ds = build_deepspeed_config(cfg, world, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, dist_info, ds, ep_info)
+    ref = randomize(build(dataclasses.replace(cfg.model, fp8_cache_weights=False), dist_info))
+    load_from(model, ref, swap=brk == "slice")
+    engine = build_engine(model, cfg, dist_info, ds, ep_info)
+    err = {"loss": 0.0, "dense_grad": 0.0, "expert_grad": 0.0}
+    worst, ref_acc = {}, {}
+    for micro in range(MICRO):
+        ids, labels = batch(rank, 0, micro)
+        loss = engine(input_ids=ids, labels=labels).loss
+        engine.backward(loss)
+        engine.step()
+        for r in range(world):
+            rids, rlabels = batch(r, 0, micro)
+            rout = ref(rids, labels=rlabels)
+            rout.loss.backward()
+            accumulate(ref, ref_acc)
+            if r == rank:
+                err["loss"] = max(err["loss"], abs(loss.item() - rout.loss.item()) / abs(rout.loss.item()))
+    float8.optimizer_stepped(engine.module)
+    states = checkpoint.optimizer_states(engine, model)
+    for name, st in states.items():
+        g = st["exp_avg"] / (1 - cfg.optim.beta1)  # the applied gradient: mean over ranks and micro batches
+        r = ref_acc[name] / (world * MICRO)
+        rng = checkpoint.expert_range(model, name)
+        key = "dense_grad" if rng is None else "expert_grad"
+        e = rel(g, r if rng is None else r[rng[0]:rng[1]])
+        if e >= err[key]:
+            err[key], worst[key] = e, name
+    return {**err, "worst": worst, "global_steps": engine.global_steps}
+
+
 ran: list[str] = []
 
 
@@ -165,6 +211,10 @@ def main() -> None:
         gathered = [None] * world
         dist.all_gather_object(gathered, case(wgrad, dist_info, ep_info, rank, world, brk))
         result[wgrad] = gathered
+    if os.environ.get("ENGINE", "1") == "1":
+        gathered = [None] * world
+        dist.all_gather_object(gathered, engine_case(dist_info, ep_info, rank, world, brk))
+        result["engine"] = gathered
     if rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
     dist.barrier()
