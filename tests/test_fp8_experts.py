@@ -2,7 +2,9 @@
 start-up report), and the wiring of ``float8._GroupedMMFP8`` (which operands, layouts and scales go to which GEMM,
 the weight gradients' layout, the step's cached casts) with torchao's Triton kernels and ``torch._scaled_grouped_mm``
 replaced by plain-torch references that check the operand layouts and scale shapes the CUDA kernels require
-(torch/_meta_registrations.py). The kernels themselves are compared on the GPU (tests/test_fp8_gpu.py)."""
+(torch/_meta_registrations.py, tests/fp8_ref_kernels.py); with the same references, the FP8 model under expert
+parallelism against one process (tests/fp8_ep_worker.py). The kernels themselves are compared on the GPU
+(tests/test_fp8_gpu.py)."""
 from __future__ import annotations
 
 import pytest
