@@ -2,7 +2,9 @@
 start-up report), and the wiring of ``float8._GroupedMMFP8`` (which operands, layouts and scales go to which GEMM,
 the weight gradients' layout, the step's cached casts) with torchao's Triton kernels and ``torch._scaled_grouped_mm``
 replaced by plain-torch references that check the operand layouts and scale shapes the CUDA kernels require
-(torch/_meta_registrations.py). The kernels themselves are compared on the GPU (tests/test_fp8_gpu.py)."""
+(torch/_meta_registrations.py, tests/fp8_ref_kernels.py); with the same references, the FP8 model under expert
+parallelism against one process (tests/fp8_ep_worker.py). The kernels themselves are compared on the GPU
+(tests/test_fp8_gpu.py)."""
 from __future__ import annotations
 
 import pytest
@@ -14,7 +16,7 @@ from jambatrain.models import JambaLM, ModelConfig  # noqa: E402
 from jambatrain.models.fast_paths import describe  # noqa: E402
 from jambatrain.quantization import float8  # noqa: E402
 
-F8 = torch.float8_e4m3fn
+from fp8_ref_kernels import install as install_ref_kernels, ref_colwise_dual, ref_scaled_grouped_mm  # noqa: E402
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, num_experts=4, fp8="tensorwise", fp8_experts=True, mamba_impl="reference",
             moe_impl="native", compile_elementwise=False, fused_rms_norm=False)
@@ -66,80 +68,9 @@ def test_bench_variant_tokens_set_the_wgrad_field():
 
 
 # ---------------------------------------------------------------- the Function's wiring, reference kernels
-def _pow2_scale(amax: torch.Tensor) -> torch.Tensor:
-    s = torch.finfo(F8).max / amax.float().clamp_min(1e-12)
-    return torch.exp2(torch.floor(torch.log2(s)))
-
-
-def _cast(x, scale):
-    m = torch.finfo(F8).max
-    return (x.float() * scale).clamp(-m, m).to(F8)
-
-
-def _col_major(x):
-    return x.t().contiguous().t()
-
-
-def ref_rowwise_2d(x, output_dtype=F8, round_scales_to_power_of_2=True):
-    assert x.stride(-1) == 1
-    s = _pow2_scale(x.abs().amax(1, keepdim=True))
-    return _cast(x, s), s  # (M, K) row-major, (M, 1)
-
-
-def ref_3d_transpose_rhs(b_t, output_dtype=F8, round_scales_to_power_of_2=True):
-    """(E, K, N) in -> (E, N, K) column-major FP8, scales (E, K) (amax over N)."""
-    s = _pow2_scale(b_t.abs().amax(2))
-    data = _cast(b_t, s[:, :, None])  # (E, K, N) row-major = (E, N, K) column-major once transposed
-    return data.contiguous().transpose(1, 2), s
-
-
-def ref_colwise_dual(t1, t2, offs, output_dtype=F8, round_scales_to_power_of_2=True):
-    """Per group of rows, per column scales, index g * N + n; the data column-major."""
-    out = []
-    for t in (t1, t2):
-        data, scales, start = torch.empty_like(t, dtype=torch.float32), [], 0
-        for end in offs.tolist():
-            s = _pow2_scale(t[start:end].abs().amax(0) if end > start else torch.zeros(t.shape[1]))
-            data[start:end] = t[start:end].float() * s
-            scales.append(s)
-            start = end
-        m = torch.finfo(F8).max
-        out += [_col_major(data.clamp(-m, m).to(F8)), torch.cat(scales)]
-    return tuple(out)
-
-
-def ref_scaled_grouped_mm(a, b, scale_a, scale_b, offs, out_dtype=torch.bfloat16, use_fast_accum=False):
-    """torch._scaled_grouped_mm in fp32, with the CUDA kernel's layout and scale-shape checks."""
-    assert a.dtype == b.dtype == F8 and scale_a.dtype == scale_b.dtype == torch.float32
-    assert a.stride(-1) == 1 and a.stride(-2) > 1, f"mat_a must be row-major, strides {a.stride()}"
-    assert b.stride(-2) == 1 and b.stride(-1) > 1, f"mat_b must be column-major, strides {b.stride()}"
-    G, start = offs.shape[0], 0
-    if b.dim() == 3:  # 2d-3d: groups of a's rows; scale_a (M,), scale_b (G, N)
-        assert scale_a.shape == (a.shape[0],) and scale_b.shape == (G, b.shape[2]), (scale_a.shape, scale_b.shape)
-        out = torch.zeros(a.shape[0], b.shape[2])
-        for g, end in enumerate(offs.tolist()):
-            out[start:end] = (a[start:end].float() * scale_a[start:end, None]) @ (b[g].float() * scale_b[g])
-            start = end
-        return out.to(out_dtype)
-    # 2d-2d: groups along K; scale_a (G * M,), scale_b (G * N,)
-    M, N = a.shape[0], b.shape[1]
-    assert scale_a.shape == (G * M,) and scale_b.shape == (G * N,), (scale_a.shape, scale_b.shape)
-    out = torch.zeros(G, M, N)
-    for g, end in enumerate(offs.tolist()):
-        out[g] = ((a[:, start:end].float() * scale_a[g * M:(g + 1) * M, None])
-                  @ (b[start:end].float() * scale_b[g * N:(g + 1) * N]))
-        start = end
-    return out.to(out_dtype)
-
-
 @pytest.fixture
 def ref_kernels(monkeypatch):
-    import torchao.prototype.moe_training.kernels as k
-
-    monkeypatch.setattr(k, "triton_fp8_rowwise_2d_scale_and_cast", ref_rowwise_2d)
-    monkeypatch.setattr(k, "triton_fp8_rowwise_3d_transpose_rhs", ref_3d_transpose_rhs)
-    monkeypatch.setattr(k, "triton_fp8_per_group_colwise_scales_dual", ref_colwise_dual)
-    monkeypatch.setattr(torch, "_scaled_grouped_mm", ref_scaled_grouped_mm)
+    install_ref_kernels(monkeypatch.setattr)
 
 
 E, H, FF = 3, 32, 48
@@ -242,3 +173,36 @@ def test_cached_casts_give_the_uncached_function_bit_for_bit_and_count_once_per_
             w.grad = None
         cache.advance()
     assert cache.casts == 2 * 2  # forward + backward cast, two steps
+
+
+# ---------------------------------------------------------------- under expert parallelism
+@pytest.mark.slow
+def test_fp8_experts_under_expert_parallelism_equal_one_process():
+    """FP8 with FP8 experts at ep 2 (2 gloo ranks, tests/fp8_ep_worker.py: the trainer's build_model, the real
+    expert_parallel.exchange, grouped_fp8 on the local experts, the ZeRO-2 weight cache) against the same FP8 model
+    at ep 1 in one process fed both ranks' tokens, both model.fp8_expert_wgrad values, two steps of two micro
+    batches: loss and logits bit for bit here (rows are scaled per row, experts per expert: nothing depends on which
+    rank a row went to), the dense gradients to fp32 summation order, the experts' gradients (the owner's against
+    the slice of one process's) within bf16 rounding: the owner's weight-gradient GEMM sums both ranks' rows at once
+    (and, wgrad=fp8, scales their columns together) where one process sums each rank's batch apart. Measured: loss
+    and logits 0, dense 3e-9, experts 5e-3 (bf16 experts on one rank instead: logits 0.11, experts 0.26; the other
+    rank's experts: logits 0.9; a stale weight cache after the step: logits 1.3). The cache: one cast per weight per
+    optimizer step, re-made after it. Then the trainer's DeepSpeed engine (ZeRO-2, bf16, expert groups), one step
+    of two micro batches: losses bit for bit, the gradient each AdamW step saw within bf16 accumulation (measured
+    dense 1.1e-2, experts 5.8e-3; the other rank's experts: dense 8.7, experts 1.4)."""
+    import os
+
+    from conftest import REPO, torchrun_worker
+
+    out = torchrun_worker(os.path.join(REPO, "tests", "fp8_ep_worker.py"), 2, "bf16", "fp8")
+    assert set(out) == {"bf16", "fp8", "engine"}
+    for r, e in enumerate(out.pop("engine")):
+        assert e["global_steps"] == 1 and e["loss"] < 1e-3, (r, e)
+        assert e["dense_grad"] < 5e-2 and e["expert_grad"] < 2e-2, (r, e)  # relative to the largest, per parameter
+    for wgrad, ranks in out.items():
+        for r, e in enumerate(ranks):
+            assert e["ran"] == ["grouped_fp8"] and e["expert_calls"] == 24, (wgrad, r, e)  # 8 EP + 16 reference
+            assert e["loss"] < 1e-3 and e["logits"] < 1e-2, (wgrad, r, e)  # relative to the largest |logit|
+            assert e["dense_grad"] < 1e-4 and e["expert_grad"] < 2e-2, (wgrad, r, e)  # relative, per parameter
+            c = e["casts"]
+            assert c[0] > 0 and c == [c[0], 2 * c[0]], (wgrad, r, e)
