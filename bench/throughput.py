@@ -176,9 +176,7 @@ def variant_report(vcfg: ModelConfig) -> dict:
     blocks = compiled_blocks.decide(vcfg.compile_blocks, "cuda", fp8=vcfg.fp8)
     if vcfg.fp8 != "none":
         p = float8.plan_for_config(vcfg)
-        out["fp8"] = p.summary() + "; " + float8.cache_decision(vcfg.fp8, vcfg.fp8_cache_weights, 0, blocks.on)[1]
-        if p.experts():
-            out["fp8"] += "; " + float8.experts_report(vcfg)
+        out["fp8"] = float8.report(vcfg, p, compile_blocks=blocks.on)  # the start-up report's words
         out["fp8_bf16_reasons"] = p.reasons()
     if blocks.asked:
         out["blocks"] = blocks.describe()

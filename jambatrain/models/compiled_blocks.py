@@ -73,22 +73,19 @@ def apply(model: torch.nn.Module, plan: BlocksPlan) -> None:
     """Switch every ``JambaBlock`` of ``model`` to its compiled regions when ``plan.on`` (call after
     ``float8.convert``, before the DeepSpeed engine is built). The FP8 linears inside the regions leave the weight
     cache and their own per-GEMM compile: the region traces and casts them."""
+    from ..quantization.float8 import uses_compiled_region
+    from .fused_ops import raise_recompile_limits
     from .jamba import JambaBlock
 
     if not plan.on:
         return
-    dyn = torch._dynamo.config
-    for k in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(dyn, k):  # one graph per region kind and shape (training, eval, a last short batch ...)
-            setattr(dyn, k, max(getattr(dyn, k), 64 if "accumulated" not in k else 1024))
+    raise_recompile_limits(64, 1024)  # one graph per region kind and shape (training, eval, a last short batch ...)
     for block in model.modules():
         if isinstance(block, JambaBlock):
             block.compiled_regions = True
             for m in block.region_modules():
                 for sub in m.modules():
-                    if hasattr(sub, "jt_weight_cache"):  # a converted FP8 linear (float8.convert's forward)
-                        sub.jt_weight_cache = None
-                        sub.jt_compiled = False
+                    uses_compiled_region(sub)
 
 
 # ------------------------------------------------------------------------------------------------ the regions

@@ -55,13 +55,10 @@ def describe(cfg: ModelConfig, device_type: str, precision: str, doc_mask: bool,
         from ..quantization import float8
 
         plan = float8.plan_for_config(cfg)
-        fp.paths["fp8"] = plan.summary() + "; " + float8.cache_decision(cfg.fp8, cfg.fp8_cache_weights, zero_stage,
-                                                                         blocks.on)[1]
+        fp.paths["fp8"] = float8.report(cfg, plan, zero_stage, ep, blocks.on)
         fp8_errors = float8.problems(cfg.fp8, device_type, precision) + float8.filter_problems(plan)
         fp.errors += fp8_errors
         fp8_experts = bool(plan.experts()) and not fp8_errors
-        if plan.experts():
-            fp.paths["fp8"] += "; " + float8.experts_report(cfg, zero_stage, ep)
     if cfg.num_experts > 1:
         moe = moe_backends.decide(cfg.moe_impl, device_type, precision == "bf16", cfg.hidden_size,
                                   cfg.intermediate_size, fp8=fp8_experts)

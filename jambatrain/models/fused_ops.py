@@ -30,6 +30,18 @@ def cross_entropy_sum_ref(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 _compiled: dict[Callable, Callable] = {}
 
 
+def raise_recompile_limits(per_function: int, accumulated: int | None = None) -> None:
+    """Let dynamo keep at least ``per_function`` graphs per compiled function (and ``accumulated`` in all, when
+    given) before it falls back to eager: one compiled function serves many shapes and layouts. Never lowers."""
+    dyn = torch._dynamo.config
+    limits = {"recompile_limit": per_function, "cache_size_limit": per_function}
+    if accumulated is not None:
+        limits.update(accumulated_recompile_limit=accumulated, accumulated_cache_size_limit=accumulated)
+    for k, v in limits.items():
+        if hasattr(dyn, k):
+            setattr(dyn, k, max(getattr(dyn, k), v))
+
+
 def maybe_compiled(fn: Callable, compiled: bool) -> Callable:
     """``fn`` itself, or its compiled twin (built once per process) when ``compiled``; ``fn`` inside a region
     being compiled already (``model.compile_blocks``), which traces it into its own graph."""

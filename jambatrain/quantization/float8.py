@@ -233,6 +233,22 @@ def experts_report(cfg, zero_stage: int = 0, ep: int = 1) -> str:
     return words
 
 
+def report(cfg, p: Float8Plan, zero_stage: int = 0, ep: int = 1, compile_blocks: bool = False) -> str:
+    """The start-up report's FP8 words for ``model.fp8`` (``plan_for_config``'s ``p``): which GEMMs run FP8, how
+    their weights are cast (``cache_decision``) and, with FP8 experts, ``experts_report``."""
+    words = p.summary() + "; " + cache_decision(cfg.fp8, cfg.fp8_cache_weights, zero_stage, compile_blocks)[1]
+    return words + ("; " + experts_report(cfg, zero_stage, ep) if p.experts() else "")
+
+
+def uses_compiled_region(proj: nn.Module) -> None:
+    """A projection ``convert`` swapped that now runs inside a compiled block region (``models/compiled_blocks``):
+    the region traces its matmul and casts its weight (no step cache, no per-GEMM compile of its own), as
+    ``cache_decision(..., compile_blocks=True)`` reports."""
+    if hasattr(proj, "jt_weight_cache"):
+        proj.jt_weight_cache = None
+        proj.jt_compiled = False
+
+
 class WeightCache:
     """The FP8 casts of the converted projections' weights, made by torchao's own ``hp_tensor_to_float8_dynamic``
     exactly as its uncached matmul makes them, once per optimizer step: the weights change only at the optimizer
@@ -265,31 +281,27 @@ class WeightCache:
         w = proj.weight
         as_weight = role is GemmInputRole.WEIGHT
         hp = w.t() if as_weight else w
-        key = (id(proj), role)
-        hit = self._casts.get(key)
-        if hit is None or hit[0] != w.data_ptr() or hit[1] != w.shape:
-            c = proj.config
-            cast = c.cast_config_weight if as_weight else c.cast_config_input
-            with torch.no_grad():  # the arguments torchao's matmul passes for this operand
-                f8 = hp_tensor_to_float8_dynamic(
-                    hp, cast.target_dtype, proj.linear_mm_config, gemm_input_role=role,
-                    scaling_granularity=cast.scaling_granularity,
-                    axiswise_dim=get_maybe_axiswise_dim(0 if as_weight else -1, cast.scaling_granularity),
-                    round_scales_to_power_of_2=c.round_scales_to_power_of_2)
-            hit = self._casts[key] = (w.data_ptr(), w.shape, f8)
-            self.casts += 1
-        return _UseCast.apply(hp, hit[2])
+        c = proj.config
+        cast = c.cast_config_weight if as_weight else c.cast_config_input
+        f8 = self._cached(w, role, lambda: hp_tensor_to_float8_dynamic(  # the arguments torchao's matmul passes
+            hp, cast.target_dtype, proj.linear_mm_config, gemm_input_role=role,
+            scaling_granularity=cast.scaling_granularity,
+            axiswise_dim=get_maybe_axiswise_dim(0 if as_weight else -1, cast.scaling_granularity),
+            round_scales_to_power_of_2=c.round_scales_to_power_of_2))
+        return _UseCast.apply(hp, f8)
 
     def grouped_operand(self, w: torch.Tensor, down: bool):
         """The forward (FP8 data, scales) of the expert stack ``w`` as a grouped GEMM's right operand, this step's."""
-        return self._grouped(w, "grouped", lambda: _grouped_b_cast(_expert_b_t(w, down)))
+        return self._cached(w, "grouped", lambda: _grouped_b_cast(_expert_b_t(w, down)))
 
     def grouped_operand_t(self, w: torch.Tensor, down: bool):
         """The backward's transposed (FP8 data, scales) of the expert stack ``w`` (the input-gradient GEMM's right
         operand, ``_grouped_bt_cast``), this step's: a second FP8 copy of the stack, +1 byte per expert parameter."""
-        return self._grouped(w, "grouped_t", lambda: _grouped_bt_cast(w, down))
+        return self._cached(w, "grouped_t", lambda: _grouped_bt_cast(w, down))
 
-    def _grouped(self, w: torch.Tensor, role: str, make):
+    def _cached(self, w: torch.Tensor, role, make):
+        """This step's cast of the weight ``w`` in ``role`` (``make()``, without autograd), made on first use or
+        when ``w``'s storage or shape changed."""
         key = (id(w), role)
         hit = self._casts.get(key)
         if hit is None or hit[0] != w.data_ptr() or hit[1] != w.shape:
@@ -331,7 +343,7 @@ def convert(model: nn.Module, cfg, zero_stage: int = 0) -> Float8Plan:
     checkpoints and ZeRO partitioning see the same tensors) and switch the selected MoE layers to the FP8 grouped
     GEMM. Call after the model is built and initialised, before the optimizer / DeepSpeed engine is made.
     ``zero_stage``: the run's, for ``cache_decision``."""
-    p = plan(model, cfg.fp8, cfg.fp8_experts, getattr(cfg, "fp8_filter_fqns", ()))
+    p = plan(model, cfg.fp8, cfg.fp8_experts, cfg.fp8_filter_fqns)
     if p.recipe == "none":
         return p
     if p.unmatched:
@@ -343,11 +355,11 @@ def convert(model: nn.Module, cfg, zero_stage: int = 0) -> Float8Plan:
                                module_filter_fn=lambda m, fqn: fqn in names)
     for name in p.experts():
         model.get_submodule(name).fp8 = True
-    cached, _ = cache_decision(p.recipe, getattr(cfg, "fp8_cache_weights", False), zero_stage)
+    cached, _ = cache_decision(p.recipe, cfg.fp8_cache_weights, zero_stage)
     cache = WeightCache() if cached else None
     if cache is not None:
         model.fp8_weight_cache = cache
-    wgrad, _ = expert_wgrad_decision(getattr(cfg, "fp8_expert_wgrad", "fp8"))
+    wgrad, _ = expert_wgrad_decision(cfg.fp8_expert_wgrad)
     for name in p.experts():  # what grouped_mm_fp8 reads: the step's casts (when cached), the weight gradient's path
         moe = model.get_submodule(name)
         for w in (moe.w_gate, moe.w_up, moe.w_down):
@@ -355,10 +367,9 @@ def convert(model: nn.Module, cfg, zero_stage: int = 0) -> Float8Plan:
             if cache is not None:
                 w.jt_fp8_cache = cache
     if cfg.compile_elementwise:  # fuse each GEMM's amax/scale/cast passes (eager: several passes per operand)
-        dyn = torch._dynamo.config
-        for k in ("recompile_limit", "cache_size_limit"):  # one compiled GEMM function for every shape and layout
-            if hasattr(dyn, k):
-                setattr(dyn, k, max(getattr(dyn, k), 64))
+        from ..models.fused_ops import raise_recompile_limits
+
+        raise_recompile_limits(64)  # one compiled GEMM function for every shape and layout
     if cache is not None or cfg.compile_elementwise:
         import types
 
