@@ -446,7 +446,10 @@ def main():
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args()
 
-    assert torch.cuda.is_available(), "bench/throughput.py needs a CUDA GPU"
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/throughput.py times training on a CUDA GPU and none is visible here "
+                         "(torch.cuda.is_available() is False); run it on a GPU machine. The presets and variants "
+                         "load on CPU: python -m jambatrain.plan, tests/test_bench_cpu.py")
     cfg = load_cfg(args.model, args.set)
     with torch.device("meta"):  # parameter counts without allocating
         meta = JambaLM(cfg)

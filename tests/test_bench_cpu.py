@@ -78,3 +78,12 @@ def test_docs_variant_packs_documents_and_they_reach_the_model():
         hook.remove()
     assert seen[0] is starts and seen[1] is None  # the bench hands the documents to the model, and only then
     assert torch.isfinite(packed) and packed.item() != plain.item()
+
+
+def test_without_a_gpu_the_bench_says_so_in_one_line(monkeypatch):
+    import pytest
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["throughput.py", "--model", os.path.join(REPO, "conf/model/jamba_v0_1.yaml")])
+    with pytest.raises(SystemExit, match="on a CUDA GPU and none is visible here"):
+        throughput.main()
