@@ -53,7 +53,11 @@ def main(root: str, repeat: int) -> None:
         data_dir = prepare_data(cfg, dist_info)
         with open(os.path.join(data_dir, "manifest.json")) as f:
             results.append(json.load(f)["splits"]["train"]["num_samples"])
-    print("RESULT " + json.dumps({"rank": dist_info.rank, "samples": results, "forks": len(forks)}), flush=True)
+    # both ranks report on the one stdout pipe: the line goes out in one write (atomic under PIPE_BUF), so the two
+    # ranks' lines cannot interleave (print writes the text and its newline apart when stdout is unbuffered)
+    sys.stdout.flush()
+    os.write(1, ("RESULT " + json.dumps({"rank": dist_info.rank, "samples": results, "forks": len(forks)}) + "\n")
+             .encode())
     release.set()
     dist.destroy_process_group()
 
