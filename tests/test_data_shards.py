@@ -325,3 +325,33 @@ def test_rerun_on_a_build_without_record_indexes_adds_them(corpus, tokenizer, bu
                for info in again["splits"].values() for e in info["shards"])
     after = [b["input_ids"].tolist() for _, b in zip(range(6), TokenShardLoader(str(old), "train", 2, 0, 1))]
     assert after == before
+
+
+def test_a_file_renamed_away_while_a_waiter_looks_does_not_crash_it(tmp_path, monkeypatch):
+    """A waiter's liveness check lists the build dir while the build renames its temporary files: an entry gone by
+    the time it is stat'ed is skipped (CI once saw FileNotFoundError on a .idx.tmp there)."""
+    import jambatrain.data.corpus as corpus
+
+    (tmp_path / "kept.bin").write_bytes(b"x")
+    real = os.scandir
+
+    class Gone:
+        def is_file(self):
+            return True
+
+        def stat(self):
+            raise FileNotFoundError(str(tmp_path / ".train-000046.idx.tmp"))
+
+    class Listing:
+        def __init__(self, path):
+            self.it = real(path)
+
+        def __enter__(self):
+            return [Gone(), *self.it]
+
+        def __exit__(self, *a):
+            self.it.close()
+
+    monkeypatch.setattr(corpus.os, "scandir", Listing)
+    newest = max(os.path.getmtime(tmp_path), (tmp_path / "kept.bin").stat().st_mtime)
+    assert corpus._last_change(str(tmp_path)) == newest

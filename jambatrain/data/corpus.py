@@ -105,9 +105,18 @@ def _read_holder(path: str) -> dict:
 
 
 def _last_change(out_dir: str) -> float:
-    """Newest mtime in ``out_dir``: a build that writes anything (tokenizer, shards, progress) is alive."""
+    """Newest mtime in ``out_dir``: a build that writes anything (tokenizer, shards, progress) is alive. The build
+    renames its temporary files while a waiter looks, so a file listed here may be gone when it is stat'ed: skipped
+    (the rename itself changed the directory's mtime)."""
+    times = [os.path.getmtime(out_dir)]
     with os.scandir(out_dir) as it:
-        return max([os.path.getmtime(out_dir)] + [e.stat().st_mtime for e in it if e.is_file()])
+        for e in it:
+            try:
+                if e.is_file():
+                    times.append(e.stat().st_mtime)
+            except FileNotFoundError:
+                pass
+    return max(times)
 
 
 @contextlib.contextmanager
